@@ -1,0 +1,1 @@
+"""rcmfn: rCM distillation as pure functions on tensors (see README for the tour)."""
