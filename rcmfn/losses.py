@@ -70,8 +70,8 @@ def scm_loss(
     g = scm_target_direction(student_velocity, teacher_velocity, tangent, x_t, t, warmup_ratio)
     bad = nonfinite_samples(g, student_velocity)
     keep = batch_view(~bad, g)
-    g = torch.where(keep, g, torch.zeros_like(g))
-    F_theta = torch.where(keep, student_velocity.double(), torch.zeros_like(g))
+    g = torch.where(keep, g, 0.0)
+    F_theta = torch.where(keep, student_velocity.double(), 0.0)
     F_sg = F_theta.detach()
     norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
     g_hat = g / batch_view(norm + TANGENT_NORM_EPS, g)
@@ -89,13 +89,15 @@ def dmd_loss(
     SPEC-rcm §3.5-3.7. lambda_w = mean |G - x0_real| per sample, clamped at 1e-5, in float64. The value
     is sum Delta^2; the gradient 2 Delta dG/dtheta moves G toward x0_real - x0_fake.
     """
-    G = generated.double()
-    real = real_x0.detach().double()
+    bad = nonfinite_samples(generated, fake_x0, real_x0)
+    keep = batch_view(~bad, generated)
+    # Mask before any arithmetic: a NaN sample must give a zero gradient, not NaN * 0.
+    G = torch.where(keep, generated.double(), 0.0)
+    real = torch.where(keep, real_x0.detach().double(), 0.0)
+    fake = torch.where(keep, fake_x0.detach().double(), 0.0)
     weight = (G.detach() - real).abs().flatten(1).mean(dim=1).clamp_min(1e-5)
-    direction = (fake_x0.detach().double() - real) / batch_view(weight, G)
+    direction = (fake - real) / batch_view(weight, G)
     elementwise = (G - (G - direction).detach()) ** 2
-    bad = nonfinite_samples(elementwise)
-    elementwise = torch.where(batch_view(~bad, G), elementwise, torch.zeros_like(elementwise))
     return loss_scale * per_sample_sum(elementwise)
 
 
@@ -104,15 +106,15 @@ def fake_score_loss(generated: torch.Tensor, fake_x0: torch.Tensor, t: torch.Ten
 
     SPEC-rcm §4.1; equals sum ||F_fake - (cos t eps - sin t G)||^2 exactly (derived). G is a constant.
     """
-    error = (generated.detach().double() - fake_x0.double()) ** 2 / batch_view(torch.sin(t.double()) ** 2, fake_x0)
-    bad = nonfinite_samples(error)
-    error = torch.where(batch_view(~bad, error), error, torch.zeros_like(error))
-    return per_sample_sum(error)
+    keep = batch_view(~nonfinite_samples(generated, fake_x0), fake_x0)
+    G = torch.where(keep, generated.detach().double(), 0.0)
+    fake = torch.where(keep, fake_x0.double(), 0.0)
+    return per_sample_sum((G - fake) ** 2 / batch_view(torch.sin(t.double()) ** 2, fake))
 
 
 def dcm_loss(prediction: torch.Tensor, target: torch.Tensor, loss_scale: float = 100.0) -> torch.Tensor:
     """Discrete-time CM loss scale * sum (P - sg(Y))^2 per sample. SPEC-rcm §5.4."""
-    error = (prediction.double() - target.detach().double()) ** 2
-    bad = nonfinite_samples(error)
-    error = torch.where(batch_view(~bad, error), error, torch.zeros_like(error))
-    return loss_scale * per_sample_sum(error)
+    keep = batch_view(~nonfinite_samples(prediction, target), prediction)
+    P = torch.where(keep, prediction.double(), 0.0)
+    Y = torch.where(keep, target.detach().double(), 0.0)
+    return loss_scale * per_sample_sum((P - Y) ** 2)

@@ -76,12 +76,13 @@ def check_batch(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -
 def trigflow_denoiser(
     net: VelocityNet,
     net_dtype: torch.dtype | None = None,
-    time_dtype: torch.dtype = torch.float32,
+    time_dtype: torch.dtype | None = None,
 ) -> Denoiser:
     """Wrap a velocity net v(params, x_in, c_noise, cond) as denoise(params, x_t, t, cond) -> F.
 
     SPEC-rcm §1.2. The net sees c_in x_t in `net_dtype` (default: x_t's dtype) and c_noise = 1000 r in
-    `time_dtype` (bfloat16 reproduces the official numerics, §8.4). F is formed in float64 from the
+    `time_dtype` (default: float32, or float64 for a float64 net input -- the paper's "high-precision
+    time"; bfloat16 reproduces the official numerics, §8.4). F is formed in float64 from the
     closed form F = ((cos t - sin t) x_t + v) / (cos t + sin t), finite at t = 0, then cast back to
     x_t's dtype on the last line.
     """
@@ -91,7 +92,8 @@ def trigflow_denoiser(
         coeffs = trigflow_coefficients(t)
         c_in = batch_view(coeffs.c_in, x_t)
         x_in = (c_in * x_t.double()).to(net_dtype or x_t.dtype)
-        velocity = net(params, x_in, coeffs.c_noise.to(time_dtype), cond)
+        c_noise = coeffs.c_noise.to(time_dtype or torch.promote_types(x_in.dtype, torch.float32))
+        velocity = net(params, x_in, c_noise, cond)
         tb = batch_view(t.double(), x_t)
         F = ((torch.cos(tb) - torch.sin(tb)) * x_t.double() + velocity.double()) * c_in
         return F.to(x_t.dtype)

@@ -122,7 +122,8 @@ def check_trig_time(t: torch.Tensor, name: str = "t", allow_endpoints: bool = Fa
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} has non-finite TrigFlow times: {t.flatten()[:8].tolist()}")
     lo, hi = t.min().item(), t.max().item()
-    ok = (lo >= 0.0 and hi <= math.pi / 2) if allow_endpoints else (lo > 0.0 and hi < math.pi / 2)
+    slack = 2 * torch.finfo(t.dtype).eps if t.is_floating_point() else 0.0  # float32(pi/2) > pi/2
+    ok = (lo >= 0.0 and hi <= math.pi / 2 + slack) if allow_endpoints else (lo > 0.0 and hi < math.pi / 2)
     if not ok:
         bounds = "[0, pi/2]" if allow_endpoints else "(0, pi/2)"
         raise ValueError(f"{name} must lie in {bounds}; got values in [{lo:.6g}, {hi:.6g}]")

@@ -1,0 +1,41 @@
+"""Shared fixtures: a small random velocity network with parameters in a TensorDict."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+
+class SmallVelocityNet(nn.Module):
+    """v(x_in, c_noise, cond): a two-layer MLP over x, the time and a pooled condition (test stand-in)."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int = 32):
+        super().__init__()
+        self.inp = nn.Linear(dim + cond_dim + 2, hidden)
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x, c_noise, cond):
+        flat = x.flatten(1)
+        time = torch.stack([torch.sin(c_noise / 300.0), torch.cos(c_noise / 700.0)], dim=1).to(flat.dtype)
+        h = torch.tanh(self.inp(torch.cat([flat, time, cond.mean(dim=1).to(flat.dtype)], dim=1)))
+        return self.out(h).reshape(x.shape)
+
+
+def make_small_net(shape=(3, 1, 2, 2), cond_dim=5, dtype=torch.float64, seed=0):
+    """Return (net(params, x_in, c_noise, cond), params TensorDict) for a random small network."""
+    torch.manual_seed(seed)
+    dim = 1
+    for s in shape:
+        dim *= s
+    module = SmallVelocityNet(dim, cond_dim).to(dtype)
+    params = TensorDict(dict(module.named_parameters()), batch_size=[])
+
+    def net(p, x_in, c_noise, cond):
+        return torch.func.functional_call(module, dict(p.items()), (x_in, c_noise, cond))
+
+    return net, params
+
+
+@pytest.fixture
+def small_net():
+    return make_small_net()
