@@ -28,8 +28,9 @@ _LISTED = 20  # names listed per category in an error message; the LoadReport ke
 class KeyMap:
     """One checkpoint layout: how its tensor names map to the module's names and back.
 
-    `to_ours(name)` returns our name, or None for a key that is dropped on purpose (junk such as
-    `._extra_state`); `from_ours` is its inverse on our names. `shape_to_ours(our_name, shape)`
+    `to_ours(name)` returns our name, None for a key dropped on purpose (junk such as `._extra_state`),
+    or raises KeyError for a name the layout does not know (reported as unexpected); `from_ours` is
+    its inverse on our names. `shape_to_ours(our_name, shape)`
     optionally returns the shape our tensor has when the layout stores it reshaped (same numel, a
     view), None meaning unchanged; `shape_from_ours` is the inverse used on export.
     """
@@ -187,7 +188,11 @@ def load_into_meta_module(
     plan: dict[str, _Entry] = {}
     unexpected, mismatched, duplicated, dropped = [], [], [], []
     for entry in _entries(path):
-        ours = key_map.to_ours(entry.name)
+        try:
+            ours = key_map.to_ours(entry.name)
+        except KeyError:  # a name the layout does not know
+            unexpected.append(entry.name)
+            continue
         if ours is None:
             dropped.append(entry.name)
             continue

@@ -1,0 +1,93 @@
+"""The networks rcmfn distils, as a flat table of typed specs looked up by exact name.
+
+STYLE example 15 (presets as typed instances), 17 (key maps as data); SPEC-models §3, §4.
+"""
+
+import fnmatch
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rcmfn.models.checkpoint import FP32_PATTERNS_ATTR, KeyMap, LoadReport, load_into_meta_module
+from rcmfn.models.wan import WAN_1_3B, WAN_14B, WanModel
+from rcmfn.models.wan import key_maps as wan_key_maps
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSpec:
+    """One network: its architecture, how to build it, its checkpoint layouts and its data shapes."""
+
+    family: str
+    """Model family ("wan", "cosmos"): which forward signature and conditioning the net has."""
+    config: object
+    """Frozen architecture dataclass passed to `build`."""
+    build: Callable[..., nn.Module]
+    """build(config, **options) -> module; call it under torch.device("meta") to skip initialisation."""
+    key_maps: Mapping[str, KeyMap]
+    """Checkpoint layouts by name; "official" (the release) first, e.g. also "diffusers"."""
+    latent_shape: tuple[int, int, int, int]
+    """(C, T, H, W) of one latent at the default training resolution."""
+    text_len: int
+    """Text tokens per sample fed to cross-attention (zero-padded)."""
+    text_dim: int
+    """Width of the text-encoder states the net takes."""
+    timestep_scale: float
+    """The net's timestep input is timestep_scale * r for rectified-flow time r (SPEC-models §1)."""
+
+
+# 480p training latents: 81 frames 832 x 480 -> 16 x 21 x 60 x 104 (SPEC-models §3.4).
+WAN_480P_LATENT = (16, 21, 60, 104)
+
+MODELS: dict[str, ModelSpec] = {
+    "wan1.3b": ModelSpec(
+        "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0
+    ),
+    "wan14b": ModelSpec("wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_480P_LATENT, 512, 4096, 1000.0),
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec registered under exactly `name`; ValueError listing the valid names otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {sorted(MODELS)}")
+    return MODELS[name]
+
+
+def cast_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters/buffers to `dtype` in place, keeping the module's fp32_patterns fp32."""
+    keep = tuple(getattr(module, FP32_PATTERNS_ATTR, ()))
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            fp32 = dtype.itemsize < 4 and any(fnmatch.fnmatchcase(name, p) for p in keep)
+            tensor.data = tensor.data.to(torch.float32 if fp32 else dtype)
+    return module
+
+
+def build_model(
+    spec: ModelSpec,
+    checkpoint: str | os.PathLike | None = None,
+    layout: str = "official",
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    strict: bool = True,
+    **options,
+) -> tuple[nn.Module, LoadReport | None]:
+    """Build `spec`'s network: from a checkpoint (streamed into a meta module) or randomly initialised.
+
+    Returns (module, load report or None). `options` go to `spec.build` (e.g. sinusoid_dtype).
+    """
+    if checkpoint is None:
+        with torch.device(device):
+            module = spec.build(spec.config, **options)
+        return (cast_params(module, dtype) if dtype is not None else module), None
+    if layout not in spec.key_maps:
+        raise ValueError(f"unknown layout {layout!r} for {spec.family}; valid: {sorted(spec.key_maps)}")
+    with torch.device("meta"):
+        module = spec.build(spec.config, **options)
+    report = load_into_meta_module(module, checkpoint, spec.key_maps[layout], dtype, device, strict)
+    return module, report

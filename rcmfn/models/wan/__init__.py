@@ -1,0 +1,18 @@
+"""Wan2.1 T2V DiT (1.3B, 14B): model, configs and checkpoint key maps. SPEC-models §3."""
+
+from rcmfn.models.wan.configs import WAN_1_3B, WAN_14B, WAN_TINY, WanConfig
+from rcmfn.models.wan.keys import diffusers_key_map, key_maps, official_key_map
+from rcmfn.models.wan.model import WanBlock, WanModel, velocity_net
+
+__all__ = [
+    "WAN_14B",
+    "WAN_1_3B",
+    "WAN_TINY",
+    "WanBlock",
+    "WanConfig",
+    "WanModel",
+    "diffusers_key_map",
+    "key_maps",
+    "official_key_map",
+    "velocity_net",
+]

@@ -1,0 +1,63 @@
+"""Wan2.1 T2V DiT architectures: the 1.3B and 14B releases and a tiny test model, as frozen configs.
+
+SPEC-models §3.1 (hyperparameters), §5 (the tiny config the equivalence test uses).
+"""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """Architecture of a Wan2.1 text-to-video DiT (`WanModel` with model_type "t2v")."""
+
+    dim: int
+    """Model width D."""
+    ffn_dim: int
+    """Hidden width of the feed-forward network."""
+    num_heads: int
+    """Attention heads; head dim = dim / num_heads (128 in both releases)."""
+    num_layers: int
+    """Number of transformer blocks."""
+    freq_dim: int = 256
+    """Width of the timestep sinusoid fed to the time MLP."""
+    text_dim: int = 4096
+    """Width of the text-encoder states (umT5-XXL: 4096)."""
+    in_dim: int = 16
+    """Latent channels in."""
+    out_dim: int = 16
+    """Latent channels out (the velocity)."""
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    """Patch (t, h, w) of the patch embedding; the latent T, H, W must divide by it."""
+    eps: float = 1e-6
+    """Epsilon of every LayerNorm and of the q/k RMSNorms."""
+    rope_theta: float = 10000.0
+    """RoPE base, the same for the t, h and w axes."""
+
+    def __post_init__(self):
+        if self.dim % self.num_heads != 0:
+            raise ValueError(f"dim={self.dim} must be divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2 != 0 or self.head_dim < 6:
+            raise ValueError(f"head dim dim/num_heads={self.head_dim} must be even and >= 6 (3-axis RoPE)")
+        if self.freq_dim % 2 != 0:
+            raise ValueError(f"freq_dim={self.freq_dim} must be even (cos and sin halves)")
+        for name in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "in_dim", "out_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size={self.patch_size} must be three positive ints (t, h, w)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_dims(self) -> tuple[int, int, int]:
+        """Real RoPE dims per axis (t, h, w): h = w = 2 floor(d/6), t = the rest (44/42/42 at d=128)."""
+        spatial = 2 * (self.head_dim // 6)
+        return self.head_dim - 2 * spatial, spatial, spatial
+
+
+WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
+WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# SPEC-models §5: two heads of dim 16 (RoPE split 8/4/4), text width 24, two blocks.
+WAN_TINY = WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=24)
