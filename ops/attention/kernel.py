@@ -1,0 +1,219 @@
+"""Triton kernel: attention forward and its tangent (JVP) in one pass over the keys.
+
+Math (SPEC-rcm §9.1), per (batch, head), scale c, tangents tQ, tK, tV of Q, K, V:
+
+    S = c Q K^T,  P = softmax_row(S),  O = P V
+    dS = c (tQ K^T + Q tK^T)                        (tangent of S)
+    dP = P * (dS - rowsum(P * dS))                  (tangent of the softmax)
+    tO = dP V + P tV = P tV + (P * dS) V - mu O,    mu = rowsum(P * dS)
+
+Streaming form (FlashAttention-2 online softmax), for one block of query rows and key blocks j,
+with running max m (base 2), and every accumulator rescaled by alpha = exp2(m_old - m_new):
+
+    P~_j = exp2(S_j log2(e) - m)         l <- alpha l + rowsum(P~_j)       O~ <- alpha O~ + P~_j V_j
+    H~_j = P~_j * dS_j                   r <- alpha r + rowsum(H~_j)       T~ <- alpha T~ + P~_j tV_j + H~_j V_j
+    epilogue:  O = O~ / l,  mu = r / l,  tO = T~ / l - mu O,  LSE = (m + log2 l) ln 2
+
+T~ merges the two tangent accumulators of SPEC-rcm §9.1 (A~ + B~): both are rescaled by the same
+alpha, so one (BLOCK_M, D) float32 accumulator fewer stays in registers. Six matmuls per tile pair
+(QK^T, tQ K^T, Q tK^T, P~V, P~tV, H~V), 12 Sq Skv D flops per (batch, head); no Sq x Skv buffer.
+
+Numerics: scores and accumulators in float32; QK^T-type dots take input-dtype operands; P~ and H~
+are cast to V's dtype for their dots; float32 inputs use exact ("ieee") dots, not tf32. Ragged
+tails: keys beyond Skv only in the last block, whose loads are masked and scores set to -inf; head
+dims that are not a power of two are padded to BLOCK_D by masked loads.
+
+Layout: (B, S, H, D) with arbitrary strides per tensor (tangents may differ from their primals);
+outputs O, tO are written contiguous (B, Sq, H, D) in the input dtype, LSE as float32 (B, H, Sq).
+Grid: (ceil(Sq / BLOCK_M), B * H), block sizes autotuned on CUDA, fixed and small elsewhere (the
+Triton interpreter, `TRITON_INTERPRET=1`, which CI uses on CPU tensors).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(base, rows, offs_d, stride_row, stride_d, num_rows, HEAD_DIM: tl.constexpr,
+               MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, zero-filled past num_rows / HEAD_DIM when those masks are on."""
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
+    if MASK_ROWS and MASK_D:
+        tile = tl.load(ptrs, mask=(rows[:, None] < num_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif MASK_ROWS:
+        tile = tl.load(ptrs, mask=rows[:, None] < num_rows, other=0.0)
+    elif MASK_D:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _key_block(
+    acc_o, acc_t, m_i, l_i, r_i, q, tq,
+    k_base, tk_base, v_base, tv_base,
+    stride_kn, stride_kd, stride_tkn, stride_tkd, stride_vn, stride_vd, stride_tvn, stride_tvd,
+    start_n, seq_kv, qk_scale_log2, scale,
+    offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fold the key block starting at start_n into the running softmax state and accumulators."""
+    n = start_n + offs_n
+    k = _load_rows(k_base, n, offs_d, stride_kn, stride_kd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    tk = _load_rows(tk_base, n, offs_d, stride_tkn, stride_tkd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    v = _load_rows(v_base, n, offs_d, stride_vn, stride_vd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    tv = _load_rows(tv_base, n, offs_d, stride_tvn, stride_tvd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    ds = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+    ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
+    s = s * qk_scale_log2
+    if MASK_N:
+        s = tl.where(n[None, :] < seq_kv, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    h = p * (ds * scale)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    r_i = r_i * alpha + tl.sum(h, 1)
+    acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PRECISION)
+    acc_t = tl.dot(p.to(tv.dtype), tv, acc_t * alpha[:, None], input_precision=PRECISION)
+    acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=PRECISION)
+    return acc_o, acc_t, m_new, l_i, r_i
+
+
+@triton.jit
+def _attention_fwd_jvp_kernel(
+    Q, K, V, TQ, TK, TV, O, TO, LSE,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_tqb, stride_tqs, stride_tqh, stride_tqd,
+    stride_tkb, stride_tks, stride_tkh, stride_tkd,
+    stride_tvb, stride_tvs, stride_tvh, stride_tvd,
+    num_heads, seq_q, seq_kv, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M query rows of one (batch, head), all keys, O, tO and LSE written."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    tq_base = TQ + off_b * stride_tqb + off_h * stride_tqh
+    q = _load_rows(q_base, offs_m, offs_d, stride_qs, stride_qd, seq_q, HEAD_DIM, True, MASK_D)
+    tq = _load_rows(tq_base, offs_m, offs_d, stride_tqs, stride_tqd, seq_q, HEAD_DIM, True, MASK_D)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    tk_base = TK + off_b * stride_tkb + off_h * stride_tkh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    tv_base = TV + off_b * stride_tvb + off_h * stride_tvh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale_log2 = scale * 1.4426950408889634
+
+    full_end = (seq_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        acc_o, acc_t, m_i, l_i, r_i = _key_block(
+            acc_o, acc_t, m_i, l_i, r_i, q, tq,
+            k_base, tk_base, v_base, tv_base,
+            stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
+            start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
+            HEAD_DIM=HEAD_DIM, MASK_N=False, MASK_D=MASK_D, PRECISION=PRECISION,
+        )
+    if full_end < seq_kv:
+        acc_o, acc_t, m_i, l_i, r_i = _key_block(
+            acc_o, acc_t, m_i, l_i, r_i, q, tq,
+            k_base, tk_base, v_base, tv_base,
+            stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
+            full_end, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
+            HEAD_DIM=HEAD_DIM, MASK_N=True, MASK_D=MASK_D, PRECISION=PRECISION,
+        )
+
+    inv_l = 1.0 / l_i
+    out = acc_o * inv_l[:, None]
+    mu = r_i * inv_l
+    tout = acc_t * inv_l[:, None] - mu[:, None] * out
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+
+    # Outputs are contiguous (B, Sq, H, D) and (B, H, Sq).
+    mask_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    row = (off_b * seq_q + offs_m[:, None]) * num_heads + off_h
+    out_offs = row * HEAD_DIM + offs_d[None, :]
+    tl.store(O + out_offs, out.to(O.dtype.element_ty), mask=mask_q)
+    tl.store(TO + out_offs, tout.to(TO.dtype.element_ty), mask=mask_q)
+    tl.store(LSE + (off_b * num_heads + off_h) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+# Hopper-oriented search space: wgmma wants BLOCK_M a multiple of 64 per 4 warps; the two float32
+# (BLOCK_M, D) accumulators plus the S and dS tiles bound BLOCK_N by register pressure at D = 128.
+_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    for bm, bn, w, st in [
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 32, 8, 3),
+        (128, 128, 8, 2),
+        (64, 64, 4, 3),
+        (64, 32, 4, 3),
+    ]
+]
+_attention_fwd_jvp_tuned = triton.autotune(configs=_CONFIGS, key=["seq_q", "seq_kv", "HEAD_DIM"])(
+    _attention_fwd_jvp_kernel
+)
+# Interpreter (CPU tensors): one small config, no tuning.
+_INTERPRETER_BLOCK = 16
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None):
+    """Launch the fused kernel: returns (O, tO, LSE) for (B, S, H, D) inputs of any strides.
+
+    `outputs` optionally gives preallocated contiguous (O, tO, LSE) to write into (tests poison them).
+    """
+    if q.dtype not in DTYPES:
+        raise ValueError(f"the Triton attention kernel takes {DTYPES}, got {q.dtype}")
+    batch, seq_q, heads, head_dim = q.shape
+    seq_kv = k.shape[1]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton attention kernel takes head dims up to {MAX_HEAD_DIM}, got {head_dim}")
+    if outputs is None:
+        out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=q.device)
+        tout = torch.empty_like(out)
+        lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+    else:
+        out, tout, lse = outputs
+    if seq_q == 0 or batch * heads == 0:
+        return out, tout, lse
+    args = [q, k, v, tq, tk, tv, out, tout, lse]
+    for x in (q, k, v, tq, tk, tv):
+        args.extend(x.stride())
+    args.extend([heads, seq_q, seq_kv, scale])
+    meta = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    if q.is_cuda:
+        grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)
+        _attention_fwd_jvp_tuned[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(seq_q, _INTERPRETER_BLOCK), batch * heads)
+        _attention_fwd_jvp_kernel[grid](
+            *args, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **meta
+        )
+    return out, tout, lse
