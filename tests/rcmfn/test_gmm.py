@@ -63,8 +63,9 @@ def test_posterior_mean_matches_quadrature_in_1d(r, x, label):
     grid = torch.linspace(-8.0, 8.0, 40_001, dtype=torch.float64)
     x_r = torch.tensor([x], dtype=torch.float64)
     expected = quadrature_posterior_mean(m, [grid], x_r, r, label)
-    got = gmm.posterior_mean(m, x_r.reshape(1, 1, 1, 1, 1), torch.tensor([r], dtype=torch.float64),
-                             torch.tensor([label]))
+    got = gmm.posterior_mean(
+        m, x_r.reshape(1, 1, 1, 1, 1), torch.tensor([r], dtype=torch.float64), torch.tensor([label])
+    )
     torch.testing.assert_close(got.flatten(), expected, rtol=1e-7, atol=1e-7)
 
 
@@ -75,8 +76,9 @@ def test_posterior_mean_matches_quadrature_in_2d(label, r):
     axis = torch.linspace(-7.0, 7.0, 801, dtype=torch.float64)
     x_r = torch.tensor([0.7, -1.3], dtype=torch.float64)
     expected = quadrature_posterior_mean(m, [axis, axis], x_r, r, label)
-    got = gmm.posterior_mean(m, x_r.reshape(1, 2, 1, 1, 1), torch.tensor([r], dtype=torch.float64),
-                             torch.tensor([label]))
+    got = gmm.posterior_mean(
+        m, x_r.reshape(1, 2, 1, 1, 1), torch.tensor([r], dtype=torch.float64), torch.tensor([label])
+    )
     torch.testing.assert_close(got.flatten(), expected, rtol=1e-6, atol=1e-6)
 
 
@@ -89,8 +91,19 @@ def test_posterior_mean_matches_quadrature_in_2d(label, r):
 )
 def test_trigflow_velocity_gives_posterior_mean(shape, batch, t, seed):
     c, f, h, w = shape
-    m = gmm.build_mixture(gmm.MixtureConfig(channels=c, frames=f, height=h, width=w, text_tokens=3,
-                                            text_dim=5, class_norm=3.0, mode_offset=2.0, seed=seed))
+    m = gmm.build_mixture(
+        gmm.MixtureConfig(
+            channels=c,
+            frames=f,
+            height=h,
+            width=w,
+            text_tokens=3,
+            text_dim=5,
+            class_norm=3.0,
+            mode_offset=2.0,
+            seed=seed,
+        )
+    )
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(-1, m.num_classes, (batch,), generator=g)
     x0 = gmm.sample_mixture(m, labels, g)
@@ -111,8 +124,9 @@ def test_velocity_equals_x_r_minus_posterior_mean_over_r(r, seed):
     m = gmm.build_mixture(gmm.MixtureConfig(height=4, width=2, seed=seed))
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([gmm.UNCOND, 0, 2, 3])
-    x_r = (1 - r) * gmm.sample_mixture(m, labels, g) + r * torch.randn(4, 4, 1, 4, 2, generator=g,
-                                                                       dtype=torch.float64)
+    x_r = (1 - r) * gmm.sample_mixture(m, labels, g) + r * torch.randn(
+        4, 4, 1, 4, 2, generator=g, dtype=torch.float64
+    )
     rr = torch.full((4,), r, dtype=torch.float64)
     expected = (x_r - gmm.posterior_mean(m, x_r, rr, labels)) / r
     torch.testing.assert_close(gmm.posterior_velocity(m, x_r, rr, labels), expected, rtol=1e-8, atol=1e-8)
@@ -131,8 +145,9 @@ def test_velocity_is_exact_at_r_zero_and_one():
     mean = (prior @ m.means.reshape(-1, m.dim)).reshape(x.shape)
     torch.testing.assert_close(gmm.posterior_velocity(m, x, one, labels), x - mean, rtol=1e-12, atol=1e-12)
     v_t0 = trigflow_denoiser(gmm.velocity)(m, x.float(), zero.float(), gmm.class_embeddings(m, labels))
-    v_t1 = trigflow_denoiser(gmm.velocity)(m, x.float(), zero.float() + math.pi / 2,
-                                           gmm.class_embeddings(m, labels))
+    v_t1 = trigflow_denoiser(gmm.velocity)(
+        m, x.float(), zero.float() + math.pi / 2, gmm.class_embeddings(m, labels)
+    )
     assert torch.isfinite(v_t0).all() and torch.isfinite(v_t1).all() and v_t0.dtype == torch.float32
 
 
