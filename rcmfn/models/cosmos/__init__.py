@@ -13,8 +13,8 @@ from rcmfn.models.cosmos.configs import (
     TIMESTEP_SCALE,
     CosmosConfig,
 )
-from rcmfn.models.cosmos.keys import diffusers_key_map, official_key_map
-from rcmfn.models.cosmos.model import CosmosDiT, build_cosmos, init_random_, random_cosmos
+from rcmfn.models.cosmos.keys import KEY_MAPS, diffusers_key_map, official_key_map
+from rcmfn.models.cosmos.model import CosmosDiT, build_cosmos, init_random_, random_cosmos, velocity_net
 
 __all__ = [
     "CONFIGS",
@@ -24,10 +24,12 @@ __all__ = [
     "COSMOS_14B_V2W",
     "TIMESTEP_SCALE",
     "CosmosConfig",
+    "KEY_MAPS",
     "CosmosDiT",
     "build_cosmos",
     "diffusers_key_map",
     "init_random_",
     "official_key_map",
     "random_cosmos",
+    "velocity_net",
 ]

@@ -126,7 +126,7 @@ def diffusers_key_map() -> KeyMap:
 OURS_KEY_MAP = IDENTITY
 """Our own names (`CosmosDiT.state_dict()` keys), e.g. for safetensors written by rcmfn itself."""
 
-LAYOUTS = {
+KEY_MAPS: dict[str, KeyMap] = {
     "official": official_key_map(),
     "official-ema": official_key_map("net_ema."),
     "diffusers": diffusers_key_map(),

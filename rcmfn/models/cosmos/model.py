@@ -363,3 +363,16 @@ def random_cosmos(config: CosmosConfig, device, dtype: torch.dtype, seed: int = 
     model = build_cosmos(config, dtype).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     return init_random_(model, generator)
+
+
+def velocity_net(model: CosmosDiT):
+    """net(params, x, timestep, context, condition_mask=None) = functional_call(model, params, ...).
+
+    rcmfn's velocity-net signature; `timestep` is the rectified-flow t in [0, 1] (TIMESTEP_SCALE).
+    """
+
+    def net(params, x: Tensor, timestep: Tensor, context: Tensor, condition_mask: Tensor | None = None):
+        kwargs = {} if condition_mask is None else {"condition_mask": condition_mask}
+        return torch.func.functional_call(model, dict(params.items()), (x, timestep, context), kwargs)
+
+    return net
