@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from rcmfn.models.checkpoint import FP32_PATTERNS_ATTR, KeyMap, LoadReport, load_into_meta_module
+from rcmfn.models.cosmos import COSMOS_2B_T2I, COSMOS_2B_V2W, COSMOS_14B_T2I, COSMOS_14B_V2W, CosmosDiT
+from rcmfn.models.cosmos import KEY_MAPS as COSMOS_KEY_MAPS
 from rcmfn.models.wan import WAN_1_3B, WAN_14B, WanModel
 from rcmfn.models.wan import key_maps as wan_key_maps
 
@@ -40,12 +42,28 @@ class ModelSpec:
 
 # 480p training latents: 81 frames 832 x 480 -> 16 x 21 x 60 x 104 (SPEC-models §3.4).
 WAN_480P_LATENT = (16, 21, 60, 104)
+# Cosmos-Predict2 (SPEC-models §2.5): text-to-image 1024 px 1:1 -> 16 x 1 x 128 x 128; Video2World
+# 720p, 93 frames of 1280 x 704 -> 16 x 24 x 88 x 160 (needs a condition mask, see CosmosDiT).
+COSMOS_1024PX_LATENT = (16, 1, 128, 128)
+COSMOS_720P_LATENT = (16, 24, 88, 160)
 
 MODELS: dict[str, ModelSpec] = {
     "wan1.3b": ModelSpec(
         "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0
     ),
     "wan14b": ModelSpec("wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_480P_LATENT, 512, 4096, 1000.0),
+    "cosmos2b": ModelSpec(
+        "cosmos", COSMOS_2B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0
+    ),
+    "cosmos14b": ModelSpec(
+        "cosmos", COSMOS_14B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0
+    ),
+    "cosmos2b-video": ModelSpec(
+        "cosmos", COSMOS_2B_V2W, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_720P_LATENT, 512, 1024, 1.0
+    ),
+    "cosmos14b-video": ModelSpec(
+        "cosmos", COSMOS_14B_V2W, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_720P_LATENT, 512, 1024, 1.0
+    ),
 }
 
 
