@@ -24,7 +24,8 @@ from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint, 
 from rcmfn.models.cosmos import configs, keys
 from rcmfn.models.cosmos import model as cosmos_model
 from rcmfn.models.cosmos.configs import TINY_T2I, TINY_V2W
-from rcmfn.models.cosmos.model import build_cosmos, random_cosmos, velocity_net
+from rcmfn.models.cosmos.model import CosmosDiT, build_cosmos, random_cosmos, velocity_net
+from rcmfn.models.registry import build_model, get_spec
 
 F64 = torch.float64
 VARIANTS = {"t2i": TINY_T2I, "v2w": TINY_V2W}
@@ -220,6 +221,24 @@ def test_released_configs_have_the_published_sizes(name, n_keys, n_params, patch
     assert sum(p.numel() for p in net.parameters()) == n_params
     assert net.x_embedder.weight.shape[1] == patch_width
     assert all(p.is_meta for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", ["cosmos2b", "cosmos14b", "cosmos2b-video", "cosmos14b-video"])
+def test_registry_entries_build_the_cosmos_configs(name, tmp_path):
+    """Each registry entry carries its config, T5 text width, timestep scale 1 and the key maps;
+    build_model streams an official file into its (here: tiny) net."""
+    spec = get_spec(name)
+    assert spec.config is configs.CONFIGS[name] and spec.family == "cosmos"
+    assert (spec.text_dim, spec.timestep_scale) == (1024, configs.TIMESTEP_SCALE)
+    assert next(iter(spec.key_maps)) == "official"
+    tiny = replace(spec.config, dim=32, num_blocks=1, num_heads=2, text_dim=24, adaln_lora_dim=8)
+    source = build_cosmos(tiny).to_empty(device="cpu")
+    randomise_(source, torch.Generator().manual_seed(8))
+    path = tmp_path / "model.safetensors"
+    export_checkpoint(params_of(source), path, spec.key_maps["official"])
+    net, report = build_model(replace(spec, config=tiny), path, dtype=torch.bfloat16)
+    assert report.ok and isinstance(net, CosmosDiT)
+    assert torch.equal(net.x_embedder.weight, source.x_embedder.weight.to(torch.bfloat16))
 
 
 def write_official(path, params, ema_params):
