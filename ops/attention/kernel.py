@@ -10,8 +10,8 @@ Math (SPEC-rcm §9.1), per (batch, head), scale c, tangents tQ, tK, tV of Q, K, 
 Streaming form (FlashAttention-2 online softmax), for one block of query rows and key blocks j,
 with running max m (base 2), and every accumulator rescaled by alpha = exp2(m_old - m_new):
 
-    P~_j = exp2(S_j log2(e) - m)         l <- alpha l + rowsum(P~_j)       O~ <- alpha O~ + P~_j V_j
-    H~_j = P~_j * dS_j                   r <- alpha r + rowsum(H~_j)       T~ <- alpha T~ + P~_j tV_j + H~_j V_j
+    P~_j = exp2(S_j log2(e) - m)    l <- alpha l + rowsum(P~_j)    O~ <- alpha O~ + P~_j V_j
+    H~_j = P~_j * dS_j              r <- alpha r + rowsum(H~_j)    T~ <- alpha T~ + P~_j tV_j + H~_j V_j
     epilogue:  O = O~ / l,  mu = r / l,  tO = T~ / l - mu O,  LSE = (m + log2 l) ln 2
 
 T~ merges the two tangent accumulators of SPEC-rcm §9.1 (A~ + B~): both are rescaled by the same
@@ -35,8 +35,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _load_rows(base, rows, offs_d, stride_row, stride_d, num_rows, HEAD_DIM: tl.constexpr,
-               MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
+def _load_rows(
+    base,
+    rows,
+    offs_d,
+    stride_row,
+    stride_d,
+    num_rows,
+    HEAD_DIM: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    MASK_D: tl.constexpr,
+):
     """Load a (rows, BLOCK_D) tile, zero-filled past num_rows / HEAD_DIM when those masks are on."""
     ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
     if MASK_ROWS and MASK_D:
@@ -52,12 +61,35 @@ def _load_rows(base, rows, offs_d, stride_row, stride_d, num_rows, HEAD_DIM: tl.
 
 @triton.jit
 def _key_block(
-    acc_o, acc_t, m_i, l_i, r_i, q, tq,
-    k_base, tk_base, v_base, tv_base,
-    stride_kn, stride_kd, stride_tkn, stride_tkd, stride_vn, stride_vd, stride_tvn, stride_tvd,
-    start_n, seq_kv, qk_scale_log2, scale,
-    offs_n, offs_d,
-    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+    acc_o,
+    acc_t,
+    m_i,
+    l_i,
+    r_i,
+    q,
+    tq,
+    k_base,
+    tk_base,
+    v_base,
+    tv_base,
+    stride_kn,
+    stride_kd,
+    stride_tkn,
+    stride_tkd,
+    stride_vn,
+    stride_vd,
+    stride_tvn,
+    stride_tvd,
+    start_n,
+    seq_kv,
+    qk_scale_log2,
+    scale,
+    offs_n,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    MASK_N: tl.constexpr,
+    MASK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Fold the key block starting at start_n into the running softmax state and accumulators."""
     n = start_n + offs_n
@@ -87,15 +119,47 @@ def _key_block(
 
 @triton.jit
 def _attention_fwd_jvp_kernel(
-    Q, K, V, TQ, TK, TV, O, TO, LSE,
-    stride_qb, stride_qs, stride_qh, stride_qd,
-    stride_kb, stride_ks, stride_kh, stride_kd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
-    stride_tqb, stride_tqs, stride_tqh, stride_tqd,
-    stride_tkb, stride_tks, stride_tkh, stride_tkd,
-    stride_tvb, stride_tvs, stride_tvh, stride_tvd,
-    num_heads, seq_q, seq_kv, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    TQ,
+    TK,
+    TV,
+    O,
+    TO,
+    LSE,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_qd,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_tqb,
+    stride_tqs,
+    stride_tqh,
+    stride_tqd,
+    stride_tkb,
+    stride_tks,
+    stride_tkh,
+    stride_tkd,
+    stride_tvb,
+    stride_tvs,
+    stride_tvh,
+    stride_tvd,
+    num_heads,
+    seq_q,
+    seq_kv,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head), all keys, O, tO and LSE written."""
@@ -127,19 +191,67 @@ def _attention_fwd_jvp_kernel(
     full_end = (seq_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc_o, acc_t, m_i, l_i, r_i = _key_block(
-            acc_o, acc_t, m_i, l_i, r_i, q, tq,
-            k_base, tk_base, v_base, tv_base,
-            stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
-            start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
-            HEAD_DIM=HEAD_DIM, MASK_N=False, MASK_D=MASK_D, PRECISION=PRECISION,
+            acc_o,
+            acc_t,
+            m_i,
+            l_i,
+            r_i,
+            q,
+            tq,
+            k_base,
+            tk_base,
+            v_base,
+            tv_base,
+            stride_ks,
+            stride_kd,
+            stride_tks,
+            stride_tkd,
+            stride_vs,
+            stride_vd,
+            stride_tvs,
+            stride_tvd,
+            start_n,
+            seq_kv,
+            qk_scale_log2,
+            scale,
+            offs_n,
+            offs_d,
+            HEAD_DIM=HEAD_DIM,
+            MASK_N=False,
+            MASK_D=MASK_D,
+            PRECISION=PRECISION,
         )
     if full_end < seq_kv:
         acc_o, acc_t, m_i, l_i, r_i = _key_block(
-            acc_o, acc_t, m_i, l_i, r_i, q, tq,
-            k_base, tk_base, v_base, tv_base,
-            stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
-            full_end, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
-            HEAD_DIM=HEAD_DIM, MASK_N=True, MASK_D=MASK_D, PRECISION=PRECISION,
+            acc_o,
+            acc_t,
+            m_i,
+            l_i,
+            r_i,
+            q,
+            tq,
+            k_base,
+            tk_base,
+            v_base,
+            tv_base,
+            stride_ks,
+            stride_kd,
+            stride_tks,
+            stride_tkd,
+            stride_vs,
+            stride_vd,
+            stride_tvs,
+            stride_tvd,
+            full_end,
+            seq_kv,
+            qk_scale_log2,
+            scale,
+            offs_n,
+            offs_d,
+            HEAD_DIM=HEAD_DIM,
+            MASK_N=True,
+            MASK_D=MASK_D,
+            PRECISION=PRECISION,
         )
 
     inv_l = 1.0 / l_i
@@ -213,7 +325,5 @@ def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None):
         _attention_fwd_jvp_tuned[grid](*args, **meta)
     else:
         grid = (triton.cdiv(seq_q, _INTERPRETER_BLOCK), batch * heads)
-        _attention_fwd_jvp_kernel[grid](
-            *args, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **meta
-        )
+        _attention_fwd_jvp_kernel[grid](*args, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **meta)
     return out, tout, lse

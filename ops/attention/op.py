@@ -90,7 +90,18 @@ def _cuda_backward(grad_out, q, k, v, out, lse, scale: float):
         lse_backend = lse.new_zeros(padded)
         lse_backend[:, :, :seq_q] = lse
         grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dot, qt, kt, vt, None, ot, lse_backend, rng, rng, 0.0, [True, True, True, False], False,
+            dot,
+            qt,
+            kt,
+            vt,
+            None,
+            ot,
+            lse_backend,
+            rng,
+            rng,
+            0.0,
+            [True, True, True, False],
+            False,
             scale=scale,
         )[:3]
     elif backend == torch.nn.attention.SDPBackend.CUDNN_ATTENTION:
@@ -98,7 +109,21 @@ def _cuda_backward(grad_out, q, k, v, out, lse, scale: float):
             qt.to("meta"), kt.to("meta"), vt.to("meta"), None, True, scale=scale
         )[1].shape
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dot, qt, kt, vt, ot, lse.reshape(shape), rng, rng, None, None, None, seq_q, seq_kv, 0.0, False,
+            dot,
+            qt,
+            kt,
+            vt,
+            ot,
+            lse.reshape(shape),
+            rng,
+            rng,
+            None,
+            None,
+            None,
+            seq_q,
+            seq_kv,
+            0.0,
+            False,
             scale=scale,
         )
     else:
@@ -107,9 +132,9 @@ def _cuda_backward(grad_out, q, k, v, out, lse, scale: float):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[
-    torch.Tensor, torch.Tensor
-]:
+def attention_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output O (B, Sq, H, D) and LSE (B, H, Sq, float32) of softmax(c Q K^T) V.
 
     SPEC-rcm §9.1. CUDA: the SDPA backend F.scaled_dot_product_attention would choose.
@@ -241,9 +266,7 @@ def _attention_autograd(q, k, v, scale, impl):
     if all(d.tangent is None for d in duals):
         return torch.ops.rcmfn.attention_fwd(q, k, v, scale)[0]
     primals = [d.primal for d in duals]
-    tangents = [
-        torch.zeros_like(d.primal) if d.tangent is None else d.tangent.detach() for d in duals
-    ]
+    tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent.detach() for d in duals]
     out, tangent_out, _ = torch.ops.rcmfn.attention_fwd_jvp(*primals, *tangents, scale, impl)
     return forward_ad.make_dual(out, tangent_out, level=_DUAL_LEVEL)
 
@@ -272,9 +295,7 @@ def _check_inputs(q, k, v, impl):
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim"
-        )
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

@@ -1,0 +1,54 @@
+"""Fixtures for the ops tests: which fused-kernel paths run here.
+
+The path is chosen per call by the op's explicit `impl` argument ("reference" or "triton"), never by
+a global. Without CUDA the Triton kernel runs under Triton's interpreter on CPU tensors, which triton
+only provides when TRITON_INTERPRET=1 is set before `triton.language` is first imported (it decides
+at import time whether its own library functions are interpreted). In a plain `pytest` run some
+other import (tensordict, through torch) has usually loaded triton by the time this file is read;
+then the `impl="triton"` tests skip here and `test_triton_kernel_under_interpreter` reruns them in a
+child process started with TRITON_INTERPRET=1. Run `TRITON_INTERPRET=1 pytest tests/ops` to run them
+in-process.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if not ON_GPU and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+TRITON = _triton_importable()
+
+
+def interpreter_ready() -> bool:
+    """True when triton was imported in interpreter mode, so kernels run on CPU tensors."""
+    if ON_GPU or not TRITON:
+        return False
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.zeros, InterpretedFunction)
+
+
+TRITON_RUNS_HERE = TRITON and (ON_GPU or interpreter_ready())
+
+
+@pytest.fixture(params=["reference", "triton"], scope="session")
+def impl(request):
+    """The `impl` argument of ops.attention under test; "triton" skips where it cannot run."""
+    if request.param == "triton" and not TRITON_RUNS_HERE:
+        pytest.skip("the Triton kernel runs in the child process of test_triton_kernel_under_interpreter")
+    return request.param
