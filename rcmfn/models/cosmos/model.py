@@ -267,7 +267,7 @@ class CosmosDiT(nn.Module):
             return ()
         return ("t_embedder.*", "t_embedding_norm.*", "*adaln_modulation*")
 
-    def _check_inputs(self, x: Tensor, timestep: Tensor, context: Tensor, condition_mask) -> None:
+    def _check_inputs(self, x, timestep, context, condition_mask, padding_mask) -> None:
         cfg = self.config
         if x.dim() != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be [B, {cfg.in_channels}, T, H, W]; got {tuple(x.shape)}")
@@ -294,6 +294,12 @@ class CosmosDiT(nn.Module):
             raise ValueError(f"Video2World net needs condition_mask [{B}, 1, {T}, {H}, {W}]; got {got}")
         if not cfg.condition_mask and condition_mask is not None:
             raise ValueError("condition_mask given to a text-to-image net (config.condition_mask=False)")
+        if padding_mask is not None and (
+            padding_mask.dim() != 4 or padding_mask.shape[0] not in (1, B) or padding_mask.shape[1] != 1
+        ):
+            raise ValueError(
+                f"padding_mask must be [{B} or 1, 1, H_px, W_px]; got {tuple(padding_mask.shape)}"
+            )
 
     def _input_channels(self, x: Tensor, condition_mask, padding_mask) -> Tensor:
         """[latent, condition mask (V2W), padding mask] along channels. SPEC-models §2.2 step 1."""
@@ -312,7 +318,7 @@ class CosmosDiT(nn.Module):
 
     def forward(self, x, timestep, context, condition_mask=None, padding_mask=None) -> Tensor:
         """Velocity v = eps - x0 for x_t = (1 - t) x0 + t eps, shaped like x. SPEC-models §2.2."""
-        self._check_inputs(x, timestep, context, condition_mask)
+        self._check_inputs(x, timestep, context, condition_mask, padding_mask)
         cfg = self.config
         p, p_t = cfg.patch_spatial, cfg.patch_temporal
         dtype = self.x_embedder.weight.dtype

@@ -541,6 +541,7 @@ def test_random_build_is_seeded_and_materialised_in_the_requested_dtype():
         ("context", r"context must be \[2, Lc, 24\]"),
         ("no_mask", r"needs condition_mask"),
         ("mask_on_t2i", r"condition_mask given to a text-to-image net"),
+        ("padding_mask", r"padding_mask must be \[2 or 1, 1, H_px, W_px\]"),
     ],
 )
 def test_bad_inputs_raise_value_errors_naming_the_problem(case, match):
@@ -560,6 +561,8 @@ def test_bad_inputs_raise_value_errors_naming_the_problem(case, match):
         context = context[..., :20]
     elif case == "no_mask":
         kwargs = {}
+    elif case == "padding_mask":
+        kwargs["padding_mask"] = torch.zeros(2, 32, 32, dtype=F64)
     with pytest.raises(ValueError, match=match):
         shared_net(variant)(x, t, context, **kwargs)
 
