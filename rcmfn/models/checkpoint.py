@@ -17,11 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-# Top-level dict keys that wrap a state dict in `.pt` files (trainer checkpoints, rCM/Cosmos `net`).
-WRAPPER_KEYS = ("state_dict", "model", "net")
+WRAPPER_KEYS = ("state_dict", "model", "net")  # dict keys wrapping a state dict in .pt files
 # Module attribute: fnmatch patterns of our names kept float32 under a lower-precision load `dtype`.
 FP32_PATTERNS_ATTR = "fp32_patterns"
-_LISTED = 20  # names listed per category in an error message; the LoadReport keeps all of them
 
 
 @dataclass(frozen=True)
@@ -30,9 +28,9 @@ class KeyMap:
 
     `to_ours(name)` returns our name, None for a key dropped on purpose (junk such as `._extra_state`),
     or raises KeyError for a name the layout does not know (reported as unexpected); `from_ours` is
-    its inverse on our names. `shape_to_ours(our_name, shape)`
-    optionally returns the shape our tensor has when the layout stores it reshaped (same numel, a
-    view), None meaning unchanged; `shape_from_ours` is the inverse used on export.
+    its inverse on our names. `shape_to_ours(our_name, shape)` optionally returns the shape of our
+    tensor where the layout stores it reshaped (same numel), None if unchanged; `shape_from_ours`
+    is the inverse, used on export.
     """
 
     to_ours: Callable[[str], str | None]
@@ -77,9 +75,8 @@ class LoadReport:
             ("not materialised (still on the meta device)", self.not_materialised),
         ]:
             if names:
-                shown = ", ".join(names[:_LISTED])
-                more = f" ... and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
-                lines.append(f"  {len(names)} {title}: {shown}{more}")
+                more = f" ... and {len(names) - 20} more" if len(names) > 20 else ""
+                lines.append(f"  {len(names)} {title}: {', '.join(names[:20])}{more}")
         return "\n".join(lines)
 
 
@@ -154,17 +151,15 @@ def iter_checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, Tens
 def _target_dtype(name: str, source: torch.dtype, dtype: torch.dtype | None, fp32: tuple[str, ...]):
     if dtype is None or not source.is_floating_point:
         return source
-    if dtype.itemsize < 4 and any(fnmatch.fnmatchcase(name, p) for p in fp32):
-        return torch.float32
-    return dtype
+    keep_fp32 = dtype.itemsize < 4 and any(fnmatch.fnmatchcase(name, p) for p in fp32)
+    return torch.float32 if keep_fp32 else dtype
 
 
 def _assign(module: nn.Module, name: str, tensor: Tensor) -> None:
     prefix, _, leaf = name.rpartition(".")
     owner = module.get_submodule(prefix)
     if leaf in owner._parameters:
-        requires_grad = owner._parameters[leaf].requires_grad
-        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=owner._parameters[leaf].requires_grad)
     else:
         owner._buffers[leaf] = tensor
 
@@ -191,16 +186,15 @@ def load_into_meta_module(
         try:
             ours = key_map.to_ours(entry.name)
         except KeyError:  # a name the layout does not know
-            unexpected.append(entry.name)
-            continue
+            ours = ""
         if ours is None:
             dropped.append(entry.name)
-            continue
-        if ours not in expected:
+        elif ours not in expected:
             unexpected.append(entry.name)
-            continue
-        shape = (key_map.shape_to_ours and key_map.shape_to_ours(ours, entry.shape)) or entry.shape
-        if tuple(shape) != expected[ours]:
+        elif (
+            tuple((key_map.shape_to_ours and key_map.shape_to_ours(ours, entry.shape)) or entry.shape)
+            != expected[ours]
+        ):
             mismatched.append((ours, entry.shape, expected[ours]))
         elif ours in plan:
             duplicated.append(ours)
@@ -208,8 +202,7 @@ def load_into_meta_module(
             plan[ours] = entry
     seen = set(plan) | {m[0] for m in mismatched}
     missing = [n for n in expected if n not in seen]
-    lists = (plan, missing, unexpected, mismatched, duplicated, dropped)
-    report = LoadReport(str(path), *map(tuple, lists))
+    report = LoadReport(str(path), *map(tuple, (plan, missing, unexpected, mismatched, duplicated, dropped)))
     if strict and not report.ok:
         raise CheckpointMismatchError(report.describe())
     fp32 = tuple(getattr(module, FP32_PATTERNS_ATTR, ()))
@@ -242,7 +235,10 @@ def export_checkpoint(params: Mapping[str, Tensor], path: str | os.PathLike, key
             raise ValueError(f"two tensors export to the same key {name!r} (second from {ours!r})")
         shape = key_map.shape_from_ours and key_map.shape_from_ours(ours, tuple(tensor.shape))
         tensor = tensor.detach().to("cpu").contiguous()
-        out[name] = tensor.reshape(shape).contiguous() if shape else tensor
+        tensor = tensor.reshape(shape).contiguous() if shape else tensor
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view into shared storage (e.g. consolidated): safetensors refuses
+        out[name] = tensor
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
