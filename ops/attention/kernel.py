@@ -33,19 +33,14 @@ import torch
 import triton
 import triton.language as tl
 
+# The kernels' argument lists stay one stride group per line: ruff's one-name-per-line layout would
+# triple their length without making them easier to check against the call sites.
+# fmt: off
+
 
 @triton.jit
-def _load_rows(
-    base,
-    rows,
-    offs_d,
-    stride_row,
-    stride_d,
-    num_rows,
-    HEAD_DIM: tl.constexpr,
-    MASK_ROWS: tl.constexpr,
-    MASK_D: tl.constexpr,
-):
+def _load_rows(base, rows, offs_d, stride_row, stride_d, num_rows, HEAD_DIM: tl.constexpr,
+               MASK_ROWS: tl.constexpr, MASK_D: tl.constexpr):
     """Load a (rows, BLOCK_D) tile, zero-filled past num_rows / HEAD_DIM when those masks are on."""
     ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
     if MASK_ROWS and MASK_D:
@@ -61,35 +56,11 @@ def _load_rows(
 
 @triton.jit
 def _key_block(
-    acc_o,
-    acc_t,
-    m_i,
-    l_i,
-    r_i,
-    q,
-    tq,
-    k_base,
-    tk_base,
-    v_base,
-    tv_base,
-    stride_kn,
-    stride_kd,
-    stride_tkn,
-    stride_tkd,
-    stride_vn,
-    stride_vd,
-    stride_tvn,
-    stride_tvd,
-    start_n,
-    seq_kv,
-    qk_scale_log2,
-    scale,
-    offs_n,
-    offs_d,
-    HEAD_DIM: tl.constexpr,
-    MASK_N: tl.constexpr,
-    MASK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    acc_o, acc_t, m_i, l_i, r_i, q, tq,
+    k_base, tk_base, v_base, tv_base,
+    stride_kn, stride_kd, stride_tkn, stride_tkd, stride_vn, stride_vd, stride_tvn, stride_tvd,
+    start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Fold the key block starting at start_n into the running softmax state and accumulators."""
     n = start_n + offs_n
@@ -111,58 +82,27 @@ def _key_block(
     h = p * (ds * scale)
     l_i = l_i * alpha + tl.sum(p, 1)
     r_i = r_i * alpha + tl.sum(h, 1)
-    acc_o = tl.dot(p.to(v.dtype), v, acc_o * alpha[:, None], input_precision=PRECISION)
-    acc_t = tl.dot(p.to(tv.dtype), tv, acc_t * alpha[:, None], input_precision=PRECISION)
+    p_in = p.to(v.dtype)
+    acc_o = tl.dot(p_in, v, acc_o * alpha[:, None], input_precision=PRECISION)
+    acc_t = tl.dot(p_in, tv, acc_t * alpha[:, None], input_precision=PRECISION)
     acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=PRECISION)
     return acc_o, acc_t, m_new, l_i, r_i
 
 
 @triton.jit
 def _attention_fwd_jvp_kernel(
-    Q,
-    K,
-    V,
-    TQ,
-    TK,
-    TV,
-    O,
-    TO,
-    LSE,
-    stride_qb,
-    stride_qs,
-    stride_qh,
-    stride_qd,
-    stride_kb,
-    stride_ks,
-    stride_kh,
-    stride_kd,
-    stride_vb,
-    stride_vs,
-    stride_vh,
-    stride_vd,
-    stride_tqb,
-    stride_tqs,
-    stride_tqh,
-    stride_tqd,
-    stride_tkb,
-    stride_tks,
-    stride_tkh,
-    stride_tkd,
-    stride_tvb,
-    stride_tvs,
-    stride_tvh,
-    stride_tvd,
-    num_heads,
-    seq_q,
-    seq_kv,
-    scale,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    Q, K, V, TQ, TK, TV, O, TO, LSE,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_tqb, stride_tqs, stride_tqh, stride_tqd,
+    stride_tkb, stride_tks, stride_tkh, stride_tkd,
+    stride_tvb, stride_tvs, stride_tvh, stride_tvd,
+    num_heads, seq_q, seq_kv, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, head), all keys, O, tO and LSE written."""
+    """One program: BLOCK_M query rows of one (batch, head) against all keys; writes O, tO, LSE."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -186,144 +126,120 @@ def _attention_fwd_jvp_kernel(
     r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale_log2 = scale * 1.4426950408889634
+    qk_scale_log2 = scale * 1.4426950408889634  # log2(e): scores live in the exp2 domain
 
+    # Full key blocks without masks, then at most one ragged block with them.
     full_end = (seq_kv // BLOCK_N) * BLOCK_N
     for start_n in range(0, full_end, BLOCK_N):
         acc_o, acc_t, m_i, l_i, r_i = _key_block(
-            acc_o,
-            acc_t,
-            m_i,
-            l_i,
-            r_i,
-            q,
-            tq,
-            k_base,
-            tk_base,
-            v_base,
-            tv_base,
-            stride_ks,
-            stride_kd,
-            stride_tks,
-            stride_tkd,
-            stride_vs,
-            stride_vd,
-            stride_tvs,
-            stride_tvd,
-            start_n,
-            seq_kv,
-            qk_scale_log2,
-            scale,
-            offs_n,
-            offs_d,
-            HEAD_DIM=HEAD_DIM,
-            MASK_N=False,
-            MASK_D=MASK_D,
-            PRECISION=PRECISION,
+            acc_o, acc_t, m_i, l_i, r_i, q, tq, k_base, tk_base, v_base, tv_base,
+            stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
+            start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
+            HEAD_DIM=HEAD_DIM, MASK_N=False, MASK_D=MASK_D, PRECISION=PRECISION,
         )
     if full_end < seq_kv:
         acc_o, acc_t, m_i, l_i, r_i = _key_block(
-            acc_o,
-            acc_t,
-            m_i,
-            l_i,
-            r_i,
-            q,
-            tq,
-            k_base,
-            tk_base,
-            v_base,
-            tv_base,
-            stride_ks,
-            stride_kd,
-            stride_tks,
-            stride_tkd,
-            stride_vs,
-            stride_vd,
-            stride_tvs,
-            stride_tvd,
-            full_end,
-            seq_kv,
-            qk_scale_log2,
-            scale,
-            offs_n,
-            offs_d,
-            HEAD_DIM=HEAD_DIM,
-            MASK_N=True,
-            MASK_D=MASK_D,
-            PRECISION=PRECISION,
+            acc_o, acc_t, m_i, l_i, r_i, q, tq, k_base, tk_base, v_base, tv_base,
+            stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
+            full_end, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
+            HEAD_DIM=HEAD_DIM, MASK_N=True, MASK_D=MASK_D, PRECISION=PRECISION,
         )
 
     inv_l = 1.0 / l_i
     out = acc_o * inv_l[:, None]
     mu = r_i * inv_l
     tout = acc_t * inv_l[:, None] - mu[:, None] * out
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
 
-    # Outputs are contiguous (B, Sq, H, D) and (B, H, Sq).
+    # Outputs are contiguous: O, tO as (B, Sq, H, D), LSE as (B, H, Sq).
     mask_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    row = (off_b * seq_q + offs_m[:, None]) * num_heads + off_h
-    out_offs = row * HEAD_DIM + offs_d[None, :]
+    out_offs = ((off_b * seq_q + offs_m[:, None]) * num_heads + off_h) * HEAD_DIM + offs_d[None, :]
     tl.store(O + out_offs, out.to(O.dtype.element_ty), mask=mask_q)
     tl.store(TO + out_offs, tout.to(TO.dtype.element_ty), mask=mask_q)
     tl.store(LSE + (off_b * num_heads + off_h) * seq_q + offs_m, lse, mask=offs_m < seq_q)
 
 
+# fmt: on
+
 # Hopper-oriented search space: wgmma wants BLOCK_M a multiple of 64 per 4 warps; the two float32
 # (BLOCK_M, D) accumulators plus the S and dS tiles bound BLOCK_N by register pressure at D = 128.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-    for bm, bn, w, st in [
-        (128, 64, 8, 2),
-        (128, 64, 8, 3),
-        (128, 32, 8, 3),
-        (128, 128, 8, 2),
-        (64, 64, 4, 3),
-        (64, 32, 4, 3),
-    ]
+TUNING_SPACE = [
+    # BLOCK_M, BLOCK_N, num_warps, num_stages
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 32, 8, 3),
+    (64, 64, 4, 3),
+    (64, 32, 4, 3),
 ]
-_attention_fwd_jvp_tuned = triton.autotune(configs=_CONFIGS, key=["seq_q", "seq_kv", "HEAD_DIM"])(
-    _attention_fwd_jvp_kernel
-)
-# Interpreter (CPU tensors): one small config, no tuning.
-_INTERPRETER_BLOCK = 16
+# Also tried on every shape: small enough in shared memory for float32 and head dims up to 256
+# (configs that do not fit fail to compile and the autotuner skips them).
+FALLBACK_CONFIG = (64, 32, 4, 1)
+
+_attention_fwd_jvp_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+        for bm, bn, w, st in [*TUNING_SPACE, FALLBACK_CONFIG]
+    ],
+    key=["seq_q", "seq_kv", "HEAD_DIM"],
+)(_attention_fwd_jvp_kernel)
+# Off CUDA (the interpreter) one small config and no tuning.
+_INTERPRETER_CONFIG = (16, 16, 1, 1)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None):
+def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None):
     """Launch the fused kernel: returns (O, tO, LSE) for (B, S, H, D) inputs of any strides.
 
-    `outputs` optionally gives preallocated contiguous (O, tO, LSE) to write into (tests poison them).
+    `outputs` optionally gives contiguous (O, tO, LSE) to write into (tests poison them first);
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) skips autotuning (sweeps).
     """
+    outputs, args, meta = _prepare(q, k, v, tq, tk, tv, scale, outputs)
+    batch, seq_q, heads, _ = q.shape
+    if seq_q > 0 and batch * heads > 0:
+        _launch(args, meta, seq_q, batch * heads, q.is_cuda, config)
+    return outputs
+
+
+def _prepare(q, k, v, tq, tk, tv, scale, outputs):
+    """Validate, allocate outputs, and build the kernel's argument list and constexprs."""
     if q.dtype not in DTYPES:
         raise ValueError(f"the Triton attention kernel takes {DTYPES}, got {q.dtype}")
     batch, seq_q, heads, head_dim = q.shape
-    seq_kv = k.shape[1]
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"the Triton attention kernel takes head dims up to {MAX_HEAD_DIM}, got {head_dim}")
     if outputs is None:
         out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=q.device)
-        tout = torch.empty_like(out)
         lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
-    else:
-        out, tout, lse = outputs
-    if seq_q == 0 or batch * heads == 0:
-        return out, tout, lse
-    args = [q, k, v, tq, tk, tv, out, tout, lse]
+        outputs = (out, torch.empty_like(out), lse)
+    args = [q, k, v, tq, tk, tv, *outputs]
     for x in (q, k, v, tq, tk, tv):
         args.extend(x.stride())
-    args.extend([heads, seq_q, seq_kv, scale])
+    args.extend([heads, seq_q, k.shape[1], scale])
     meta = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    if q.is_cuda:
-        grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)
-        _attention_fwd_jvp_tuned[grid](*args, **meta)
-    else:
-        grid = (triton.cdiv(seq_q, _INTERPRETER_BLOCK), batch * heads)
-        _attention_fwd_jvp_kernel[grid](*args, BLOCK_M=_INTERPRETER_BLOCK, BLOCK_N=_INTERPRETER_BLOCK, **meta)
-    return out, tout, lse
+    return outputs, args, meta
+
+
+def _launch(args, meta, seq_q, programs_bh, on_cuda, config):
+    """Run the autotuned kernel (CUDA, no config) or the plain one; returns the compiled kernel."""
+    if config is None and on_cuda:
+        grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), programs_bh)
+        return _attention_fwd_jvp_tuned[grid](*args, **meta)
+    block_m, block_n, warps, stages = config or _INTERPRETER_CONFIG
+    grid = (triton.cdiv(seq_q, block_m), programs_bh)
+    return _attention_fwd_jvp_kernel[grid](
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **meta
+    )
+
+
+def tuned_config(seq_q: int, seq_kv: int, head_dim: int, dtype: torch.dtype) -> str:
+    """The autotuner's choice for these sizes, as text ("" if they were not tuned yet)."""
+    for key, cfg in _attention_fwd_jvp_tuned.cache.items():
+        if tuple(key[:3]) == (seq_q, seq_kv, head_dim) and str(dtype) in map(str, key):
+            return str(cfg)
+    return ""

@@ -1,0 +1,165 @@
+"""Benchmarks (GPU): `python -m entrypoints.bench attention [--dtype bf16] [--json PATH]`.
+
+One subcommand per benchmark family; add yours with `_add_<name>(subparsers)`. Timings are medians
+of many warm runs (triton.testing.do_bench, L2 flushed between runs); TFLOP/s use the FLOP formula
+printed beside each row. Results go to stdout as a Markdown table and, with --json, to a file
+holding device, date, commit and command (docs/benchmarks.md records them).
+"""
+
+import argparse
+import datetime
+import json
+import subprocess
+import sys
+
+import torch
+
+# name, batch, seq_q, seq_kv, heads, head_dim
+ATTENTION_SHAPES = [
+    ("self 32760 x12 d128", 1, 32760, 32760, 12, 128),
+    ("self 4096 x40 d128", 1, 4096, 4096, 40, 128),
+    ("cross 4096/512 x40 d128", 1, 4096, 512, 40, 128),
+    ("self 8192 x16 d64 B2", 2, 8192, 8192, 16, 64),
+]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _median_ms(fn, rep_ms: float) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 10), rep=rep_ms, return_mode="median")
+
+
+def _peak_extra_mib(fn) -> float:
+    """Peak memory allocated while fn runs, beyond what was allocated before and what it returns."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = fn()
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    extra = torch.cuda.max_memory_allocated() - before - kept
+    del result
+    return extra / 2**20
+
+
+def bench_attention_shape(name, batch, seq_q, seq_kv, heads, head_dim, dtype, rep_ms):
+    """Time SDPA forward, our primal forward/backward, our fused JVP and math-attention JVP."""
+    from ops import attention
+    from ops.attention.reference import attention_reference
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda seq: torch.randn(batch, seq, heads, head_dim, device="cuda", dtype=dtype, generator=gen)
+    q, k, v, tq, tk, tv = make(seq_q), make(seq_kv), make(seq_kv), make(seq_q), make(seq_kv), make(seq_kv)
+    fwd_flops = 4 * batch * heads * seq_q * seq_kv * head_dim
+    rows = []
+
+    def add(what, fn, flops, flop_formula):
+        ms = _median_ms(fn, rep_ms)
+        rows.append(dict(shape=name, what=what, ms=ms, tflops=flops / ms * 1e-9, flops=flop_formula))
+
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    with torch.no_grad():
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        add("sdpa fwd", lambda: sdpa(qt, kt, vt), fwd_flops, "4BHSqSkvD")
+        add("ours fwd", lambda: attention(q, k, v), fwd_flops, "4BHSqSkvD")
+        jvp = lambda: torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+        add("ours fused fwd+jvp", jvp, 3 * fwd_flops, "12BHSqSkvD")
+        extra_mib = _peak_extra_mib(jvp)
+    sdpa_leaves = [x.detach().requires_grad_() for x in (qt, kt, vt)]
+    sdpa_out = torch.nn.functional.scaled_dot_product_attention(*sdpa_leaves)
+    grad = torch.randn_like(sdpa_out)
+    add(
+        "sdpa bwd",
+        lambda: torch.autograd.grad(sdpa_out, sdpa_leaves, grad, retain_graph=True),
+        2.5 * fwd_flops,
+        "10BHSqSkvD",
+    )
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = attention(*leaves)
+    grad_bshd = grad.transpose(1, 2)
+    add(
+        "ours bwd",
+        lambda: torch.autograd.grad(out, leaves, grad_bshd, retain_graph=True),
+        2.5 * fwd_flops,
+        "10BHSqSkvD",
+    )
+    sdpa_out = out = None  # free the graphs before the math baseline
+    # torch.func.jvp of math attention materialises several (B, H, Sq, Skv) float32 buffers.
+    math_bytes = 8 * batch * heads * seq_q * seq_kv * 4
+    if math_bytes < 0.6 * torch.cuda.mem_get_info()[0]:
+        with torch.no_grad():
+            math_jvp = lambda: torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))
+            add("math fwd+jvp (torch.func)", math_jvp, 3 * fwd_flops, "12BHSqSkvD")
+    sdpa_ms = rows[0]["ms"]
+    for row in rows:
+        row["x_sdpa_fwd"] = row["ms"] / sdpa_ms
+    rows[2]["peak_extra_mib"] = extra_mib
+    return rows
+
+
+def run_attention(args) -> dict:
+    import triton
+
+    dtype = DTYPES[args.dtype]
+    rows = []
+    for shape in ATTENTION_SHAPES:
+        if args.only and not any(key in shape[0] for key in args.only):
+            continue
+        rows.extend(bench_attention_shape(*shape, dtype=dtype, rep_ms=args.rep_ms))
+        torch.cuda.empty_cache()
+    print(f"{args.dtype}, {torch.cuda.get_device_name()}")
+    print("| shape | what | ms | TFLOP/s | x SDPA fwd | FLOPs |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        extra = f" (peak extra {r['peak_extra_mib']:.1f} MiB)" if "peak_extra_mib" in r else ""
+        print(
+            f"| {r['shape']} | {r['what']}{extra} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+            f"{r['x_sdpa_fwd']:.2f} | {r['flops']} |"
+        )
+    return dict(
+        benchmark="attention",
+        device=torch.cuda.get_device_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=_commit(),
+        command=" ".join(["python -m entrypoints.bench", *sys.argv[1:]]),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        dtype=args.dtype,
+        rows=rows,
+    )
+
+
+def _add_attention(subparsers):
+    p = subparsers.add_parser("attention", help="ops.attention vs SDPA and math attention (GPU)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
+    p.add_argument("--rep-ms", type=float, default=1000.0, help="do_bench repetition budget per row (ms)")
+    p.add_argument("--only", nargs="*", default=[], help="run only shapes whose name contains one of these")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(run=run_attention)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.bench", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="benchmark", required=True)
+    _add_attention(subparsers)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("benchmarks need a CUDA device")
+    result = args.run(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# GPU check of ops/: the ops tests at full size, then the attention benchmark and a block-size sweep.
+# Usage: scripts/gpu_ops.sh OUTDIR [tests|bench|sweep ...]   (default: all three)
+# Tests run with --confcutdir=tests/ops so that only the ops fixtures load (no model dependencies).
+set -uo pipefail
+out=${1:?usage: scripts/gpu_ops.sh OUTDIR [tests|bench|sweep ...]}
+shift
+stages=${*:-tests bench sweep}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+for stage in $stages; do
+  case $stage in
+    tests) timeout 420 python3 -m pytest -q tests/ops --confcutdir=tests/ops -p no:cacheprovider \
+             --durations=10 -x 2>&1 | tee "$out/tests.log" ;;
+    bench) timeout 300 python3 -m entrypoints.bench attention --json "$out/bench_attention.json" 2>&1 \
+             | tee "$out/bench.log" ;;
+    sweep) timeout 240 python3 scripts/attention_sweep.py 2>&1 | tee "$out/sweep.log" ;;
+  esac
+done
