@@ -357,3 +357,25 @@ def test_registry_lists_valid_names_for_an_unknown_one():
         assert spec.latent_shape == (16, 21, 60, 104)
         assert math.prod(spec.latent_shape[2:]) // 4 * spec.latent_shape[1] == 32760
         assert set(spec.key_maps) == {"official", "diffusers"}
+
+
+def test_scm_tangent_through_wan_agrees_between_jvp_and_finite_difference():
+    """The model plugs into rcmfn's denoiser and sCM tangent: jvp and a 1e-8 TrigFlow step agree."""
+    from rcmfn.precond import trigflow_denoiser
+    from rcmfn.tangent import scm_tangent
+
+    params = random_params(WAN_TINY)
+    x, _, context = inputs()
+    t = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    teacher_velocity = torch.randn_like(x)
+    denoise = trigflow_denoiser(velocity_net(meta_model()), time_dtype=torch.float64)
+    F_jvp, tangent_jvp = scm_tangent(denoise, params, x, t, context, teacher_velocity, method="jvp")
+    F_fd, tangent_fd = scm_tangent(
+        denoise, params, x, t, context, teacher_velocity, method="fd", fd_step=1e-8
+    )
+    torch.testing.assert_close(F_jvp, F_fd, rtol=1e-12, atol=1e-12)
+    # The "fd" tangent is one-sided: its error falls as O(h) (measured 0.81 at h = 1e-6, 0.081 at 1e-7
+    # against max |T| = 1500); rounding eps |F| / h stays ~1e-6 at h = 1e-8.
+    scale = tangent_jvp.abs().max().item()
+    assert scale > 1.0
+    torch.testing.assert_close(tangent_jvp, tangent_fd, rtol=0.0, atol=1e-5 * scale)
