@@ -70,14 +70,21 @@ def noise_like(shape, generator: torch.Generator, device, dtype=torch.float32) -
 def scm_student_loss(
     student: Denoiser, student_params, teacher: Denoiser, teacher_params,
     x0: torch.Tensor, cond, uncond, t: torch.Tensor, noise: torch.Tensor,
-    cfg: LossConfig, warmup_ratio: float = 1.0,
+    cfg: LossConfig, warmup_ratio: float = 1.0, tangent_fn=None,
 ) -> tuple[torch.Tensor, dict]:
-    """sCM loss of SPEC-rcm §2: teacher target, detached student tangent, one student pass with grad."""
+    """sCM loss of SPEC-rcm §2: teacher target, detached student tangent, one student pass with grad.
+
+    `tangent_fn(params, x_t, t, cond, F_teacher) -> (F, T)` replaces `scm_tangent` over `student`, e.g.
+    by a `torch.compile`d one (torch.func.jvp cannot run over a compiled function; compile around it).
+    """
     tb = batch_view(t, x0)
     x_t = torch.cos(tb) * x0.double() + torch.sin(tb) * noise.double()
     with torch.no_grad():
         F_teacher = guided_velocity(teacher, teacher_params, x_t, t, cond, uncond, cfg.guidance).detach()
-    _, tangent = scm_tangent(student, student_params, x_t, t, cond, F_teacher, cfg.tangent_method, cfg.fd_step)
+    if tangent_fn is None:
+        _, tangent = scm_tangent(student, student_params, x_t, t, cond, F_teacher, cfg.tangent_method, cfg.fd_step)
+    else:
+        _, tangent = tangent_fn(student_params, x_t, t, cond, F_teacher)
     F_student = student(student_params, x_t, t, cond)
     loss = scm_loss(F_student, F_teacher, tangent, x_t, t, warmup_ratio, cfg.loss_scale)
     return loss, {"tangent_norm": tangent.detach().flatten(1).norm(dim=1).mean()}

@@ -1,0 +1,171 @@
+"""`python -m entrypoints.distill`: rCM / sCM / DMD / dCM distillation; with no arguments, the CPU toy.
+
+Reading order: the config below, `run()` (build, resume, loop, evaluate), then rcmfn/loop.py.
+"""
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm.auto import tqdm
+
+from entrypoints import toy as toy_world
+from entrypoints.presets import MODELS, get_preset
+from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
+from rcmfn.step import LossConfig
+from rcmfn.tangent import scm_tangent
+from rcmfn.train_checkpoint import check_checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distil a teacher into a 1-4 step student. Unset hyperparameters take the model preset's value."""
+
+    model: str = "toy"
+    """model preset: one of the keys of entrypoints/presets.py MODELS (toy, wan1.3b, wan14b, cosmos2b, ...)"""
+    method: Literal["rcm", "scm", "dmd", "dcm"] = "rcm"
+    """rcm = sCM + lambda * DMD; scm = consistency only; dmd = score distillation only; dcm = discrete CM"""
+    output: Path = Path("runs/toy")
+    """run folder: checkpoints/, metrics.jsonl, metrics.json, samples.png, config.json"""
+    iterations: int | None = None
+    """total iterations (student + critic); preset value if unset"""
+    dmd_weight: float = 0.01
+    """lambda of L_sCM + lambda L_DMD (paper: 0.01); stored as loss_scale_dmd = lambda * sCM loss_scale"""
+    guidance: float | None = None
+    """teacher CFG scale; preset value if unset"""
+    student_lr: float | None = None
+    """student AdamW learning rate; preset value if unset"""
+    fake_lr: float | None = None
+    """fake-score AdamW learning rate; preset value if unset"""
+    tangent_warmup: int | None = None
+    """tangent warm-up iterations H (also the sCM-only prefix); preset value if unset"""
+    student_update_freq: int | None = None
+    """one student step every F iterations after warm-up; preset value if unset"""
+    tangent_method: Literal["jvp", "semi_fd", "fd"] = "jvp"
+    """sCM tangent: full torch.func.jvp, jvp in x plus finite difference in t, or finite differences"""
+    seed: int = 0
+    """seed of every random draw (per-iteration generators derive from it)"""
+    save_every: int = 400
+    """iterations between checkpoints (one is always written at the end)"""
+    log_every: int = 20
+    """iterations between metric lines in metrics.jsonl"""
+    resume: bool = True
+    """continue from the newest complete checkpoint in the output folder, if there is one"""
+    compile: bool = False
+    """torch.compile(fullgraph=True) the student's forward and jvp"""
+    progress: bool = True
+    """show progress bars"""
+    cpu_threads: int = 1
+    """torch intra-op CPU threads (the toy's tensors are too small to gain from more; 0 = torch default)"""
+    toy: toy_world.ToyConfig = field(default_factory=toy_world.ToyConfig)
+    """toy problem settings (only with --model toy)"""
+
+    def __post_init__(self):
+        get_preset(self.model)
+        if self.dmd_weight < 0 or not math.isfinite(self.dmd_weight):
+            raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
+        if self.method == "dmd" and self.tangent_warmup not in (None, 0):
+            raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
+        for name in ("save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+
+
+def loop_config(cfg: DistillConfig) -> LoopConfig:
+    """Merge the preset with the command-line overrides."""
+    preset = get_preset(cfg.model)
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    loss = LossConfig(  # paper's L_sCM + lambda L_DMD as the official 100 L_sCM + 100 lambda L_DMD (§3)
+        method=cfg.method, guidance=pick(cfg.guidance, preset.guidance), loss_scale=100.0,
+        loss_scale_dmd=1.0 if cfg.method == "dmd" else 100.0 * cfg.dmd_weight,
+        p_G=preset.p_G, p_D=preset.p_D, tangent_method=cfg.tangent_method,
+    )
+    optim = replace(preset.optim, student_lr=pick(cfg.student_lr, preset.optim.student_lr),
+                    fake_lr=pick(cfg.fake_lr, preset.optim.fake_lr))
+    warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
+    return LoopConfig(loss, optim, warmup, pick(cfg.student_update_freq, preset.student_update_freq), cfg.seed)
+
+
+def prepare_output(path: Path) -> None:
+    """Create the run folder and prove it is writable before any work starts."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"output folder {path} is not writable: {err}") from err
+
+
+def fingerprint(cfg: DistillConfig) -> dict:
+    """The settings a checkpoint must share with the run that resumes it (not the run length)."""
+    skip = {"output", "iterations", "save_every", "log_every", "resume", "progress", "compile"}
+    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}, default=str))
+
+
+def compiled_networks(nets: Networks, cfg: LoopConfig) -> Networks:
+    """Compile at the call site: the student forward, and the whole jvp (torch.func.jvp cannot run over
+    an already-compiled function, so the tangent computation is compiled as one function)."""
+    tangent = lambda p, x, t, c, f: scm_tangent(nets.student, p, x, t, c, f, cfg.loss.tangent_method)  # noqa: E731
+    return replace(nets, student_tangent=torch.compile(tangent, fullgraph=True),
+                   student=torch.compile(nets.student, fullgraph=True))
+
+
+def run(cfg: DistillConfig) -> dict:
+    """Build, resume, train, evaluate; return the final metrics (also written to metrics.json)."""
+    if cfg.model != "toy":
+        raise ValueError(f"--model {cfg.model} runs through the distributed path (torchrun, teacher checkpoint, "
+                         "data shards), which this build does not include yet; use --model toy")
+    prepare_output(cfg.output)
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    lcfg = loop_config(cfg)
+    config = fingerprint(cfg)
+    ckpt = latest_checkpoint(cfg.output) if cfg.resume else None
+    if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
+        check_checkpoint_config(ckpt, config)
+    world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
+    nets = Networks(student=world.student, teacher=world.teacher, teacher_params=world.mixture,
+                    fake=world.student if lcfg.loss.uses_critic else None)
+    if cfg.compile:
+        nets = compiled_networks(nets, lcfg)
+    state = init_state(world.init_params, world.init_params if lcfg.loss.uses_critic else None, lcfg)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, state, config)
+    (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
+    total = cfg.iterations or get_preset(cfg.model).iterations
+    batch_fn = toy_world.toy_batch_fn(world)
+    bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
+    start, first = time.perf_counter(), state.iteration
+    with open(cfg.output / "metrics.jsonl", "a") as log:
+        while state.iteration < total:
+            metrics = train_iteration(state, nets, batch_fn, lcfg)
+            bar.update(1)
+            rate = (state.iteration - first) / (time.perf_counter() - start)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
+            if metrics["iteration"] % cfg.log_every == 0:
+                log.write(json.dumps(metrics) + "\n")
+            if state.iteration % cfg.save_every == 0 or state.iteration == total:
+                save_checkpoint(cfg.output, state, config)
+    bar.close()
+    final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
+    final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
+    (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
+    toy_world.save_figure(world, state.ema, cfg.seed, cfg.output / "samples.png", lcfg.loss.guidance)
+    return final
+
+
+def main() -> None:
+    cfg = tyro.cli(DistillConfig, description=__doc__.splitlines()[0] + f" Models: {', '.join(MODELS)}.")
+    final = run(cfg)
+    print(toy_world.format_table(final["rows"]))
+    print(f"metrics: {cfg.output / 'metrics.json'}  figure: {cfg.output / 'samples.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The toy world: an analytic Gaussian-mixture teacher, tiny-DiT student / fake score, data and evaluation.
+
+Used by `entrypoints.distill --model toy` and the study in docs/toy.md. The teacher is exact, so sample
+quality is measured against the truth rather than a proxy.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tensordict import TensorDict
+
+from rcmfn.toy_figure import save_toy_figure
+from rcmfn.toy_metrics import toy_metrics
+from rcmfn.models import gmm
+from rcmfn.models.tiny_dit import TinyDiT, TinyDiTConfig, init_params, velocity_net
+from rcmfn.precond import trigflow_denoiser
+from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
+from rcmfn.warm_start import WarmStartConfig, fit_to_teacher, velocity_error
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """The toy problem: mixture, student architecture, warm start and evaluation sizes."""
+
+    mixture: gmm.MixtureConfig = field(default_factory=gmm.MixtureConfig)
+    """the analytic teacher (class-conditional Gaussian mixture)"""
+    net: TinyDiTConfig = field(default_factory=lambda: TinyDiTConfig(width=64, depth=2, mlp_ratio=2))
+    """student and fake-score architecture"""
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    """flow-matching fit of the student / fake score to the teacher before distillation"""
+    batch_size: int = 32
+    """training batch (exact mixture samples, uniform classes)"""
+    eval_samples: int = 2000
+    """samples per sampler in the evaluation (spread evenly over the classes)"""
+
+
+@dataclass
+class ToyWorld:
+    """Everything built from a ToyConfig."""
+
+    cfg: ToyConfig
+    mixture: gmm.GaussianMixture
+    module: TinyDiT
+    teacher: object
+    student: object
+    init_params: TensorDict
+    warm_start_report: dict
+
+
+def build_toy(cfg: ToyConfig, seed: int, progress: bool = True) -> ToyWorld:
+    """Build the mixture, the tiny DiT, and warm-start it on the teacher (the shared initialisation)."""
+    mixture = gmm.build_mixture(cfg.mixture)
+    module = TinyDiT(cfg.net)
+    if cfg.mixture.text_dim != cfg.net.text_dim or cfg.mixture.channels != cfg.net.channels:
+        raise ValueError(
+            f"toy mixture and net disagree: text_dim {cfg.mixture.text_dim} vs {cfg.net.text_dim}, "
+            f"channels {cfg.mixture.channels} vs {cfg.net.channels}"
+        )
+    net = velocity_net(module)
+    gen = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    params, losses = fit_to_teacher(net, init_params(module, gen), mixture, gen, cfg.warm_start, progress)
+    report = {"warm_start_seconds": time.perf_counter() - start, "warm_start_final_loss": losses[-1]}
+    report |= {f"warm_start_{k}": v for k, v in velocity_error(net, params, mixture, gen).items()}
+    teacher = trigflow_denoiser(gmm.velocity, time_dtype=torch.float64)
+    student = trigflow_denoiser(net, net_dtype=torch.float32)
+    return ToyWorld(cfg, mixture, module, teacher, student, params, report)
+
+
+def toy_batch_fn(world: ToyWorld):
+    """batch_fn(generator) -> (x0, cond, uncond): exact samples of uniform classes, null uncondition."""
+
+    def batch_fn(gen: torch.Generator):
+        n = world.cfg.batch_size
+        labels = torch.randint(0, world.mixture.num_classes, (n,), generator=gen)
+        x0 = gmm.sample_mixture(world.mixture, labels, gen).float()
+        cond = gmm.class_embeddings(world.mixture, labels).float()
+        uncond = gmm.class_embeddings(world.mixture, torch.full_like(labels, gmm.UNCOND)).float()
+        return x0, cond, uncond
+
+    return batch_fn
+
+
+def eval_labels(world: ToyWorld) -> torch.Tensor:
+    n, classes = world.cfg.eval_samples, world.mixture.num_classes
+    return torch.arange(n) % classes
+
+
+def sample_student(world: ToyWorld, params, steps: int, seed: int, sigma_max: float = 80.0) -> torch.Tensor:
+    """Few-step consistency samples of the student for the evaluation labels."""
+    labels = eval_labels(world)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(steps, labels.shape[0], *world.mixture.shape, generator=gen)
+    cond = gmm.class_embeddings(world.mixture, labels).float()
+    return consistency_sample(world.student, params, noise, consistency_times(steps, sigma_max), cond)
+
+
+def sample_teacher(world: ToyWorld, steps: int, guidance: float, seed: int, shift: float = 1.0,
+                   sigma_max: float = 80.0) -> torch.Tensor:
+    """Teacher Euler samples (rectified-flow time, CFG) for the evaluation labels."""
+    labels = eval_labels(world)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(labels.shape[0], *world.mixture.shape, generator=gen, dtype=torch.float64)
+    cond = gmm.class_embeddings(world.mixture, labels)
+    uncond = gmm.class_embeddings(world.mixture, torch.full_like(labels, gmm.UNCOND))
+    rf = teacher_rf_times(steps, shift, sigma_max)
+    return teacher_euler_sample(world.teacher, world.mixture, noise, rf, cond, uncond, guidance)
+
+
+def exact_samples(world: ToyWorld, seed: int) -> torch.Tensor:
+    """Samples of the true class-conditional mixture for the evaluation labels."""
+    return gmm.sample_mixture(world.mixture, eval_labels(world), torch.Generator().manual_seed(seed))
+
+
+def evaluate(world: ToyWorld, samples: torch.Tensor, seed: int) -> dict:
+    """Mode coverage, mode-weight TV, within-mode spread ratio, sliced W2 (vs fresh exact samples)."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    return toy_metrics(world.mixture, samples.double(), eval_labels(world), gen).as_dict()
+
+
+def sampler_table(world: ToyWorld, student_params, seed: int, guidance: float, sigma_max: float,
+                  teacher_steps=(4, 8, 50), student_steps=(1, 2, 4), prefix: str = "student") -> dict:
+    """{row name: samples} and {row name: seconds} for exact data, teacher Euler and the student."""
+    rows, seconds = {}, {}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        rows[name] = fn()
+        seconds[name] = time.perf_counter() - start
+
+    timed("exact data", lambda: exact_samples(world, seed))
+    for steps in teacher_steps:
+        timed(f"teacher Euler {steps} (cfg {guidance:g})",
+              lambda s=steps: sample_teacher(world, s, guidance, seed, sigma_max=sigma_max))
+    for steps in student_steps:
+        timed(f"{prefix} {steps}-step",
+              lambda s=steps: sample_student(world, student_params, s, seed, sigma_max=sigma_max))
+    return rows, seconds
+
+
+def final_report(world: ToyWorld, student_params, seed: int, preset) -> dict:
+    """Metrics of every sampler row, for metrics.json and the printed table."""
+    samples, seconds = sampler_table(world, student_params, seed, preset.guidance, preset.sigma_max)
+    rows = {name: evaluate(world, x, seed) | {"seconds": seconds[name]} for name, x in samples.items()}
+    return {"rows": rows}
+
+
+def save_figure(world: ToyWorld, student_params, seed: int, path, guidance: float) -> None:
+    """Truth, 50-step teacher and 1/2/4-step student on the modes' principal plane, plus mode shares."""
+    sets = {"exact": exact_samples(world, seed),
+            "teacher 50": sample_teacher(world, 50, guidance, seed),
+            **{f"student {s}": sample_student(world, student_params, s, seed) for s in (1, 2, 4)}}
+    save_toy_figure(path, sets, world.mixture, eval_labels(world))
+
+
+def format_table(rows: dict) -> str:
+    """Plain-text table of sampler rows x metrics."""
+    columns = ["coverage", "weight_tv", "spread", "sliced_w2", "class_match", "seconds"]
+    width = max(len(name) for name in rows) + 2
+    lines = ["sampler".ljust(width) + "".join(c.rjust(12) for c in columns)]
+    for name, metrics in rows.items():
+        lines.append(name.ljust(width) + "".join(f"{metrics[c]:12.4f}" for c in columns))
+    return "\n".join(lines)

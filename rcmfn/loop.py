@@ -1,0 +1,184 @@
+"""One rCM training iteration: the alternating student / critic update, composed from rcmfn transforms.
+
+SPEC-rcm Algorithm (§2-§4, §7). The loop state is explicit (`TrainState`); every random draw comes from
+a generator seeded by (seed, iteration), so a resumed run continues bit for bit. The networks are
+passed as denoisers (`denoise(params, x_t, t, cond) -> F`); student and fake score share one.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tensordict import TensorDict
+
+from rcmfn.ema import ema_beta, ema_update
+from rcmfn.losses import tangent_warmup_ratio
+from rcmfn.precond import Denoiser
+from rcmfn.schedule import (
+    Schedule,
+    critic_iteration,
+    effective_student_iteration,
+    is_student_phase,
+    lr_warmup_factor,
+    rollout_steps,
+)
+from rcmfn.step import (
+    LossConfig,
+    critic_loss,
+    dcm_student_loss,
+    dmd_student_loss,
+    draw_rollout,
+    noise_like,
+    scm_student_loss,
+    step_generator,
+    uniform_dcm_draw,
+)
+from rcmfn.time import sample_time
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings per network and the EMA (SPEC-rcm §4.3, §7; defaults: the Wan 1.3B run)."""
+
+    student_lr: float = 2e-6
+    fake_lr: float = 4e-7
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    lr_warmup_steps: int = 100
+    ema_rate: float = 0.1
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything one iteration needs besides networks and data."""
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tangent_warmup: int = 0
+    student_update_freq: int = 5
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.loss.method == "dmd" and self.tangent_warmup != 0:
+            raise ValueError(f"method 'dmd' needs tangent_warmup = 0; got {self.tangent_warmup}")
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule(self.tangent_warmup, self.student_update_freq, self.loss.uses_critic)
+
+
+@dataclass(frozen=True)
+class Networks:
+    """The three networks as denoisers; the teacher's parameters are frozen and live here."""
+
+    student: Denoiser
+    teacher: Denoiser
+    teacher_params: TensorDict
+    fake: Denoiser | None = None
+    student_tangent: Callable | None = None  # (params, x_t, t, cond, F_T) -> (F, T); default scm_tangent
+
+
+@dataclass
+class TrainState:
+    """What the loop carries between iterations (all of it is checkpointed)."""
+
+    iteration: int
+    student: TensorDict
+    ema: TensorDict
+    student_opt: torch.optim.Optimizer
+    fake: TensorDict | None = None
+    fake_opt: torch.optim.Optimizer | None = None
+    student_steps: int = 0
+    critic_steps: int = 0
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # x0, cond, uncond
+BatchFn = Callable[[torch.Generator], Batch]
+
+
+def _adamw(params: TensorDict, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
+    leaves = list(params.values(include_nested=True, leaves_only=True))
+    return torch.optim.AdamW(leaves, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+
+
+def init_state(student: TensorDict, fake: TensorDict | None, cfg: LoopConfig) -> TrainState:
+    """Fresh state: trainable copies of the given weights, an fp32 EMA, one AdamW per network."""
+    student = student.apply(lambda p: p.detach().clone().requires_grad_(True))
+    fake = None if fake is None else fake.apply(lambda p: p.detach().clone().requires_grad_(True))
+    return TrainState(
+        iteration=0,
+        student=student,
+        ema=student.apply(lambda p: p.detach().float().clone()),
+        student_opt=_adamw(student, cfg.optim.student_lr, cfg.optim),
+        fake=fake,
+        fake_opt=None if fake is None else _adamw(fake, cfg.optim.fake_lr, cfg.optim),
+    )
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, base_lr: float, step: int, cfg: OptimConfig) -> None:
+    for group in opt.param_groups:
+        group["lr"] = base_lr * lr_warmup_factor(step, cfg.lr_warmup_steps)
+        for p in group["params"]:
+            if p.grad is not None:  # force_finite, SPEC-rcm §4.3
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig) -> dict:
+    x0, cond, uncond = batch
+    i, loss_cfg = state.iteration, cfg.loss
+    i_eff = effective_student_iteration(i, cfg.schedule)
+    metrics = {}
+    if loss_cfg.method in ("rcm", "scm"):
+        t = sample_time(loss_cfg.p_G, x0.shape[0], gen, "trig", x0.device)
+        noise = noise_like(x0.shape, gen, x0.device)
+        rho = tangent_warmup_ratio(i, cfg.tangent_warmup)
+        loss, aux = scm_student_loss(nets.student, state.student, nets.teacher, nets.teacher_params,
+                                     x0, cond, uncond, t, noise, loss_cfg, rho, nets.student_tangent)
+        loss.sum().backward()
+        metrics |= {"scm_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
+    elif loss_cfg.method == "dcm":
+        u = uniform_dcm_draw(x0.shape[0], loss_cfg, gen, x0.device)
+        noise = noise_like(x0.shape, gen, x0.device)
+        loss, _ = dcm_student_loss(nets.student, state.student, nets.teacher, nets.teacher_params,
+                                   x0, cond, uncond, u, noise, loss_cfg)
+        loss.sum().backward()
+        metrics["dcm_loss"] = loss.mean().item()
+    if loss_cfg.uses_critic and i >= cfg.tangent_warmup:
+        steps = rollout_steps(i_eff, loss_cfg.max_rollout_steps)
+        draws = draw_rollout(steps, x0.shape, loss_cfg, gen, x0.device)
+        loss, _ = dmd_student_loss(nets.student, state.student, nets.teacher, nets.teacher_params,
+                                   nets.fake, state.fake, cond, uncond, *draws, loss_cfg)
+        loss.sum().backward()
+        metrics["dmd_loss"] = loss.mean().item()
+    _optimizer_step(state.student_opt, cfg.optim.student_lr, state.student_steps, cfg.optim)
+    ema_update(state.ema, state.student, ema_beta(i_eff, cfg.optim.ema_rate))
+    state.student_steps += 1
+    return metrics
+
+
+def _critic_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig) -> dict:
+    x0, cond, _ = batch
+    steps = rollout_steps(critic_iteration(state.iteration, cfg.schedule), cfg.loss.max_rollout_steps)
+    draws = draw_rollout(steps, x0.shape, cfg.loss, gen, x0.device)
+    loss, _ = critic_loss(nets.student, state.student, nets.fake, state.fake, cond, *draws)
+    loss.sum().backward()
+    _optimizer_step(state.fake_opt, cfg.optim.fake_lr, state.critic_steps, cfg.optim)
+    state.critic_steps += 1
+    return {"fake_score_loss": loss.mean().item()}
+
+
+def train_iteration(state: TrainState, nets: Networks, batch_fn: BatchFn, cfg: LoopConfig) -> dict:
+    """Run iteration `state.iteration` (student or critic phase), advance the state, return metrics."""
+    if cfg.loss.uses_critic and (state.fake is None or nets.fake is None):
+        raise ValueError(f"method {cfg.loss.method!r} needs a fake-score network and its parameters")
+    gen = step_generator(cfg.seed, state.iteration)
+    batch = batch_fn(gen)
+    student_phase = is_student_phase(state.iteration, cfg.schedule)
+    update = _student_update if student_phase else _critic_update
+    metrics = {"iteration": state.iteration, "phase": "student" if student_phase else "critic"}
+    metrics |= update(state, nets, batch, gen, cfg)
+    state.iteration += 1
+    return metrics

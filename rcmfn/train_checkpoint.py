@@ -1,0 +1,102 @@
+"""Training checkpoints: weights in safetensors, optimiser and loop state beside them, written atomically.
+
+Layout of one checkpoint, `<run>/checkpoints/iter-<NNNNNNNN>/`:
+  student.safetensors, ema.safetensors, fake.safetensors (if any)  -- flat dotted keys
+  optim.pt                                                         -- optimiser state dicts
+  state.json                                                       -- iteration, counters, config
+A checkpoint is written into a hidden temporary folder and renamed into place as the last step, so an
+interrupted save never replaces or corrupts a complete one; `latest_checkpoint` only sees complete ones.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tensordict import TensorDict
+
+from rcmfn.loop import TrainState
+
+PREFIX = "iter-"
+
+
+def _flat(params: TensorDict) -> dict[str, torch.Tensor]:
+    return {".".join(k) if isinstance(k, tuple) else k: v.detach().contiguous()
+            for k, v in params.items(include_nested=True, leaves_only=True)}
+
+
+def _copy_into(params: TensorDict, path: Path) -> None:
+    tensors = load_file(path)
+    flat = _flat(params)
+    if set(tensors) != set(flat):
+        missing, unexpected = sorted(set(flat) - set(tensors)), sorted(set(tensors) - set(flat))
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for key, value in flat.items():
+            if tensors[key].shape != value.shape:
+                raise ValueError(f"checkpoint {path}: {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"model expects {tuple(value.shape)}")
+            value.copy_(tensors[key])
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, keep: int = 3) -> Path:
+    """Write `state` as checkpoint iter-<state.iteration> under run_dir/checkpoints; keep the newest `keep`."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{state.iteration:08d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_flat(state.student), tmp / "student.safetensors")
+    save_file(_flat(state.ema), tmp / "ema.safetensors")
+    optim = {"student": state.student_opt.state_dict()}
+    if state.fake is not None:
+        save_file(_flat(state.fake), tmp / "fake.safetensors")
+        optim["fake"] = state.fake_opt.state_dict()
+    torch.save(optim, tmp / "optim.pt")
+    meta = {"iteration": state.iteration, "student_steps": state.student_steps,
+            "critic_steps": state.critic_steps, "config": config}
+    (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint folder of a run, or None."""
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in sorted(root.glob(f"{PREFIX}*")) if (p / "state.json").is_file()]
+    return done[-1] if done else None
+
+
+def check_checkpoint_config(path: str | Path, config: dict) -> dict:
+    """Raise ValueError naming every setting in which checkpoint `path` differs from `config`."""
+    path = Path(path)
+    meta = json.loads((path / "state.json").read_text())
+    if meta["config"] != config:
+        diff = sorted(k for k in set(meta["config"]) | set(config) if meta["config"].get(k) != config.get(k))
+        details = ", ".join(f"{k}: checkpoint {meta['config'].get(k)!r} vs now {config.get(k)!r}" for k in diff)
+        raise ValueError(f"checkpoint {path} was written by another configuration ({details}); "
+                         "use a new output folder or the same settings")
+    return meta
+
+
+def load_checkpoint(path: str | Path, state: TrainState, config: dict) -> TrainState:
+    """Load checkpoint `path` into a freshly initialised `state` (same networks); checks the config."""
+    path = Path(path)
+    meta = check_checkpoint_config(path, config)
+    _copy_into(state.student, path / "student.safetensors")
+    _copy_into(state.ema, path / "ema.safetensors")
+    optim = torch.load(path / "optim.pt", weights_only=True)
+    state.student_opt.load_state_dict(optim["student"])
+    if state.fake is not None:
+        _copy_into(state.fake, path / "fake.safetensors")
+        state.fake_opt.load_state_dict(optim["fake"])
+    state.iteration = meta["iteration"]
+    state.student_steps, state.critic_steps = meta["student_steps"], meta["critic_steps"]
+    return state
