@@ -1,6 +1,6 @@
 """Sweep the fused attention JVP kernel's block sizes on one shape (GPU): ms, TFLOP/s, registers.
 
-`python scripts/attention_sweep.py [--shape B SQ SKV H D] [--dtype bf16]`. Prints one line per
+`python -m scripts.attention_sweep [--shape B SQ SKV H D] [--dtype bf16]`. Prints one line per
 config, fastest last, with the compiled kernel's register count and spills; for tuning TUNING_SPACE
 in ops/attention/kernel.py, not for recording results (entrypoints/bench.py does that).
 """
@@ -33,28 +33,36 @@ def main():
         lambda: torch.nn.functional.scaled_dot_product_attention(*sdpa_in), return_mode="median"
     )
     print(f"shape {args.shape} {args.dtype}: sdpa fwd {sdpa_ms:.3f} ms")
+    scale = head_dim**-0.5
+    reference = kernel.attention_fwd_jvp(*inputs, scale, config=(128, 64, 8, 2), tma=False)
     results = []
-    space = itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
-    for block_m, block_n, warps, stages in space:
+    # The pointer kernel's best config from earlier sweeps as the baseline, then the TMA kernel.
+    space = [
+        (False, 128, 64, 8, 2),
+        *((True, *c) for c in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3])),
+    ]
+    for tma, block_m, block_n, warps, stages in space:
         if block_m == 64 and warps == 8:
             continue
         config = (block_m, block_n, warps, stages)
-        outputs, call_args, meta = kernel._prepare(*inputs, head_dim**-0.5, None)
+        outputs = [torch.full_like(x, float("nan")) for x in reference]
+        launch = functools.partial(kernel._launch, inputs, outputs, scale, config, tma)
         try:
-            compiled = kernel._launch(call_args, meta, seq_q, batch * heads, True, config)
-            ms = triton.testing.do_bench(
-                functools.partial(kernel._launch, call_args, meta, seq_q, batch * heads, True, config),
-                return_mode="median",
-            )
+            compiled = launch()
+            ms = triton.testing.do_bench(launch, return_mode="median")
         except Exception as error:  # out of shared memory / registers for this config
-            print(f"{config}: failed ({type(error).__name__})")
+            print(f"tma={tma} {config}: failed ({type(error).__name__}: {str(error)[:200]})")
             continue
+        diff = max(
+            ((a.float() - b.float()).norm() / b.float().norm()).item()
+            for a, b in zip(outputs, reference, strict=True)
+        )
         regs, spills = getattr(compiled, "n_regs", -1), getattr(compiled, "n_spills", -1)
-        results.append((ms, config, regs, spills))
-    for ms, config, regs, spills in sorted(results, reverse=True):
-        tflops = flops / ms * 1e-9
-        ratio = ms / sdpa_ms
-        print(f"{config}: {ms:.3f} ms  {tflops:.0f} TFLOP/s  {ratio:.2f}x sdpa  regs {regs} spills {spills}")
+        results.append((ms, (tma, *config), regs, spills, diff))
+    for ms, config, regs, spills, diff in sorted(results, reverse=True):
+        tflops, ratio = flops / ms * 1e-9, ms / sdpa_ms
+        print(f"tma={config[0]} {config[1:]}: {ms:.3f} ms {tflops:.0f} TFLOP/s {ratio:.2f}x sdpa", end=" ")
+        print(f"regs {regs} spills {spills} rel.diff vs pointer (128,64,8,2) {diff:.1e}")
 
 
 if __name__ == "__main__":

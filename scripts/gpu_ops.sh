@@ -15,6 +15,6 @@ for stage in $stages; do
              --durations=10 -x 2>&1 | tee "$out/tests.log" ;;
     bench) timeout 300 python3 -m entrypoints.bench attention --json "$out/bench_attention.json" 2>&1 \
              | tee "$out/bench.log" ;;
-    sweep) timeout 240 python3 scripts/attention_sweep.py 2>&1 | tee "$out/sweep.log" ;;
+    sweep) timeout 240 python3 -m scripts.attention_sweep 2>&1 | tee "$out/sweep.log" ;;
   esac
 done

@@ -55,30 +55,20 @@ def _load_rows(base, rows, offs_d, stride_row, stride_d, num_rows, HEAD_DIM: tl.
 
 
 @triton.jit
-def _key_block(
-    acc_o, acc_t, m_i, l_i, r_i, q, tq,
-    k_base, tk_base, v_base, tv_base,
-    stride_kn, stride_kd, stride_tkn, stride_tkd, stride_vn, stride_vd, stride_tvn, stride_tvd,
-    start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
-    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+def _update(
+    acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, n, seq_kv, qk_scale_log2, scale,
+    MASK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Fold the key block starting at start_n into the running softmax state and accumulators."""
-    n = start_n + offs_n
-    k = _load_rows(k_base, n, offs_d, stride_kn, stride_kd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
-    tk = _load_rows(tk_base, n, offs_d, stride_tkn, stride_tkd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
-    v = _load_rows(v_base, n, offs_d, stride_vn, stride_vd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
-    tv = _load_rows(tv_base, n, offs_d, stride_tvn, stride_tvd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
-
+    """Fold one key block (k, tk, v, tv at key rows n) into the running softmax state."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-    ds = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
-    ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
-    s = s * qk_scale_log2
     if MASK_N:
         s = tl.where(n[None, :] < seq_kv, s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # The scale goes inside exp2's argument (one FMA); max commutes with a positive scale.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale_log2)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    p = tl.exp2(s * qk_scale_log2 - m_new[:, None])
+    ds = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+    ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
     h = p * (ds * scale)
     l_i = l_i * alpha + tl.sum(p, 1)
     r_i = r_i * alpha + tl.sum(h, 1)
@@ -87,6 +77,42 @@ def _key_block(
     acc_t = tl.dot(p_in, tv, acc_t * alpha[:, None], input_precision=PRECISION)
     acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=PRECISION)
     return acc_o, acc_t, m_new, l_i, r_i
+
+
+@triton.jit
+def _store_outputs(
+    O, TO, LSE, acc_o, acc_t, m_i, l_i, r_i, off_b, off_h, offs_m, offs_d, num_heads, seq_q,
+    HEAD_DIM: tl.constexpr,
+):
+    """Epilogue: O = O~/l, tO = T~/l - mu O, LSE; O, tO contiguous (B, Sq, H, D), LSE (B, H, Sq)."""
+    inv_l = 1.0 / l_i
+    out = acc_o * inv_l[:, None]
+    mu = r_i * inv_l
+    tout = acc_t * inv_l[:, None] - mu[:, None] * out
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
+    mask_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
+    out_offs = ((off_b * seq_q + offs_m[:, None]) * num_heads + off_h) * HEAD_DIM + offs_d[None, :]
+    tl.store(O + out_offs, out.to(O.dtype.element_ty), mask=mask_q)
+    tl.store(TO + out_offs, tout.to(TO.dtype.element_ty), mask=mask_q)
+    tl.store(LSE + (off_b * num_heads + off_h) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+
+
+@triton.jit
+def _key_block(
+    acc_o, acc_t, m_i, l_i, r_i, q, tq,
+    k_base, tk_base, v_base, tv_base,
+    stride_kn, stride_kd, stride_tkn, stride_tkd, stride_vn, stride_vd, stride_tvn, stride_tvd,
+    start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
+    HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Pointer loads of the key block starting at start_n, then `_update`."""
+    n = start_n + offs_n
+    k = _load_rows(k_base, n, offs_d, stride_kn, stride_kd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    tk = _load_rows(tk_base, n, offs_d, stride_tkn, stride_tkd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    v = _load_rows(v_base, n, offs_d, stride_vn, stride_vd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    tv = _load_rows(tv_base, n, offs_d, stride_tvn, stride_tvd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    return _update(acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, n, seq_kv, qk_scale_log2, scale,
+                   MASK_N, PRECISION)
 
 
 @triton.jit
@@ -102,7 +128,7 @@ def _attention_fwd_jvp_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """One program: BLOCK_M query rows of one (batch, head) against all keys; writes O, tO, LSE."""
+    """One program: BLOCK_M query rows of one (batch, head) against all keys (pointer loads)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // num_heads).to(tl.int64)
@@ -144,19 +170,57 @@ def _attention_fwd_jvp_kernel(
             full_end, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
             HEAD_DIM=HEAD_DIM, MASK_N=True, MASK_D=MASK_D, PRECISION=PRECISION,
         )
+    _store_outputs(O, TO, LSE, acc_o, acc_t, m_i, l_i, r_i, off_b, off_h, offs_m, offs_d, num_heads, seq_q,
+                   HEAD_DIM)
 
-    inv_l = 1.0 / l_i
-    out = acc_o * inv_l[:, None]
-    mu = r_i * inv_l
-    tout = acc_t * inv_l[:, None] - mu[:, None] * out
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
 
-    # Outputs are contiguous: O, tO as (B, Sq, H, D), LSE as (B, H, Sq).
-    mask_q = (offs_m[:, None] < seq_q) & (offs_d[None, :] < HEAD_DIM)
-    out_offs = ((off_b * seq_q + offs_m[:, None]) * num_heads + off_h) * HEAD_DIM + offs_d[None, :]
-    tl.store(O + out_offs, out.to(O.dtype.element_ty), mask=mask_q)
-    tl.store(TO + out_offs, tout.to(TO.dtype.element_ty), mask=mask_q)
-    tl.store(LSE + (off_b * num_heads + off_h) * seq_q + offs_m, lse, mask=offs_m < seq_q)
+@triton.jit
+def _attention_fwd_jvp_tma_kernel(
+    desc_q, desc_k, desc_v, desc_tq, desc_tk, desc_tv, O, TO, LSE,
+    num_heads, seq_q, seq_kv, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Hopper variant: tiles come through 4-D (B, S, H, D) TMA descriptors (zero-filled past S), so
+    no per-thread address registers; same math. Needs 16-byte aligned strides and a power-of-two D."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    hd = pid_bh % num_heads
+    start_m = pid_m * BLOCK_M
+    q = desc_q.load([b, start_m, hd, 0]).reshape(BLOCK_M, HEAD_DIM)
+    tq = desc_tq.load([b, start_m, hd, 0]).reshape(BLOCK_M, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale_log2 = scale * 1.4426950408889634
+
+    full_end = (seq_kv // BLOCK_N) * BLOCK_N
+    for start_n in range(0, full_end, BLOCK_N):
+        k = desc_k.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        tk = desc_tk.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        tv = desc_tv.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc_o, acc_t, m_i, l_i, r_i = _update(
+            acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, start_n + offs_n, seq_kv, qk_scale_log2,
+            scale, MASK_N=False, PRECISION=PRECISION,
+        )
+    if full_end < seq_kv:
+        k = desc_k.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        tk = desc_tk.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = desc_v.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        tv = desc_tv.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc_o, acc_t, m_i, l_i, r_i = _update(
+            acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, full_end + offs_n, seq_kv, qk_scale_log2,
+            scale, MASK_N=True, PRECISION=PRECISION,
+        )
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    _store_outputs(O, TO, LSE, acc_o, acc_t, m_i, l_i, r_i, b.to(tl.int64), hd.to(tl.int64), offs_m, offs_d,
+                   num_heads, seq_q, HEAD_DIM)
 
 
 # fmt: on
@@ -174,36 +238,58 @@ TUNING_SPACE = [
 # Also tried on every shape: small enough in shared memory for float32 and head dims up to 256
 # (configs that do not fit fail to compile and the autotuner skips them).
 FALLBACK_CONFIG = (64, 32, 4, 1)
-
-_attention_fwd_jvp_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-        for bm, bn, w, st in [*TUNING_SPACE, FALLBACK_CONFIG]
-    ],
-    key=["seq_q", "seq_kv", "HEAD_DIM"],
-)(_attention_fwd_jvp_kernel)
 # Off CUDA (the interpreter) one small config and no tuning.
-_INTERPRETER_CONFIG = (16, 16, 1, 1)
+INTERPRETER_CONFIG = (16, 16, 1, 1)
+TUNING_KEY = ["seq_q", "seq_kv", "HEAD_DIM"]
+
+
+def _set_tma_blocks(nargs):
+    """Autotuner pre-hook: the TMA boxes follow the config's BLOCK_M / BLOCK_N."""
+    for name in ("desc_q", "desc_tq"):
+        nargs[name].block_shape = [1, nargs["BLOCK_M"], 1, nargs["HEAD_DIM"]]
+    for name in ("desc_k", "desc_tk", "desc_v", "desc_tv"):
+        nargs[name].block_shape = [1, nargs["BLOCK_N"], 1, nargs["HEAD_DIM"]]
+
+
+def _configs(pre_hook=None):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=pre_hook)
+        for bm, bn, w, st in [*TUNING_SPACE, FALLBACK_CONFIG]
+    ]
+
+
+_attention_fwd_jvp_tuned = triton.autotune(configs=_configs(), key=TUNING_KEY)(_attention_fwd_jvp_kernel)
+_attention_fwd_jvp_tma_tuned = triton.autotune(configs=_configs(_set_tma_blocks), key=TUNING_KEY)(
+    _attention_fwd_jvp_tma_kernel
+)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None):
+def tma_supported(*tensors) -> bool:
+    """Whether the TMA kernel can read these (B, S, H, D) tensors: Hopper or newer, a power-of-two
+    head dim, unit stride along D and 16-byte aligned base and strides."""
+    head_dim = tensors[0].shape[-1]
+    if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        return False
+    if head_dim & (head_dim - 1) or head_dim * tensors[0].element_size() < 16:
+        return False
+    return all(
+        x.stride(-1) == 1
+        and x.data_ptr() % 16 == 0
+        and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
+        for x in tensors
+    )
+
+
+def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None, tma=None):
     """Launch the fused kernel: returns (O, tO, LSE) for (B, S, H, D) inputs of any strides.
 
     `outputs` optionally gives contiguous (O, tO, LSE) to write into (tests poison them first);
-    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) skips autotuning (sweeps).
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) skips autotuning (sweeps); `tma` forces the
+    TMA kernel on or off (default: on where `tma_supported`).
     """
-    outputs, args, meta = _prepare(q, k, v, tq, tk, tv, scale, outputs)
-    batch, seq_q, heads, _ = q.shape
-    if seq_q > 0 and batch * heads > 0:
-        _launch(args, meta, seq_q, batch * heads, q.is_cuda, config)
-    return outputs
-
-
-def _prepare(q, k, v, tq, tk, tv, scale, outputs):
-    """Validate, allocate outputs, and build the kernel's argument list and constexprs."""
     if q.dtype not in DTYPES:
         raise ValueError(f"the Triton attention kernel takes {DTYPES}, got {q.dtype}")
     batch, seq_q, heads, head_dim = q.shape
@@ -213,33 +299,52 @@ def _prepare(q, k, v, tq, tk, tv, scale, outputs):
         out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
         outputs = (out, torch.empty_like(out), lse)
-    args = [q, k, v, tq, tk, tv, *outputs]
-    for x in (q, k, v, tq, tk, tv):
-        args.extend(x.stride())
-    args.extend([heads, seq_q, k.shape[1], scale])
-    meta = dict(
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-    )
-    return outputs, args, meta
+    if seq_q == 0 or batch * heads == 0 or k.shape[1] == 0:
+        return outputs
+    inputs = (q, k, v, tq, tk, tv)
+    use_tma = tma_supported(*inputs) if tma is None else tma
+    _launch(inputs, outputs, scale, config, use_tma)
+    return outputs
 
 
-def _launch(args, meta, seq_q, programs_bh, on_cuda, config):
-    """Run the autotuned kernel (CUDA, no config) or the plain one; returns the compiled kernel."""
-    if config is None and on_cuda:
-        grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), programs_bh)
-        return _attention_fwd_jvp_tuned[grid](*args, **meta)
-    block_m, block_n, warps, stages = config or _INTERPRETER_CONFIG
-    grid = (triton.cdiv(seq_q, block_m), programs_bh)
-    return _attention_fwd_jvp_kernel[grid](
-        *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **meta
-    )
+def _launch(inputs, outputs, scale, config, use_tma):
+    """Build the arguments and run the TMA or pointer kernel, autotuned unless `config` is given;
+    returns the compiled kernel when `config` is given (sweeps read its registers and spills)."""
+    q, k = inputs[0], inputs[1]
+    batch, seq_q, heads, head_dim = q.shape
+    tail = [heads, seq_q, k.shape[1], scale]
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        block = [1, 16, 1, head_dim]  # placeholder box, set per config by _set_tma_blocks
+        descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in inputs]
+        args, meta = [*descs, *outputs, *tail], dict(HEAD_DIM=head_dim, PRECISION=precision)
+        tuned, plain = _attention_fwd_jvp_tma_tuned, _attention_fwd_jvp_tma_kernel
+    else:
+        args = [*inputs, *outputs]
+        for x in inputs:
+            args.extend(x.stride())
+        args.extend(tail)
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision)
+        tuned, plain = _attention_fwd_jvp_tuned, _attention_fwd_jvp_kernel
+    if config is None and q.is_cuda:
+        tuned[lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)](*args, **meta)
+        return None
+    block_m, block_n, warps, stages = config or INTERPRETER_CONFIG
+    if use_tma:
+        names = ["desc_q", "desc_k", "desc_v", "desc_tq", "desc_tk", "desc_tv"]
+        sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim)
+        _set_tma_blocks({**dict(zip(names, args[:6], strict=True)), **sizes})
+    grid = (triton.cdiv(seq_q, block_m), batch * heads)
+    return plain[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **meta)
 
 
 def tuned_config(seq_q: int, seq_kv: int, head_dim: int, dtype: torch.dtype) -> str:
     """The autotuner's choice for these sizes, as text ("" if they were not tuned yet)."""
-    for key, cfg in _attention_fwd_jvp_tuned.cache.items():
-        if tuple(key[:3]) == (seq_q, seq_kv, head_dim) and str(dtype) in map(str, key):
-            return str(cfg)
+    for tuner in (_attention_fwd_jvp_tma_tuned, _attention_fwd_jvp_tuned):
+        for key, cfg in tuner.cache.items():
+            if tuple(key[:3]) == (seq_q, seq_kv, head_dim) and str(dtype) in map(str, key):
+                return f"{'tma' if tuner is _attention_fwd_jvp_tma_tuned else 'pointer'} {cfg}"
     return ""

@@ -25,11 +25,13 @@ kernel on any device; on CPU it needs `TRITON_INTERPRET=1` set before triton is 
 is how CI runs the real kernel), "reference" (plain PyTorch, any device).
 """
 
+import functools
 import math
 from typing import Literal
 
 import torch
 from torch.autograd import forward_ad
+from torch.nn.attention import SDPBackend
 
 from ops.attention import reference
 
@@ -45,9 +47,20 @@ _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 # --------------------------------------------------------------------------------------------
 
 
-def _sdpa_backend(q, k, v, scale: float) -> int:
+def _sdpa_backend(q, k, v, scale: float) -> SDPBackend:
     """The SDPA backend `F.scaled_dot_product_attention` would pick for these (B, H, S, D) views."""
-    return torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale)
+    return SDPBackend(torch._fused_sdp_choice(q, k, v, None, 0.0, False, scale=scale))
+
+
+@functools.lru_cache(maxsize=64)
+def _backend_lse_shape(backend, q_shape, kv_shape, dtype, scale) -> torch.Size:
+    """Shape of the LSE a backend returns for (B, H, S, D) inputs (it pads or adds a trailing 1)."""
+    qt, kt = (torch.empty(s, device="meta", dtype=dtype) for s in (q_shape, kv_shape))
+    if backend == SDPBackend.EFFICIENT_ATTENTION:
+        return torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, kt, None, True, scale=scale)[
+            1
+        ].shape
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, kt, None, True, scale=scale)[1].shape
 
 
 def _empty_rng(device) -> torch.Tensor:
@@ -59,13 +72,13 @@ def _cuda_forward(q, k, v, scale: float):
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     backend = _sdpa_backend(qt, kt, vt, scale)
     batch, seq_q, heads, _ = q.shape
-    if backend == torch.nn.attention.SDPBackend.FLASH_ATTENTION:
+    if backend == SDPBackend.FLASH_ATTENTION:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, scale=scale)[:2]
-    elif backend == torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION:
+    elif backend == SDPBackend.EFFICIENT_ATTENTION:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             qt, kt, vt, None, True, scale=scale
         )[:2]
-    elif backend == torch.nn.attention.SDPBackend.CUDNN_ATTENTION:
+    elif backend == SDPBackend.CUDNN_ATTENTION:
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, scale=scale)[:2]
     else:  # SDPA itself would run its math path: so do we.
         return reference.attention_forward_reference(q, k, v, scale)
@@ -79,14 +92,12 @@ def _cuda_backward(grad_out, q, k, v, out, lse, scale: float):
     backend = _sdpa_backend(qt, kt, vt, scale)
     seq_q, seq_kv = q.shape[1], k.shape[1]
     rng = _empty_rng(q.device)
-    if backend == torch.nn.attention.SDPBackend.FLASH_ATTENTION:
+    if backend == SDPBackend.FLASH_ATTENTION:
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dot, qt, kt, vt, ot, lse, None, None, seq_q, seq_kv, 0.0, False, rng, rng, scale=scale
         )
-    elif backend == torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION:
-        padded = torch.ops.aten._scaled_dot_product_efficient_attention.default(
-            qt.to("meta"), kt.to("meta"), vt.to("meta"), None, True, scale=scale
-        )[1].shape
+    elif backend == SDPBackend.EFFICIENT_ATTENTION:
+        padded = _backend_lse_shape(backend, tuple(qt.shape), tuple(kt.shape), q.dtype, scale)
         lse_backend = lse.new_zeros(padded)
         lse_backend[:, :, :seq_q] = lse
         grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
@@ -104,10 +115,8 @@ def _cuda_backward(grad_out, q, k, v, out, lse, scale: float):
             False,
             scale=scale,
         )[:3]
-    elif backend == torch.nn.attention.SDPBackend.CUDNN_ATTENTION:
-        shape = torch.ops.aten._scaled_dot_product_cudnn_attention.default(
-            qt.to("meta"), kt.to("meta"), vt.to("meta"), None, True, scale=scale
-        )[1].shape
+    elif backend == SDPBackend.CUDNN_ATTENTION:
+        shape = _backend_lse_shape(backend, tuple(qt.shape), tuple(kt.shape), q.dtype, scale)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             dot,
             qt,
