@@ -1,0 +1,100 @@
+"""entrypoints.distill on a tiny toy: every method trains, resume is bit-for-bit, bad input fails clearly."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from entrypoints.distill import DistillConfig, run
+from entrypoints.toy import ToyConfig
+from rcmfn.models.tiny_dit import TinyDiTConfig
+from rcmfn.warm_start import WarmStartConfig
+
+TINY_TOY = ToyConfig(
+    net=TinyDiTConfig(width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
+    warm_start=WarmStartConfig(steps=5, batch_size=8, warmup_steps=1),
+    batch_size=4,
+    eval_samples=8,
+)
+
+
+def tiny_config(output: Path, **overrides) -> DistillConfig:
+    base = dict(output=output, iterations=6, tangent_warmup=1, student_update_freq=2, save_every=3,
+                log_every=1, progress=False, toy=TINY_TOY)
+    return DistillConfig(**(base | overrides))
+
+
+@pytest.mark.parametrize("method", ["rcm", "scm", "dmd", "dcm"])
+def test_every_method_trains_with_finite_losses_and_writes_outputs(tmp_path, method):
+    final = run(tiny_config(tmp_path, method=method, tangent_warmup=0 if method == "dmd" else 1))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["iteration"] for line in lines] == list(range(6))
+    losses = [v for line in lines for k, v in line.items() if k.endswith("loss")]
+    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    kinds = {k for line in lines for k in line if k.endswith("loss")}
+    expected = {"rcm": {"scm_loss", "dmd_loss", "fake_score_loss"}, "scm": {"scm_loss"},
+                "dmd": {"dmd_loss", "fake_score_loss"}, "dcm": {"dcm_loss"}}[method]
+    assert kinds == expected
+    assert "student 4-step" in final["rows"] and (tmp_path / "samples.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "metrics.json").read_text())["iterations"] == 6
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(tiny_config(straight))
+    run(tiny_config(resumed, iterations=3))
+    run(tiny_config(resumed))  # picks up iter-00000003
+    for name in ("student", "ema", "fake"):
+        a = load_file(straight / "checkpoints" / "iter-00000006" / f"{name}.safetensors")
+        b = load_file(resumed / "checkpoints" / "iter-00000006" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    lines = lambda p: (p / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+    assert lines(straight) == lines(resumed)
+
+
+def test_resume_from_another_config_fails_and_keeps_checkpoints(tmp_path):
+    run(tiny_config(tmp_path, iterations=3))
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="another configuration.*guidance"):
+        run(tiny_config(tmp_path, guidance=3.0))
+    after = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'sdxl'; choose one of toy"):
+        DistillConfig(model="sdxl")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="not writable"):
+        run(tiny_config(blocker / "run"))
+    with pytest.raises(ValueError, match="dmd_weight"):
+        tiny_config(tmp_path, dmd_weight=-1.0)
+    with pytest.raises(ValueError, match="tangent_warmup must be 0"):
+        tiny_config(tmp_path, method="dmd", tangent_warmup=5)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    from rcmfn.train_checkpoint import latest_checkpoint
+
+    run(tiny_config(tmp_path, iterations=3))
+    partial = tmp_path / "checkpoints" / ".tmp-iter-00000006-123"
+    partial.mkdir()
+    (partial / "student.safetensors").write_bytes(b"truncated")
+    assert latest_checkpoint(tmp_path).name == "iter-00000003"
+    run(tiny_config(tmp_path))
+    assert latest_checkpoint(tmp_path).name == "iter-00000006"
+
+
+def test_cli_flags_match_snapshot():
+    """The CLI changes only on purpose: update tests/entrypoints/distill_flags.txt with the change."""
+    out = subprocess.run([sys.executable, "-m", "entrypoints.distill", "--help"], capture_output=True,
+                         text=True, check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
+    flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
+    snapshot = Path(__file__).with_name("distill_flags.txt")
+    assert flags == snapshot.read_text().split(), "\n".join(flags)
