@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
-from rcmfn.toy_figure import save_toy_figure
-from rcmfn.toy_metrics import toy_metrics
 from rcmfn.models import gmm
 from rcmfn.models.tiny_dit import TinyDiT, TinyDiTConfig, init_params, velocity_net
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
+from rcmfn.toy_figure import save_toy_figure
+from rcmfn.toy_metrics import toy_metrics
 from rcmfn.warm_start import WarmStartConfig, fit_to_teacher, velocity_error
 
 

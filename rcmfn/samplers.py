@@ -24,7 +24,7 @@ def consistency_times(
     if not sigma_max > 0:
         raise ValueError(f"sigma_max must be positive; got {sigma_max}")
     grid = [math.atan(sigma_max), *[float(m) for m in mid_times[: steps - 1]], 0.0]
-    if any(b > a for a, b in zip(grid, grid[1:])):
+    if any(b > a for a, b in zip(grid, grid[1:], strict=False)):
         raise ValueError(f"sampling times must be non-increasing; got {grid}")
     return torch.tensor(grid, dtype=torch.float64)
 
@@ -69,7 +69,7 @@ def teacher_euler_sample(
     """
     x = noise.double()
     batch = x.shape[0]
-    for r, r_next in zip(rf_times[:-1].tolist(), rf_times[1:].tolist()):
+    for r, r_next in zip(rf_times[:-1].tolist(), rf_times[1:].tolist(), strict=True):
         t = rf_to_trig(torch.full((batch,), r, dtype=torch.float64, device=x.device))
         tb = batch_view(t, x)
         scale = torch.cos(tb) + torch.sin(tb)
