@@ -136,6 +136,10 @@ def _check_labels(mixture: GaussianMixture, labels: torch.Tensor) -> None:
 def component_log_prior(mixture: GaussianMixture, labels: torch.Tensor) -> torch.Tensor:
     """log p(component | label), [B, classes * K] float64; -inf outside the label's class."""
     _check_labels(mixture, labels)
+    return _log_prior(mixture, labels)
+
+
+def _log_prior(mixture: GaussianMixture, labels: torch.Tensor) -> torch.Tensor:
     n, k = mixture.num_classes, mixture.modes_per_class
     flat = mixture.log_weights.reshape(1, n * k).to(labels.device)
     uncond = flat - math.log(n)
@@ -159,15 +163,19 @@ def labels_from_cond(mixture: GaussianMixture, cond: torch.Tensor) -> torch.Tens
     """
     table = torch.cat([mixture.null_text[None], mixture.text]).to(cond.device)
     if cond.dim() != 3 or cond.shape[1:] != table.shape[1:]:
-        raise ValueError(
-            f"condition must have shape [B, {table.shape[1]}, {table.shape[2]}]; got {tuple(cond.shape)}"
-        )
+        raise ValueError(f"condition must have shape [B, {table.shape[1]}, {table.shape[2]}]; got {tuple(cond.shape)}")
     close = (cond.double()[:, None] - table[None]).abs() <= 1e-3 + 1e-2 * table[None].abs()
     match = close.flatten(2).all(-1)  # [B, classes + 1]
     if not bool(match.any(-1).all()):
         bad = (~match.any(-1)).nonzero().flatten()[:8].tolist()
         raise ValueError(f"condition rows {bad} match no class embedding nor the null embedding")
     return match.double().argmax(-1) - 1
+
+
+def nearest_labels(mixture: GaussianMixture, cond: torch.Tensor) -> torch.Tensor:
+    """Labels [B] of the table rows nearest (in L2) to cond [B, L, D]; no validation, compile-safe."""
+    table = torch.cat([mixture.null_text[None], mixture.text]).to(cond.device)
+    return (cond.double()[:, None] - table[None]).square().flatten(2).sum(-1).argmin(-1) - 1
 
 
 def _per_component(mixture: GaussianMixture, x_r: torch.Tensor, r: torch.Tensor, labels: torch.Tensor):
@@ -178,7 +186,7 @@ def _per_component(mixture: GaussianMixture, x_r: torch.Tensor, r: torch.Tensor,
     den = a**2 * s2 + (r**2)[:, None]
     sq = (x_r**2).sum(-1, keepdim=True) - 2.0 * a * (x_r @ mu.T) + a**2 * (mu**2).sum(-1)[None]
     log_lik = -0.5 * sq / den - 0.5 * mixture.dim * torch.log(den)
-    resp = torch.softmax(component_log_prior(mixture, labels).to(x_r.device) + log_lik, dim=-1)
+    resp = torch.softmax(_log_prior(mixture, labels).to(x_r.device) + log_lik, dim=-1)
     return resp, den, a, s2, mu
 
 
@@ -192,6 +200,7 @@ def _flat_inputs(mixture: GaussianMixture, x: torch.Tensor, r: torch.Tensor) -> 
 
 def posterior_mean(mixture: GaussianMixture, x_r: torch.Tensor, r: torch.Tensor, labels: torch.Tensor):
     """E[x0 | x_r, label], float64, shaped like x_r. Module docstring has the formula (derived)."""
+    _check_labels(mixture, labels)
     x, r = _flat_inputs(mixture, x_r, r)
     resp, den, a, s2, mu = _per_component(mixture, x, r, labels)
     gain = resp * a * s2 / den  # weight of (x_r - (1-r) mu_k) in the mixture of E[x0 | x_r, k]
@@ -201,6 +210,11 @@ def posterior_mean(mixture: GaussianMixture, x_r: torch.Tensor, r: torch.Tensor,
 
 def posterior_velocity(mixture: GaussianMixture, x_r: torch.Tensor, r: torch.Tensor, labels: torch.Tensor):
     """v = E[eps - x0 | x_r, label] without dividing by r, float64, shaped like x_r. SPEC-rcm §1.2."""
+    _check_labels(mixture, labels)
+    return _velocity(mixture, x_r, r, labels)
+
+
+def _velocity(mixture: GaussianMixture, x_r: torch.Tensor, r: torch.Tensor, labels: torch.Tensor):
     x, r = _flat_inputs(mixture, x_r, r)
     resp, den, a, s2, mu = _per_component(mixture, x, r, labels)
     slope = resp * (r[:, None] - a * s2) / den  # weight of (x_r - (1-r) mu_k) in v
@@ -213,22 +227,28 @@ def velocity(mixture: GaussianMixture, x_in: torch.Tensor, c_noise: torch.Tensor
 
     Plugs into `rcmfn.precond.trigflow_denoiser(velocity)` with the mixture as params. The class of each
     sample comes from `labels_from_cond`; the math is float64 and v is returned in x_in's dtype (pass
-    time_dtype=torch.float64 to the wrapper for an exact float64 teacher). Not meant for torch.compile:
-    the embedding check is data dependent.
+    time_dtype=torch.float64 to the wrapper for an exact float64 teacher). The embedding check is data
+    dependent, so this does not compile with fullgraph=True; `velocity_unchecked` does.
     """
     labels = labels_from_cond(mixture, cond)
-    return posterior_velocity(mixture, x_in, c_noise.double() / TIME_SCALE, labels).to(x_in.dtype)
+    return _velocity(mixture, x_in, c_noise.double() / TIME_SCALE, labels).to(x_in.dtype)
 
 
-def sample_mixture(
-    mixture: GaussianMixture, labels: torch.Tensor, generator: torch.Generator
-) -> torch.Tensor:
+def velocity_unchecked(mixture: GaussianMixture, x_in: torch.Tensor, c_noise: torch.Tensor, cond: torch.Tensor):
+    """`velocity` for torch.compile(fullgraph=True): each cond is taken as its nearest table row, unchecked.
+
+    Equal to `velocity` on valid embeddings; an embedding that matches no class silently gets the nearest
+    class, so validate the labels once outside the compiled region (e.g. with `labels_from_cond`).
+    """
+    labels = nearest_labels(mixture, cond)
+    return _velocity(mixture, x_in, c_noise.double() / TIME_SCALE, labels).to(x_in.dtype)
+
+
+def sample_mixture(mixture: GaussianMixture, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Exact samples x0 [B, C, T, H, W] (float64) for each label (UNCOND draws the class too)."""
     probs = component_log_prior(mixture, labels).exp()
     comp = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    noise = torch.randn(
-        labels.shape[0], mixture.dim, generator=generator, dtype=torch.float64, device=labels.device
-    )
+    noise = torch.randn(labels.shape[0], mixture.dim, generator=generator, dtype=torch.float64, device=labels.device)
     mu = mixture.means.reshape(-1, mixture.dim).to(labels.device)[comp]
     x0 = mu + mixture.stds.reshape(-1).to(labels.device)[comp, None] * noise
     return x0.reshape(labels.shape[0], *mixture.shape)
@@ -239,6 +259,7 @@ def assign_modes(mixture: GaussianMixture, x0: torch.Tensor, labels: torch.Tenso
 
     Restricted to the label's class; an UNCOND sample may land in any class.
     """
+    _check_labels(mixture, labels)
     x, r = _flat_inputs(mixture, x0, torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device))
     resp = _per_component(mixture, x, r, labels)[0]
     return resp.argmax(-1)

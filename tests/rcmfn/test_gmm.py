@@ -27,9 +27,7 @@ def quadrature_posterior_mean(mixture, grid_axes, x_r, r, label):
     mu = mixture.means.reshape(-1, mixture.dim)
     s = mixture.stds.reshape(-1)
     log_p = torch.logsumexp(
-        log_prior[None]
-        - 0.5 * ((mesh[:, None] - mu[None]) ** 2).sum(-1) / s**2
-        - mixture.dim * torch.log(s)[None],
+        log_prior[None] - 0.5 * ((mesh[:, None] - mu[None]) ** 2).sum(-1) / s**2 - mixture.dim * torch.log(s)[None],
         dim=-1,
     )
     log_lik = -0.5 * ((x_r[None] - (1 - r) * mesh) ** 2).sum(-1) / r**2
@@ -124,9 +122,7 @@ def test_velocity_equals_x_r_minus_posterior_mean_over_r(r, seed):
     m = gmm.build_mixture(gmm.MixtureConfig(height=4, width=2, seed=seed))
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([gmm.UNCOND, 0, 2, 3])
-    x_r = (1 - r) * gmm.sample_mixture(m, labels, g) + r * torch.randn(
-        4, 4, 1, 4, 2, generator=g, dtype=torch.float64
-    )
+    x_r = (1 - r) * gmm.sample_mixture(m, labels, g) + r * torch.randn(4, 4, 1, 4, 2, generator=g, dtype=torch.float64)
     rr = torch.full((4,), r, dtype=torch.float64)
     expected = (x_r - gmm.posterior_mean(m, x_r, rr, labels)) / r
     torch.testing.assert_close(gmm.posterior_velocity(m, x_r, rr, labels), expected, rtol=1e-8, atol=1e-8)
@@ -145,9 +141,7 @@ def test_velocity_is_exact_at_r_zero_and_one():
     mean = (prior @ m.means.reshape(-1, m.dim)).reshape(x.shape)
     torch.testing.assert_close(gmm.posterior_velocity(m, x, one, labels), x - mean, rtol=1e-12, atol=1e-12)
     v_t0 = trigflow_denoiser(gmm.velocity)(m, x.float(), zero.float(), gmm.class_embeddings(m, labels))
-    v_t1 = trigflow_denoiser(gmm.velocity)(
-        m, x.float(), zero.float() + math.pi / 2, gmm.class_embeddings(m, labels)
-    )
+    v_t1 = trigflow_denoiser(gmm.velocity)(m, x.float(), zero.float() + math.pi / 2, gmm.class_embeddings(m, labels))
     assert torch.isfinite(v_t0).all() and torch.isfinite(v_t1).all() and v_t0.dtype == torch.float32
 
 
@@ -218,3 +212,16 @@ def test_unconditional_samples_cover_every_class():
     comp = gmm.assign_modes(m, gmm.sample_mixture(m, labels, torch.Generator().manual_seed(1)), labels)
     class_freq = torch.bincount(comp // 3, minlength=4).double() / 4000
     torch.testing.assert_close(class_freq, torch.full((4,), 0.25, dtype=torch.float64), atol=0.04, rtol=0)
+
+
+def test_unchecked_velocity_compiles_fullgraph_and_equals_velocity():
+    m = gmm.build_mixture()
+    g = torch.Generator().manual_seed(8)
+    labels = torch.tensor([2, gmm.UNCOND, 0, 3, 1])
+    x = torch.randn(5, *m.shape, generator=g)
+    c_noise = 1000.0 * torch.rand(5, generator=g)
+    cond = gmm.class_embeddings(m, labels).float()
+    expected = gmm.velocity(m, x, c_noise, cond)
+    assert torch.equal(gmm.velocity_unchecked(m, x, c_noise, cond), expected)
+    compiled = torch.compile(gmm.velocity_unchecked, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(m, x, c_noise, cond), expected, rtol=1e-6, atol=1e-6)
