@@ -1,0 +1,327 @@
+"""`python -m entrypoints.sample`: 1-4 step samples of a distilled student beside its teacher, with timings.
+
+Toy (`--model toy --run runs/toy`): redraws the distill run's figure from its newest checkpoint and prints
+sample metrics, seconds per sampler and the speed-up. Real models: prompts through the text encoder, the
+student's consistency sampler and the teacher's Euler sampler (CFG) from the same seeded noise, latents
+through the VAE into PNG / MP4 per sample and a contact sheet (rows: samplers; columns: prompt x seed).
+SPEC-rcm §6 (samplers), SPEC-models §4 (encoders, VAE). Reading order: SampleConfig, sample_model.
+"""
+
+import json
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from safetensors.torch import load_file, save_file
+from tensordict import TensorDict
+
+from entrypoints import toy as toy_world
+from entrypoints.presets import MODELS as PRESETS
+from rcmfn import codecs, media
+from rcmfn.models import cosmos, gmm, wan
+from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
+from rcmfn.models.registry import MODELS, ModelSpec, get_spec
+from rcmfn.models.tiny_dit import TinyDiTConfig
+from rcmfn.precond import TIME_SCALE, trigflow_denoiser
+from rcmfn.rollout import BACKWARD_TIMESTEPS
+from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
+from rcmfn.train_checkpoint import latest_checkpoint
+from rcmfn.warm_start import WarmStartConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sample a distilled student (and its teacher); unset values take the run's or the model's default."""
+
+    model: str = "toy"
+    """'toy' or a network of rcmfn/models/registry.py (wan1.3b, wan14b, cosmos2b, ...)"""
+    run: Path | None = None
+    """run folder of entrypoints.distill: its newest checkpoint supplies the student"""
+    checkpoint: Path | None = None
+    """student weights instead of --run: a training checkpoint folder (iter-N) or an exported .safetensors"""
+    layout: str = "official"
+    """key layout of an exported --checkpoint / --teacher (official, diffusers); training checkpoints use ours"""
+    weights: Literal["ema", "student"] = "ema"
+    """which weights of a training checkpoint to sample"""
+    teacher: Path | None = None
+    """teacher checkpoint for the side-by-side rows (real models; the toy's teacher is analytic)"""
+    text_encoder: Path | None = None
+    """local text-encoder folder (T5-XXL for Cosmos, umT5-XXL for Wan; HF layout, never downloaded)"""
+    vae: Path | None = None
+    """local Wan2.1 VAE folder (diffusers layout); without it only latents.safetensors is written"""
+    prompts: tuple[str, ...] = ()
+    """prompts to sample (real models)"""
+    prompt_file: Path | None = None
+    """text file with one more prompt per non-empty line"""
+    negative_prompt: str | None = None
+    """teacher CFG's negative prompt; default Wan's default negative prompt (Wan), empty (Cosmos)"""
+    steps: tuple[int, ...] = (1, 2, 4)
+    """student step counts to sample"""
+    sigma_max: float | None = None
+    """start noise level sigma_max (default: the model preset's, 80)"""
+    mid_times: tuple[float, ...] = BACKWARD_TIMESTEPS
+    """intermediate trig times of the multi-step student (official 1.5 1.4 1.0; paper 1.3 1.0 0.6)"""
+    teacher_steps: int = 50
+    """teacher Euler steps (0: no teacher rows)"""
+    guidance: float | None = None
+    """teacher CFG scale (default: the run's / preset's)"""
+    shift: float | None = None
+    """teacher time shift (default 5.0; toy 1.0)"""
+    seeds: tuple[int, ...] = (0,)
+    """noise seeds; every prompt is sampled once per seed, all samplers from the same noise"""
+    batch: int = 1
+    """samples per network call (real models)"""
+    height: int | None = None
+    """pixel height (default: the model's training resolution)"""
+    width: int | None = None
+    """pixel width (default: the model's training resolution)"""
+    frames: int | None = None
+    """pixel frames, 1 + 4k; 1 writes PNG, more MP4 (default: the model's)"""
+    fps: int = 16
+    """MP4 frame rate"""
+    dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
+    """network weights dtype (real models)"""
+    device: str | None = None
+    """torch device (default cuda if available, else cpu)"""
+    output: Path = Path("samples")
+    """output folder"""
+
+    def __post_init__(self):
+        if self.model != "toy":
+            get_spec(self.model)
+        if not self.steps or min(self.steps) < 1 or max(self.steps) > len(self.mid_times) + 1:
+            raise ValueError(f"steps must lie in 1..{len(self.mid_times) + 1} (one more than the mid times "
+                             f"{self.mid_times}); got {self.steps}")
+        for name in ("teacher_steps", "batch", "fps"):
+            if getattr(self, name) < (0 if name == "teacher_steps" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'teacher_steps' else 1}; got {getattr(self, name)}")
+        if self.checkpoint is not None and self.run is not None:
+            raise ValueError("give either --run or --checkpoint, not both")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+
+
+def student_weights(cfg: SampleConfig) -> tuple[Path, bool]:
+    """(weights path, in our key names?) from --checkpoint or the newest checkpoint of --run."""
+    folder = cfg.checkpoint
+    if cfg.run is not None:
+        folder = latest_checkpoint(cfg.run)
+        if folder is None:
+            raise FileNotFoundError(f"run folder {cfg.run} has no complete checkpoint under checkpoints/")
+    if folder is None:
+        raise ValueError("no student: pass --run (a distill run folder) or --checkpoint")
+    if (folder / "state.json").is_file():
+        return folder / f"{cfg.weights}.safetensors", True
+    if not folder.exists():
+        raise FileNotFoundError(f"student checkpoint not found: {folder}")
+    return folder, False
+
+
+def synced(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def speedup_table(rows: dict, teacher: str | None) -> str:
+    lines = [f"{'sampler':32}{'NFE':>6}{'s/sample':>12}{'speed-up':>10}"]
+    for name, row in rows.items():
+        ratio = f"{rows[teacher]['seconds_per_sample'] / row['seconds_per_sample']:9.1f}x" if teacher else ""
+        lines.append(f"{name:32}{row['nfe']:6d}{row['seconds_per_sample']:12.4f}{ratio:>10}")
+    return "\n".join(lines)
+
+
+def toy_world_from(saved: dict) -> toy_world.ToyWorld:
+    """The toy world of a distill run's saved config; the checkpoint's weights replace its warm start."""
+    mixture = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["toy"]["mixture"].items()}
+    cfg = toy_world.ToyConfig(mixture=gmm.MixtureConfig(**mixture), net=TinyDiTConfig(**saved["toy"]["net"]),
+                              warm_start=WarmStartConfig(steps=1, batch_size=1),
+                              eval_samples=saved["toy"]["eval_samples"])
+    return toy_world.build_toy(cfg, saved["seed"], progress=False)
+
+
+def sample_toy(cfg: SampleConfig) -> dict:
+    """Toy: the distill run's figure from a checkpoint, metrics and seconds of every sampler row."""
+    path, ours = student_weights(cfg)
+    if not ours:
+        raise ValueError(f"--model toy needs a distill run folder or an iter-N checkpoint folder; got {path}")
+    if tuple(cfg.mid_times) != BACKWARD_TIMESTEPS:  # entrypoints/toy.py sample_student has no mid-times argument
+        raise ValueError(f"the toy samples with the default mid times {BACKWARD_TIMESTEPS}; got {cfg.mid_times}")
+    saved = json.loads((path.parent / "state.json").read_text())["config"]
+    world = toy_world_from(saved)
+    params = TensorDict(load_file(path), batch_size=[])
+    if set(params.keys()) != set(world.init_params.keys()):
+        diff = sorted(set(params.keys()) ^ set(world.init_params.keys()))
+        raise ValueError(f"{path} does not fit the run's toy net; keys in one but not the other: {diff}")
+    preset = PRESETS["toy"]
+    guidance = next(g for g in (cfg.guidance, saved.get("guidance"), preset.guidance) if g is not None)
+    sigma_max, shift = cfg.sigma_max or preset.sigma_max, 1.0 if cfg.shift is None else cfg.shift
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    report = {}
+    for seed in cfg.seeds:
+        runs = {f"student {k}-step": (k, partial(toy_world.sample_student, world, params, k, seed, sigma_max))
+                for k in cfg.steps}
+        if cfg.teacher_steps:
+            runs[f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"] = (
+                cfg.teacher_steps * (2 if guidance != 1.0 else 1),
+                partial(toy_world.sample_teacher, world, cfg.teacher_steps, guidance, seed, shift, sigma_max))
+        rows = {}
+        for name, (nfe, fn) in runs.items():
+            start = time.perf_counter()
+            samples = fn()
+            seconds = time.perf_counter() - start
+            rows[name] = toy_world.evaluate(world, samples, seed) | {
+                "seconds": seconds, "nfe": nfe, "seconds_per_sample": seconds / samples.shape[0]}
+        figure = cfg.output / ("samples.png" if len(cfg.seeds) == 1 else f"samples-seed{seed}.png")
+        toy_world.save_figure(world, params, seed, figure, guidance)
+        report[f"seed {seed}"] = {"rows": rows, "figure": str(figure), "checkpoint": str(path)}
+    (cfg.output / "metrics.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def velocity_net(spec: ModelSpec, module: torch.nn.Module):
+    """The registry net as rcmfn's raw velocity net(params, x_in, c_noise = 1000 r, cond)."""
+    scale = spec.timestep_scale / TIME_SCALE  # Wan takes 1000 r, Cosmos r (SPEC-models §1)
+    if spec.family == "wan":
+        base = wan.velocity_net(module)
+        return lambda params, x, c_noise, cond: base(params, x, c_noise * scale, cond)
+    base = cosmos.velocity_net(module)
+    video2world = module.config.condition_mask
+
+    def net(params, x, c_noise, cond):  # Video2World with no conditioning frame: text-to-video
+        mask = x.new_zeros(x.shape[0], 1, *x.shape[2:]) if video2world else None
+        return base(params, x, c_noise * scale, cond, mask)
+
+    return net
+
+
+def load_denoiser(spec: ModelSpec, path: Path, ours: bool, cfg: SampleConfig, device: torch.device):
+    """(denoise, params) of the network in `path`, strictly loaded (errors list every key problem)."""
+    if spec.family not in ("wan", "cosmos"):
+        raise ValueError(f"sampling supports the wan and cosmos families; got {spec.family!r}")
+    if not ours and cfg.layout not in spec.key_maps:
+        raise ValueError(f"unknown --layout {cfg.layout!r}; valid: {sorted(spec.key_maps)}")
+    with torch.device("meta"):
+        module = spec.build(spec.config)
+    load_into_meta_module(module, path, IDENTITY if ours else spec.key_maps[cfg.layout], DTYPES[cfg.dtype], device)
+    params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    return trigflow_denoiser(velocity_net(spec, module.eval()), net_dtype=DTYPES[cfg.dtype]), params
+
+
+def run_sampler(fn, noises: torch.Tensor, conds: torch.Tensor, batch: int, device: torch.device, warmup=False):
+    """fn(noise [S, b, ...], cond [b, L, D]) over all samples in batches -> (x0 on CPU float32, seconds).
+
+    `warmup` runs the first batch once untimed first (CUDA context, kernel selection, allocator).
+    """
+    if warmup:
+        fn(noises[:, :batch].to(device), conds[:batch].to(device))
+    outs, seconds = [], 0.0
+    for i in range(0, noises.shape[1], batch):
+        noise, cond = noises[:, i : i + batch].to(device), conds[i : i + batch].to(device)
+        start = synced(device)
+        outs.append(fn(noise, cond).float().cpu())
+        seconds += synced(device) - start
+    return torch.cat(outs), seconds
+
+
+def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
+    """Real model: encode prompts, sample student (and teacher), decode, write media, sheet and timings."""
+    prompts = list(cfg.prompts) + ([p for p in cfg.prompt_file.read_text().splitlines() if p.strip()]
+                                   if cfg.prompt_file else [])
+    if not prompts:
+        raise ValueError("no prompts: pass --prompts or --prompt-file")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    C, T, H, W = spec.latent_shape
+    shape = codecs.latent_shape(cfg.frames or 1 + 4 * (T - 1), cfg.height or 8 * H, cfg.width or 8 * W)
+    student_path, ours = student_weights(cfg)
+    if cfg.teacher is not None and not cfg.teacher.exists():  # fail before minutes of sampling, not after
+        raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
+    if cfg.vae is not None:
+        codecs.resolve_folder(cfg.vae, "vae", "VAE", "--vae")
+    encoder = codecs.load_text_encoder(cfg.text_encoder, device, DTYPES[cfg.dtype], spec.text_len)
+    if encoder.dim != spec.text_dim:
+        raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")
+    negative = cfg.negative_prompt if cfg.negative_prompt is not None else (
+        codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
+    cond_prompts, uncond = encoder.encode(prompts).cpu(), encoder.encode([negative], what="negative prompt").cpu()
+    del encoder
+    jobs = [(p, s) for p in range(len(prompts)) for s in cfg.seeds]
+    # Per-sample noise from its own seed: results do not depend on --batch, and all samplers share noise[0].
+    noises = torch.stack([torch.randn(max(cfg.steps), *shape, generator=torch.Generator().manual_seed(s))
+                          for _, s in jobs], dim=1)
+    conds = cond_prompts[[p for p, _ in jobs]]
+    sigma_max = cfg.sigma_max or (PRESETS[cfg.model].sigma_max if cfg.model in PRESETS else 80.0)
+    latents, rows = {}, {}
+    denoise, params = load_denoiser(spec, student_path, ours, cfg, device)
+    for k in cfg.steps:
+        times = consistency_times(k, sigma_max, cfg.mid_times)
+        latents[f"student {k}-step"], seconds = run_sampler(
+            lambda n, c, k=k, times=times: consistency_sample(denoise, params, n[:k], times, c),
+            noises, conds, cfg.batch, device, warmup=k == cfg.steps[0])
+        rows[f"student {k}-step"] = {"nfe": k, "seconds_per_sample": seconds / len(jobs)}
+    del denoise, params
+    teacher = None
+    if cfg.teacher is not None and cfg.teacher_steps:
+        guidance = cfg.guidance if cfg.guidance is not None else (
+            PRESETS[cfg.model].guidance if cfg.model in PRESETS else 5.0)
+        rf = teacher_rf_times(cfg.teacher_steps, 5.0 if cfg.shift is None else cfg.shift, sigma_max)
+        denoise, params = load_denoiser(spec, cfg.teacher, False, cfg, device)
+        teacher = f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"
+        latents[teacher], seconds = run_sampler(
+            lambda n, c: teacher_euler_sample(denoise, params, n[0], rf, c, uncond.to(c).expand_as(c), guidance),
+            noises, conds, cfg.batch, device)
+        rows[teacher] = {"nfe": cfg.teacher_steps * (2 if guidance != 1.0 else 1),
+                         "seconds_per_sample": seconds / len(jobs)}
+        del denoise, params
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    slug = lambda name: name.split(" (")[0].replace(" ", "-")  # noqa: E731
+    save_file({slug(n): x.contiguous() for n, x in latents.items()}, cfg.output / "latents.safetensors")
+    report = {"prompts": prompts, "jobs": jobs, "rows": rows, "latent_shape": list(shape)}
+    if cfg.vae is not None:
+        report["files"] = decode_and_write(cfg, latents, jobs, prompts, device, rows)
+    (cfg.output / "timings.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    report["table"] = speedup_table(rows, teacher)
+    return report
+
+
+def decode_and_write(cfg: SampleConfig, latents: dict, jobs: list, prompts: list, device, rows: dict) -> list:
+    """VAE-decode every sampler's latents; one PNG/MP4 per sample and contact_sheet.png (first frames)."""
+    vae = codecs.load_vae(cfg.vae, device)
+    files, sheet = [], {}
+    for name, x0 in latents.items():
+        start, first_frames = synced(device), []
+        for i in range(0, x0.shape[0], cfg.batch):
+            for j, pixels in enumerate(vae.decode(x0[i : i + cfg.batch]).cpu(), start=i):
+                frames = media.to_uint8(pixels)
+                stem = cfg.output / name.split(" (")[0].replace(" ", "-") / f"p{jobs[j][0]:03d}-s{jobs[j][1]}"
+                files.append(str(media.write_media(stem, frames, cfg.fps)))
+                first_frames.append(frames[0])
+        rows[name]["decode_seconds_per_sample"] = (synced(device) - start) / x0.shape[0]
+        sheet[name] = first_frames
+    labels = [f"p{p} s{s}: {prompts[p]}" for p, s in jobs]
+    files.append(str(media.write_png(cfg.output / "contact_sheet.png", media.contact_sheet(sheet, labels))))
+    return files
+
+
+def main() -> None:
+    choices = ", ".join(["toy", *MODELS])
+    cfg = tyro.cli(SampleConfig, description=__doc__.splitlines()[0] + f" Models: {choices}.")
+    if cfg.model == "toy":
+        for seed, result in sample_toy(cfg).items():
+            print(f"{seed}\n{toy_world.format_table(result['rows'])}")
+            teacher = next((n for n in result["rows"] if n.startswith("teacher")), None)
+            print(speedup_table(result["rows"], teacher), f"\nfigure: {result['figure']}")
+        return
+    report = sample_model(cfg, get_spec(cfg.model))
+    print(report["table"])
+    print(f"outputs in {cfg.output} ({len(report.get('files', []))} media files; latents.safetensors, timings.json)")
+
+
+if __name__ == "__main__":
+    main()
