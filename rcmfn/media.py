@@ -156,8 +156,8 @@ def fit_frames(frames: torch.Tensor, num_frames: int, height: int, width: int, m
     """Frames [T, H, W, 3] brought to exactly [num_frames, height, width, 3], or MediaError.
 
     The first `num_frames` frames are kept (fewer is an error). mode "exact": the size must already
-    match. mode "crop": scale (bilinear, antialiased) so the frame covers height x width, then crop
-    the centre; aspect ratio is kept, nothing is stretched.
+    match. mode "crop": scale so the frame covers height x width (area average when shrinking, bilinear
+    when enlarging), then crop the centre; the aspect ratio is kept, nothing is stretched.
     """
     check_frames(frames)
     if mode not in ("crop", "exact"):
@@ -172,8 +172,9 @@ def fit_frames(frames: torch.Tensor, num_frames: int, height: int, width: int, m
         raise MediaError(f"{source}: size {h} x {w} (H x W), need {height} x {width}")
     scale = max(height / h, width / w)
     size = (max(height, round(h * scale)), max(width, round(w * scale)))
-    resized = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=size, mode="bilinear", antialias=True,
-                            align_corners=False)
+    x = frames.permute(0, 3, 1, 2).float()
+    resized = F.interpolate(x, size=size, mode="area") if scale < 1 else F.interpolate(
+        x, size=size, mode="bilinear", align_corners=False)
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     cropped = resized[:, :, top : top + height, left : left + width]
     return cropped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
