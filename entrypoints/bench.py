@@ -75,6 +75,9 @@ def bench_attention_shape(name, batch, seq_q, seq_kv, heads, head_dim, dtype, re
         jvp = lambda: torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
         add("ours fused fwd+jvp", jvp, 3 * fwd_flops, "12BHSqSkvD")
         extra_mib = _peak_extra_mib(jvp)
+    from ops.attention import kernel
+
+    rows[-1]["config"] = kernel.tuned_config(seq_q, seq_kv, head_dim, dtype)
     sdpa_leaves = [x.detach().requires_grad_() for x in (qt, kt, vt)]
     sdpa_out = torch.nn.functional.scaled_dot_product_attention(*sdpa_leaves)
     grad = torch.randn_like(sdpa_out)
@@ -121,7 +124,7 @@ def run_attention(args) -> dict:
     print("| shape | what | ms | TFLOP/s | x SDPA fwd | FLOPs |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        extra = f" (peak extra {r['peak_extra_mib']:.1f} MiB)" if "peak_extra_mib" in r else ""
+        extra = f" (peak extra {r['peak_extra_mib']:.1f} MiB; {r['config']})" if "peak_extra_mib" in r else ""
         print(
             f"| {r['shape']} | {r['what']}{extra} | {r['ms']:.3f} | {r['tflops']:.0f} | "
             f"{r['x_sdpa_fwd']:.2f} | {r['flops']} |"
@@ -130,7 +133,7 @@ def run_attention(args) -> dict:
         benchmark="attention",
         device=torch.cuda.get_device_name(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=_commit(),
+        commit=args.commit or _commit(),
         command=" ".join(["python -m entrypoints.bench", *sys.argv[1:]]),
         torch=torch.__version__,
         triton=triton.__version__,
@@ -145,6 +148,7 @@ def _add_attention(subparsers):
     p.add_argument("--rep-ms", type=float, default=1000.0, help="do_bench repetition budget per row (ms)")
     p.add_argument("--only", nargs="*", default=[], help="run only shapes whose name contains one of these")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.set_defaults(run=run_attention)
 
 

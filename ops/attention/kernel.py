@@ -174,59 +174,12 @@ def _attention_fwd_jvp_kernel(
                    HEAD_DIM)
 
 
-@triton.jit
-def _attention_fwd_jvp_tma_kernel(
-    desc_q, desc_k, desc_v, desc_tq, desc_tk, desc_tv, O, TO, LSE,
-    num_heads, seq_q, seq_kv, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Hopper variant: tiles come through 4-D (B, S, H, D) TMA descriptors (zero-filled past S), so
-    no per-thread address registers; same math. Needs 16-byte aligned strides and a power-of-two D."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    hd = pid_bh % num_heads
-    start_m = pid_m * BLOCK_M
-    q = desc_q.load([b, start_m, hd, 0]).reshape(BLOCK_M, HEAD_DIM)
-    tq = desc_tq.load([b, start_m, hd, 0]).reshape(BLOCK_M, HEAD_DIM)
-    offs_n = tl.arange(0, BLOCK_N)
-
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    acc_t = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale_log2 = scale * 1.4426950408889634
-
-    full_end = (seq_kv // BLOCK_N) * BLOCK_N
-    for start_n in range(0, full_end, BLOCK_N):
-        k = desc_k.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        tk = desc_tk.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        tv = desc_tv.load([b, start_n, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc_o, acc_t, m_i, l_i, r_i = _update(
-            acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, start_n + offs_n, seq_kv, qk_scale_log2,
-            scale, MASK_N=False, PRECISION=PRECISION,
-        )
-    if full_end < seq_kv:
-        k = desc_k.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        tk = desc_tk.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        v = desc_v.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        tv = desc_tv.load([b, full_end, hd, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc_o, acc_t, m_i, l_i, r_i = _update(
-            acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, full_end + offs_n, seq_kv, qk_scale_log2,
-            scale, MASK_N=True, PRECISION=PRECISION,
-        )
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    _store_outputs(O, TO, LSE, acc_o, acc_t, m_i, l_i, r_i, b.to(tl.int64), hd.to(tl.int64), offs_m, offs_d,
-                   num_heads, seq_q, HEAD_DIM)
-
-
 # fmt: on
 
-# Hopper-oriented search space: wgmma wants BLOCK_M a multiple of 64 per 4 warps; the two float32
-# (BLOCK_M, D) accumulators plus the S and dS tiles bound BLOCK_N by register pressure at D = 128.
+# Search space from a sweep on an H100 (bf16, (1, 4096, 40, 128); scripts/attention_sweep.py):
+# (128, 64, 8, 2) was fastest at 1.87 ms with 255 registers and 8 spilled; BLOCK_N = 128 or
+# BLOCK_M = 128 with 4 warps spill hundreds of registers (3-10x slower). The two float32 (BLOCK_M, D)
+# accumulators plus the S and dS tiles bound the tile sizes at D = 128; D = 64 has more room.
 TUNING_SPACE = [
     # BLOCK_M, BLOCK_N, num_warps, num_stages
     (128, 64, 8, 2),
@@ -240,55 +193,24 @@ TUNING_SPACE = [
 FALLBACK_CONFIG = (64, 32, 4, 1)
 # Off CUDA (the interpreter) one small config and no tuning.
 INTERPRETER_CONFIG = (16, 16, 1, 1)
-TUNING_KEY = ["seq_q", "seq_kv", "HEAD_DIM"]
 
-
-def _set_tma_blocks(nargs):
-    """Autotuner pre-hook: the TMA boxes follow the config's BLOCK_M / BLOCK_N."""
-    for name in ("desc_q", "desc_tq"):
-        nargs[name].block_shape = [1, nargs["BLOCK_M"], 1, nargs["HEAD_DIM"]]
-    for name in ("desc_k", "desc_tk", "desc_v", "desc_tv"):
-        nargs[name].block_shape = [1, nargs["BLOCK_N"], 1, nargs["HEAD_DIM"]]
-
-
-def _configs(pre_hook=None):
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, pre_hook=pre_hook)
+_attention_fwd_jvp_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in [*TUNING_SPACE, FALLBACK_CONFIG]
-    ]
-
-
-_attention_fwd_jvp_tuned = triton.autotune(configs=_configs(), key=TUNING_KEY)(_attention_fwd_jvp_kernel)
-_attention_fwd_jvp_tma_tuned = triton.autotune(configs=_configs(_set_tma_blocks), key=TUNING_KEY)(
-    _attention_fwd_jvp_tma_kernel
-)
+    ],
+    key=["seq_q", "seq_kv", "HEAD_DIM"],
+)(_attention_fwd_jvp_kernel)
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def tma_supported(*tensors) -> bool:
-    """Whether the TMA kernel can read these (B, S, H, D) tensors: Hopper or newer, a power-of-two
-    head dim, unit stride along D and 16-byte aligned base and strides."""
-    head_dim = tensors[0].shape[-1]
-    if not tensors[0].is_cuda or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
-        return False
-    if head_dim & (head_dim - 1) or head_dim * tensors[0].element_size() < 16:
-        return False
-    return all(
-        x.stride(-1) == 1
-        and x.data_ptr() % 16 == 0
-        and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
-        for x in tensors
-    )
-
-
-def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None, tma=None):
+def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None):
     """Launch the fused kernel: returns (O, tO, LSE) for (B, S, H, D) inputs of any strides.
 
     `outputs` optionally gives contiguous (O, tO, LSE) to write into (tests poison them first);
-    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) skips autotuning (sweeps); `tma` forces the
-    TMA kernel on or off (default: on where `tma_supported`).
+    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) skips autotuning (sweeps).
     """
     if q.dtype not in DTYPES:
         raise ValueError(f"the Triton attention kernel takes {DTYPES}, got {q.dtype}")
@@ -301,50 +223,38 @@ def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None, config=No
         outputs = (out, torch.empty_like(out), lse)
     if seq_q == 0 or batch * heads == 0 or k.shape[1] == 0:
         return outputs
-    inputs = (q, k, v, tq, tk, tv)
-    use_tma = tma_supported(*inputs) if tma is None else tma
-    _launch(inputs, outputs, scale, config, use_tma)
+    _launch((q, k, v, tq, tk, tv), outputs, scale, config)
     return outputs
 
 
-def _launch(inputs, outputs, scale, config, use_tma):
-    """Build the arguments and run the TMA or pointer kernel, autotuned unless `config` is given;
-    returns the compiled kernel when `config` is given (sweeps read its registers and spills)."""
+def _launch(inputs, outputs, scale, config):
+    """Build the arguments and run the kernel, autotuned unless `config` is given; returns the
+    compiled kernel when `config` is given (sweeps read its registers and spills)."""
     q, k = inputs[0], inputs[1]
     batch, seq_q, heads, head_dim = q.shape
-    tail = [heads, seq_q, k.shape[1], scale]
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        block = [1, 16, 1, head_dim]  # placeholder box, set per config by _set_tma_blocks
-        descs = [TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in inputs]
-        args, meta = [*descs, *outputs, *tail], dict(HEAD_DIM=head_dim, PRECISION=precision)
-        tuned, plain = _attention_fwd_jvp_tma_tuned, _attention_fwd_jvp_tma_kernel
-    else:
-        args = [*inputs, *outputs]
-        for x in inputs:
-            args.extend(x.stride())
-        args.extend(tail)
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=precision)
-        tuned, plain = _attention_fwd_jvp_tuned, _attention_fwd_jvp_kernel
+    args = [*inputs, *outputs]
+    for x in inputs:
+        args.extend(x.stride())
+    args.extend([heads, seq_q, k.shape[1], scale])
+    meta = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
     if config is None and q.is_cuda:
-        tuned[lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)](*args, **meta)
+        grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)
+        _attention_fwd_jvp_tuned[grid](*args, **meta)
         return None
     block_m, block_n, warps, stages = config or INTERPRETER_CONFIG
-    if use_tma:
-        names = ["desc_q", "desc_k", "desc_v", "desc_tq", "desc_tk", "desc_tv"]
-        sizes = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim)
-        _set_tma_blocks({**dict(zip(names, args[:6], strict=True)), **sizes})
     grid = (triton.cdiv(seq_q, block_m), batch * heads)
-    return plain[grid](*args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **meta)
+    return _attention_fwd_jvp_kernel[grid](
+        *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **meta
+    )
 
 
 def tuned_config(seq_q: int, seq_kv: int, head_dim: int, dtype: torch.dtype) -> str:
     """The autotuner's choice for these sizes, as text ("" if they were not tuned yet)."""
-    for tuner in (_attention_fwd_jvp_tma_tuned, _attention_fwd_jvp_tuned):
-        for key, cfg in tuner.cache.items():
-            if tuple(key[:3]) == (seq_q, seq_kv, head_dim) and str(dtype) in map(str, key):
-                return f"{'tma' if tuner is _attention_fwd_jvp_tma_tuned else 'pointer'} {cfg}"
+    for key, cfg in _attention_fwd_jvp_tuned.cache.items():
+        if tuple(key[:3]) == (seq_q, seq_kv, head_dim) and str(dtype) in map(str, key):
+            return str(cfg)
     return ""

@@ -57,9 +57,7 @@ def _backend_lse_shape(backend, q_shape, kv_shape, dtype, scale) -> torch.Size:
     """Shape of the LSE a backend returns for (B, H, S, D) inputs (it pads or adds a trailing 1)."""
     qt, kt = (torch.empty(s, device="meta", dtype=dtype) for s in (q_shape, kv_shape))
     if backend == SDPBackend.EFFICIENT_ATTENTION:
-        return torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, kt, None, True, scale=scale)[
-            1
-        ].shape
+        return torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, kt, None, True, scale=scale)[1].shape
     return torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, kt, None, True, scale=scale)[1].shape
 
 
@@ -75,9 +73,7 @@ def _cuda_forward(q, k, v, scale: float):
     if backend == SDPBackend.FLASH_ATTENTION:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, scale=scale)[:2]
     elif backend == SDPBackend.EFFICIENT_ATTENTION:
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            qt, kt, vt, None, True, scale=scale
-        )[:2]
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True, scale=scale)[:2]
     elif backend == SDPBackend.CUDNN_ATTENTION:
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, scale=scale)[:2]
     else:  # SDPA itself would run its math path: so do we.
@@ -141,9 +137,7 @@ def _cuda_backward(grad_out, q, k, v, out, lse, scale: float):
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_fwd", mutates_args=())
-def attention_fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output O (B, Sq, H, D) and LSE (B, H, Sq, float32) of softmax(c Q K^T) V.
 
     SPEC-rcm §9.1. CUDA: the SDPA backend F.scaled_dot_product_attention would choose.
@@ -328,4 +322,6 @@ def attention(
     _check_inputs(q, k, v, impl)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if not scale > 0:
+        raise ValueError(f"scale must be positive (the kernel folds it into exp2), got {scale}")
     return torch.ops.rcmfn.attention(q, k, v, float(scale), impl)

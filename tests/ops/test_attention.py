@@ -29,10 +29,10 @@ gpu = pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 
 # Sizes: the interpreter is slow, so CPU runs stay tiny; the GPU runs the same tests at full size.
 LENGTHS = [1, 2, 7, 16, 17, 33, 40] if not ON_GPU else [1, 7, 64, 127, 333, 777, 1025]
-HEAD_DIMS = [16, 32] if not ON_GPU else [64, 128, 80]
+HEAD_DIMS = [16, 32] if not ON_GPU else [64, 128]
 HALF = torch.float16 if not ON_GPU else torch.bfloat16  # triton's interpreter has no bf16 dot
 BOUND = {torch.float32: 1e-3, torch.float16: 5e-3, torch.bfloat16: 5e-3, torch.float64: 1e-10}
-EXAMPLES = 10 if not ON_GPU else 15
+EXAMPLES = 10 if not ON_GPU else 8
 
 
 def rel_err(a, b):
@@ -149,9 +149,7 @@ def test_triton_kernel_writes_every_output(layout):
     tout = torch.full_like(out, float("nan"))
     lse = torch.full((batch, heads, seq_q), float("nan"), device=DEVICE)
     kernel.attention_fwd_jvp(*inputs, head_dim**-0.5, outputs=(out, tout, lse))
-    ref_out, ref_tout, ref_lse = reference.attention_jvp_reference(
-        *(x.double() for x in inputs), head_dim**-0.5
-    )
+    ref_out, ref_tout, ref_lse = reference.attention_jvp_reference(*(x.double() for x in inputs), head_dim**-0.5)
     assert torch.isfinite(out).all() and torch.isfinite(tout).all() and torch.isfinite(lse).all()
     assert rel_err(out, ref_out) < 1e-5 and rel_err(tout, ref_tout) < 1e-5 and rel_err(lse, ref_lse) < 1e-6
 
@@ -210,9 +208,7 @@ def test_backward_matches_float64_reference(dtype):
     """Reverse-mode gradients (through attention_fwd/attention_bwd) match float64 autograd."""
     q, k, v, *_ = make_inputs((2, LENGTHS[-1], 2, HEAD_DIMS[-1]), LENGTHS[-2], dtype, "bhsd", 13)
     grad = torch.randn(q.shape, device=DEVICE, dtype=dtype)
-    ours = torch.autograd.grad(
-        attention(q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), (q, k, v), grad
-    )
+    ours = torch.autograd.grad(attention(q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), (q, k, v), grad)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = torch.autograd.grad(reference.attention_reference(*ref_in), ref_in, grad.double())
     for a, b in zip(ours, ref, strict=True):
@@ -356,9 +352,7 @@ def test_attention_entry_op_passes_opcheck(impl):
     torch.library.opcheck(torch.ops.rcmfn.attention.default, (q.requires_grad_(), k, v, 0.3, impl))
 
 
-@pytest.mark.skipif(
-    ON_GPU or TRITON_RUNS_HERE or not TRITON, reason="the Triton tests already run in this process"
-)
+@pytest.mark.skipif(ON_GPU or TRITON_RUNS_HERE or not TRITON, reason="the Triton tests already run in this process")
 def test_triton_kernel_under_interpreter():
     """This file's impl="triton" tests pass in a child process with TRITON_INTERPRET=1 (CPU)."""
     root = Path(__file__).resolve().parents[2]
@@ -381,6 +375,12 @@ def test_bad_shapes_raise_value_error(shapes, message):
     q, k, v = (torch.randn(s) for s in shapes)
     with pytest.raises(ValueError, match=message):
         attention(q, k, v)
+
+
+def test_non_positive_scale_raises_value_error():
+    q = torch.randn(1, 3, 1, 16)
+    with pytest.raises(ValueError, match="scale"):
+        attention(q, q, q, scale=-0.5)
 
 
 def test_unknown_impl_raises_value_error():
@@ -407,7 +407,7 @@ def test_primal_forward_and_backward_match_sdpa_on_gpu(dtype, seq_q, seq_kv):
 
 
 @gpu
-@pytest.mark.parametrize("head_dim", [16, 48, 256])
+@pytest.mark.parametrize("head_dim", [16, 80, 256])
 def test_fused_jvp_other_head_dims_on_gpu(head_dim):
     """Head dims that are small, not a power of two, or the largest supported stay within bounds."""
     inputs = make_inputs((2, 333, 3, head_dim), 129, torch.bfloat16, "contiguous", 41)
