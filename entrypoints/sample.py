@@ -44,7 +44,7 @@ class SampleConfig:
     run: Path | None = None
     """run folder of entrypoints.distill: its newest checkpoint supplies the student"""
     checkpoint: Path | None = None
-    """student weights instead of --run: a training checkpoint folder (iter-N) or an exported .safetensors"""
+    """student weights when no run folder is given: a training checkpoint folder (iter-N) or an exported .safetensors"""
     layout: str = "official"
     """key layout of an exported --checkpoint / --teacher (official, diffusers); training checkpoints use ours"""
     weights: Literal["ema", "student"] = "ema"
@@ -58,7 +58,7 @@ class SampleConfig:
     prompts: tuple[str, ...] = ()
     """prompts to sample (real models)"""
     prompt_file: Path | None = None
-    """text file with one more prompt per non-empty line"""
+    """text file with one prompt per non-empty line (added to the prompts)"""
     negative_prompt: str | None = None
     """teacher CFG's negative prompt; default Wan's default negative prompt (Wan), empty (Cosmos)"""
     steps: tuple[int, ...] = (1, 2, 4)
