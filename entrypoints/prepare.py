@@ -68,7 +68,7 @@ class PrepareConfig:
     seed: int = 0
     """toy: seed of the label and sample draws (sample i uses its own generator)"""
     mixture: gmm.MixtureConfig = field(default_factory=gmm.MixtureConfig)
-    """toy: the mixture (must match the distill run's --toy.mixture)"""
+    """toy: the mixture (must match the distill run's toy mixture settings)"""
     progress: bool = True
     """show a progress bar"""
 
@@ -94,15 +94,15 @@ def list_inputs(source: Path) -> list[tuple[str, Path, str | None]]:
         captions = [p.with_suffix(".txt") for p in files]
         return [(str(p.relative_to(source)), p, c.read_text().strip() if c.is_file() else None)
                 for p, c in zip(files, captions, strict=True)]
+    if not source.exists():
+        raise FileNotFoundError(f"input not found: {source}")
     if source.suffix.lower() == ".csv":
         with open(source, newline="") as f:
             records = list(csv.DictReader(f))
     elif source.suffix.lower() == ".jsonl":
         records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    elif not source.exists():
-        raise FileNotFoundError(f"input not found: {source}")
     else:
-        raise ValueError(f"--input must be a folder, a .csv or a .jsonl list; got {source}")
+        raise ValueError(f"input must be a folder, a .csv or a .jsonl list; got {source}")
     items = []
     for n, rec in enumerate(records):
         if not isinstance(rec, dict) or "path" not in rec or "caption" not in rec:
