@@ -1,0 +1,142 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP): periodic, at SIGTERM, resumable.
+
+Layout under `<run>/checkpoints/`:
+  step-<NNNNNNNN>/            one complete checkpoint: DCP shards + .metadata, and meta.json
+  .tmp-step-<NNNNNNNN>/       a save in progress (or one killed mid-way): never read, removed later
+Every rank writes its shards into the temporary folder; rank 0 then writes meta.json (iteration,
+counters, data-loader position, configuration) and renames the folder into place, after a barrier,
+as the last step. A kill at any moment therefore leaves the previous complete checkpoint untouched,
+and `latest_checkpoint` (the newest `step-*` with a meta.json) is always loadable. DCP stores the
+DTensor shards with their global layout, so a checkpoint loads on another world size too.
+
+The counterpart of rcmfn/train_checkpoint.py (single process, safetensors) for sharded state.
+"""
+
+import json
+import os
+import shutil
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+from rcmfn.loop import TrainState
+
+PREFIX, TMP_PREFIX, META = "step-", ".tmp-step-", "meta.json"
+
+
+def _tensors(state: TrainState, student: nn.Module, fake: nn.Module | None) -> dict:
+    """What DCP saves and loads in place: weights, EMA and optimiser states (FQN-keyed)."""
+    tensors = {
+        "student": dict(state.student.items()),
+        "ema": dict(state.ema.items()),
+        "student_optim": get_optimizer_state_dict(student, state.student_opt),
+    }
+    if state.fake is not None:
+        tensors["fake"] = dict(state.fake.items())
+        tensors["fake_optim"] = get_optimizer_state_dict(fake, state.fake_opt)
+    return tensors
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    state: TrainState,
+    student: nn.Module,
+    fake: nn.Module | None,
+    meta: dict,
+    keep: int = 2,
+) -> Path:
+    """Collective: write `state` as step-<iteration>; keep the newest `keep` complete ones.
+
+    `meta` (JSON-serialisable: loader position, configuration, ...) is stored with the loop counters.
+    """
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"{PREFIX}{state.iteration:08d}"
+    tmp = root / f"{TMP_PREFIX}{state.iteration:08d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed save
+            shutil.rmtree(stale, ignore_errors=True)
+    _barrier()
+    dcp.save(_tensors(state, student, fake), checkpoint_id=str(tmp))
+    _barrier()
+    if _rank() == 0:
+        counters = {
+            "iteration": state.iteration,
+            "student_steps": state.student_steps,
+            "critic_steps": state.critic_steps,
+        }
+        (tmp / META).write_text(json.dumps(counters | meta, indent=1, sort_keys=True))
+        if final.exists():  # the same iteration saved twice (e.g. SIGTERM right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint under `run_dir`/checkpoints, or None."""
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in sorted(root.glob(f"{PREFIX}*")) if (p / META).is_file()]
+    return done[-1] if done else None
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The meta.json of a checkpoint folder (rank-local file read; no collective)."""
+    return json.loads((Path(path) / META).read_text())
+
+
+def load_checkpoint(path: str | os.PathLike, state: TrainState, student: nn.Module, fake: nn.Module | None) -> dict:
+    """Collective: load checkpoint `path` into a freshly built `state` in place; return its meta.
+
+    The state must have the same networks (names and shapes; DCP raises naming a missing key
+    otherwise); the optimiser states are created first so that DCP can fill them in place.
+    """
+    tensors = _tensors(state, student, fake)
+    dcp.load(tensors, checkpoint_id=str(path))
+    set_optimizer_state_dict(student, state.student_opt, tensors["student_optim"])
+    if state.fake is not None:
+        set_optimizer_state_dict(fake, state.fake_opt, tensors["fake_optim"])
+    meta = read_meta(path)
+    state.iteration, state.student_steps, state.critic_steps = (
+        meta["iteration"],
+        meta["student_steps"],
+        meta["critic_steps"],
+    )
+    return meta
+
+
+def sigterm_flag() -> Callable[[], bool]:
+    """Install a SIGTERM handler (main thread); return a function telling whether SIGTERM arrived.
+
+    torchrun forwards SIGTERM to every worker; the loop asks `agree_to_stop` each iteration so that all
+    ranks save the same iteration and exit together.
+    """
+    received = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    return lambda: bool(received)
+
+
+def agree_to_stop(local: bool, device: torch.device) -> bool:
+    """Collective: True on every rank if any rank wants to stop (one tiny all-reduce)."""
+    if not dist.is_initialized():
+        return local
+    flag = torch.tensor([1.0 if local else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())

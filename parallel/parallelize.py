@@ -1,0 +1,158 @@
+"""Parallelise one network from outside: context parallelism, activation checkpointing, compile, FSDP2.
+
+STYLE example 6 (torchtitan `models/llama3/parallelize.py`): one function per technique and one
+`parallelize` that states the order. The order matters:
+  1. apply_cp       swaps self-attention for Ulysses and hooks the token split/gather onto the blocks;
+  2. apply_ac       wraps each block's forward in (selective) activation checkpointing;
+  3. apply_compile  compiles each block's forward (the AC'd one), fullgraph, hooks stay eager;
+  4. apply_fsdp     shards each block, then the root; its hooks run around the compiled forward.
+Every step leaves parameter names unchanged (no wrapper modules), so checkpoints, the EMA and the
+export key maps see the model's own names whatever is switched on.
+
+The device mesh is torchtitan's layout (axes dp_replicate, dp_shard, cp; FSDP over dp_shard x cp,
+data over dp_replicate x dp_shard) built directly with `init_device_mesh`: torchtitan's own
+`ParallelDims.build_mesh` picks the device type from CUDA availability and cannot build the gloo/CPU
+mesh the tests run on, and its `apply_ac`/`apply_compile` expect `model.layers` and set global Dynamo
+flags (STYLE "what we do not do" 8). The primitives underneath (DeviceMesh, fully_shard,
+torch.utils.checkpoint, torch.compile per block) are the same ones torchtitan uses.
+"""
+
+import functools
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from parallel.context_parallel import apply_cp
+from parallel.fsdp import apply_fsdp
+
+ACMode = Literal["none", "full", "mm_only"]
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Sizes of the data-parallel and context-parallel axes (torchtitan's names); product = world size."""
+
+    world_size: int
+    dp_replicate: int = 1
+    """HSDP replicas (parameters replicated across them, sharded within)."""
+    dp_shard: int = -1
+    """FSDP shard degree for data; -1 = world_size / (dp_replicate * cp)."""
+    cp: int = 1
+    """Ulysses context-parallel degree: ranks sharing one sample's tokens (must divide the heads)."""
+
+    def __post_init__(self):
+        for name in ("world_size", "dp_replicate", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.dp_shard == -1:
+            if self.world_size % (self.dp_replicate * self.cp):
+                raise ValueError(
+                    f"world size {self.world_size} is not divisible by dp_replicate {self.dp_replicate} x cp {self.cp}"
+                )
+            object.__setattr__(self, "dp_shard", self.world_size // (self.dp_replicate * self.cp))
+        if self.dp_shard < 1 or self.dp_replicate * self.dp_shard * self.cp != self.world_size:
+            raise ValueError(
+                f"dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x cp {self.cp} must equal "
+                f"the world size {self.world_size} (torchrun --nproc_per_node x nodes)"
+            )
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel degree: how many distinct batches one step sees."""
+        return self.dp_replicate * self.dp_shard
+
+    def build_meshes(self, device_type: str) -> "Meshes":
+        """The meshes of this layout over the default process group (ranks row-major in
+        (dp_replicate, dp_shard, cp), so the ranks of one CP group are consecutive)."""
+        world = init_device_mesh(
+            device_type, (self.dp_replicate, self.dp_shard, self.cp), mesh_dim_names=("dp_replicate", "dp_shard", "cp")
+        )
+        if self.dp_replicate > 1:  # HSDP: replicate x (dp_shard cp), the same rank order as `world`
+            fsdp = init_device_mesh(
+                device_type,
+                (self.dp_replicate, self.dp_shard * self.cp),
+                mesh_dim_names=("dp_replicate", "dp_shard_cp"),
+            )
+        else:
+            fsdp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
+        rank = world.get_rank()
+        return Meshes(world=world, fsdp=fsdp, cp=world["cp"], dp_rank=rank // self.cp, dp_size=self.dp)
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """Device meshes of one run: FSDP over dp_shard x cp (2-D with dp_replicate for HSDP), the CP group,
+    and this rank's data-parallel coordinate (which batch it reads; equal across a CP group)."""
+
+    world: DeviceMesh
+    fsdp: DeviceMesh
+    cp: DeviceMesh
+    dp_rank: int
+    dp_size: int
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How one network is parallelised (the switches of `parallelize`)."""
+
+    param_dtype: torch.dtype | None = None
+    """Compute dtype FSDP all-gathers parameters in (None: as stored)."""
+    reduce_dtype: torch.dtype | None = torch.float32
+    """Dtype of the gradient reduce-scatter."""
+    ac: ACMode = "none"
+    """Activation checkpointing per block: none, full recomputation, or save matmul/attention outputs."""
+    compile: bool = False
+    """torch.compile(fullgraph=True) each block's forward."""
+    reshard_after_forward: bool = True
+    """Free all-gathered block parameters after forward (ZeRO-3) rather than keeping them to backward."""
+
+
+# Ops whose outputs selective AC keeps (SPEC-rcm §8.7 "mm_only": matmuls and attention).
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.linear.default,
+}
+
+
+def _mm_only_policy(ctx, op, *args, **kwargs):
+    name = str(op)
+    if op in _SAVE_OPS or "attention" in name:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_ac(model: nn.Module, mode: ACMode) -> nn.Module:
+    """Activation checkpointing of each block's forward (non-reentrant), in place. SPEC-rcm §8.7."""
+    if mode == "none":
+        return model
+    if mode not in ("full", "mm_only"):
+        raise ValueError(f"activation checkpointing must be 'none', 'full' or 'mm_only'; got {mode!r}")
+    for block in model.blocks:
+        kwargs = {"use_reentrant": False, "preserve_rng_state": False}
+        if mode == "mm_only":
+            kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _mm_only_policy)
+        block.forward = functools.partial(checkpoint, block.forward, **kwargs)
+    return model
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile(fullgraph=True) each block's forward (its module hooks, e.g. FSDP's, stay eager)."""
+    for block in model.blocks:
+        block.forward = torch.compile(block.forward, fullgraph=True)
+    return model
+
+
+def parallelize(model: nn.Module, meshes: Meshes, cfg: ParallelConfig) -> nn.Module:
+    """CP (if the CP group has several ranks), AC, compile, FSDP2 -- in this order -- on `model`, in place."""
+    if meshes.cp.size() > 1:
+        apply_cp(model, meshes.cp.get_group())
+    apply_ac(model, cfg.ac)
+    if cfg.compile:
+        apply_compile(model)
+    return apply_fsdp(model, meshes.fsdp, cfg.param_dtype, cfg.reduce_dtype, cfg.reshard_after_forward)

@@ -1,0 +1,182 @@
+"""Shared pieces of the tests/parallel tests: tiny networks, a gloo process group, one training run.
+
+The same `train` runs single-process (plain modules, functional_call denoisers, torch.func.jvp
+tangents: the rcmfn path) and sharded (FSDP2 / Ulysses CP via parallel/, dual-number tangents), so
+the tests compare the two paths on identical weights, data and draws.
+"""
+
+import os
+import socket
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from tensordict import TensorDict
+
+from parallel.fsdp import init_sharded_state, sharded_networks
+from parallel.parallelize import ParallelConfig, ParallelDims, parallelize
+from rcmfn.loop import LoopConfig, Networks, OptimConfig, train_iteration
+from rcmfn.models.cosmos import CosmosDiT, init_random_
+from rcmfn.models.cosmos import velocity_net as cosmos_velocity_net
+from rcmfn.models.cosmos.configs import TINY_T2I
+from rcmfn.models.wan import WAN_TINY, WanModel
+from rcmfn.models.wan import velocity_net as wan_velocity_net
+from rcmfn.precond import trigflow_denoiser
+from rcmfn.step import LossConfig
+from rcmfn.time import LogNormal
+
+DTYPE = torch.float64
+# (latent [C, T, H, W], text [L, D], timestep scale): token grids 2x2x2 (Wan) and 1x2x2 (Cosmos).
+SHAPES = {"wan": ((16, 2, 4, 4), (3, 24), 1000.0), "cosmos": ((16, 1, 4, 4), (3, 24), 1.0)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A tiny Wan or Cosmos net in float64 with weights fixed by `seed` (identical on every rank)."""
+    torch.manual_seed(seed)
+    if family == "wan":
+        return WanModel(WAN_TINY).to(DTYPE)
+    model = CosmosDiT(TINY_T2I).to(DTYPE)
+    return init_random_(model, torch.Generator().manual_seed(seed))
+
+
+def tiny_batch(family: str, batch: int = 2, seed: int = 1):
+    latent, text, _ = SHAPES[family]
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(batch, *latent, generator=g, dtype=DTYPE)
+    return x0, torch.randn(batch, *text, generator=g, dtype=DTYPE), torch.randn(batch, *text, generator=g, dtype=DTYPE)
+
+
+def loop_config(method: str = "rcm", seed: int = 3) -> LoopConfig:
+    loss = LossConfig(method=method, guidance=2.0, p_G=LogNormal(-0.4, 1.0), p_D=LogNormal(0.0, 1.0))
+    optim = OptimConfig(student_lr=1e-3, fake_lr=2e-3, lr_warmup_steps=0, ema_rate=0.1)
+    return LoopConfig(loss, optim, tangent_warmup=1, student_update_freq=2, seed=seed)
+
+
+def three_nets(family: str):
+    """Teacher, student and fake score: the student and fake score start as copies of the teacher."""
+    teacher = tiny_model(family)
+    student, fake = tiny_model(family), tiny_model(family)
+    return student, teacher, fake
+
+
+def plain_networks(student, teacher, fake, family: str) -> Networks:
+    """The single-process rcmfn path: functional_call velocity nets, default torch.func.jvp tangent."""
+    scale = SHAPES[family][2] / 1000.0
+    vnet = {"wan": wan_velocity_net, "cosmos": cosmos_velocity_net}[family]
+
+    def denoiser(module):
+        net = vnet(module)
+        return trigflow_denoiser(lambda p, x, c, cond: net(p, x, c * scale, cond))
+
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return Networks(
+        student=denoiser(student),
+        teacher=denoiser(teacher),
+        teacher_params=TensorDict(dict(teacher.named_parameters()), batch_size=[]),
+        fake=denoiser(fake),
+    )
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def probe_tangent(nets: Networks, state, family: str) -> torch.Tensor:
+    """The student's sCM tangent at a fixed input (the loop only logs its norm)."""
+    x0, cond, _ = tiny_batch(family, seed=7)
+    t = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    x_t = torch.cos(t)[:, None, None, None, None] * x0 + torch.sin(t)[:, None, None, None, None] * x0.flip(0)
+    velocity = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE)
+    if nets.student_tangent is None:
+        from rcmfn.tangent import scm_tangent
+
+        return scm_tangent(nets.student, state.student, x_t, t, cond, velocity)[1]
+    return nets.student_tangent(state.student, x_t, t, cond, velocity)[1]
+
+
+def build(family: str, dims: ParallelDims | None, cfg: LoopConfig, pcfg: ParallelConfig):
+    """(networks, fresh state, student module, fake module) -- sharded when `dims` is given."""
+    student, teacher, fake = three_nets(family)
+    fake = fake if cfg.loss.uses_critic else None
+    if dims is None:
+        nets = plain_networks(student, teacher, fake, family)
+    else:
+        meshes = dims.build_meshes("cpu")
+        for module in (student, teacher, fake):
+            if module is not None:
+                parallelize(module, meshes, pcfg)
+        nets = sharded_networks(student, teacher, fake, SHAPES[family][2], cfg)
+    if fake is None:
+        nets = replace(nets, fake=None)
+    return nets, init_sharded_state(student, fake, cfg), student, fake
+
+
+def run_steps(state, nets, cfg: LoopConfig, family: str, steps: int) -> list[dict]:
+    batch = tiny_batch(family)
+    metrics = []
+    for _ in range(steps):
+        row = train_iteration(state, nets, lambda gen: batch, cfg)
+        opt = state.student_opt if row["phase"] == "student" else state.fake_opt
+        metrics.append(row | {"grad_norm": opt.last_grad_norm})
+    return metrics
+
+
+def snapshot(state) -> dict:
+    """Full (unsharded) copies of the student, EMA and fake weights."""
+    return {
+        "student": {k: full(v) for k, v in state.student.items()},
+        "ema": {k: full(v) for k, v in state.ema.items()},
+        "fake": {} if state.fake is None else {k: full(v) for k, v in state.fake.items()},
+    }
+
+
+def train(
+    family: str,
+    steps: int,
+    dims: ParallelDims | None = None,
+    cfg: LoopConfig | None = None,
+    pcfg: ParallelConfig | None = None,
+    method: str = "rcm",
+) -> dict:
+    """Run `steps` iterations; return metrics per iteration, the probe tangent before training, the
+    final student / EMA / fake weights (full tensors). Sharded when `dims` is given (inside a group)."""
+    cfg = cfg or loop_config(method)
+    nets, state, _, _ = build(family, dims, cfg, pcfg or ParallelConfig(reduce_dtype=None))
+    tangent = probe_tangent(nets, state, family)
+    metrics = run_steps(state, nets, cfg, family, steps)
+    return {"metrics": metrics, "tangent": full(tangent)} | snapshot(state)
+
+
+def assert_same_run(got: dict, want: dict, what: str = "", rtol: float = 1e-9, atol: float = 1e-11) -> None:
+    """Metrics (floats to rtol) and every weight of two runs agree."""
+    import math
+
+    for g, w in zip(got["metrics"], want["metrics"], strict=True):
+        for key in w:
+            if isinstance(w[key], float):
+                assert math.isclose(g[key], w[key], rel_tol=rtol, abs_tol=atol), (what, key, g, w)
+            else:
+                assert g[key] == w[key], (what, key, g, w)
+    for name in ("student", "ema", "fake"):
+        assert got[name].keys() == want[name].keys(), (what, name)
+        for key in want[name]:
+            torch.testing.assert_close(
+                got[name][key],
+                want[name][key],
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, k=key, n=name: f"{what} {n}.{k}: {m}",
+            )

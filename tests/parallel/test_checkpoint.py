@@ -1,0 +1,129 @@
+"""parallel.checkpoint: a resumed sharded run takes the same next steps; a killed save harms nothing.
+
+Resume: run 3 iterations, save, run 3 more; a fresh group loads the save and runs 3: metrics,
+weights, EMA, fake score and optimiser moments must agree bit for bit with the uninterrupted run.
+Kill: a process saves iteration 2, then is SIGKILLed inside its next save (after the shards are
+written, before the rename); the folder still resolves to iteration 2 and loads the saved values.
+"""
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from parallel_harness import assert_same_run, build, free_port, init_gloo, loop_config, run_steps, snapshot
+
+from parallel import checkpoint
+from parallel.parallelize import ParallelConfig, ParallelDims
+
+PCFG = ParallelConfig(reduce_dtype=None)
+
+
+def _resume_worker(rank, world, port, run_dir, out):
+    init_gloo(rank, world, port)
+    dims, cfg = ParallelDims(world_size=world, dp_shard=1, cp=world), loop_config()
+    nets, state, student, fake = build("wan", dims, cfg, PCFG)
+    run_steps(state, nets, cfg, "wan", 3)
+    checkpoint.save_checkpoint(run_dir, state, student, fake, {"loader": {"position": 3}})
+    straight = {"metrics": run_steps(state, nets, cfg, "wan", 3)} | snapshot(state)
+
+    nets, fresh, student, fake = build("wan", dims, cfg, PCFG)
+    path = checkpoint.latest_checkpoint(run_dir)
+    meta = checkpoint.load_checkpoint(path, fresh, student, fake)
+    resumed = {"metrics": run_steps(fresh, nets, cfg, "wan", 3)} | snapshot(fresh)
+    moments = [
+        [opt.state[p]["exp_avg_sq"].full_tensor() for p in opt.param_groups[0]["params"]]
+        for opt in (state.student_opt, fresh.student_opt)
+    ]
+    if rank == 0:
+        torch.save({"straight": straight, "resumed": resumed, "meta": meta, "moments": moments}, out)
+    torch.distributed.destroy_process_group()
+
+
+def test_resumed_run_takes_the_same_next_steps(tmp_path):
+    out = tmp_path / "out.pt"
+    mp.spawn(_resume_worker, args=(2, free_port(), tmp_path / "run", out), nprocs=2)
+    result = torch.load(out, weights_only=False)
+    assert result["meta"]["iteration"] == 3 and result["meta"]["loader"] == {"position": 3}
+    assert [m["iteration"] for m in result["resumed"]["metrics"]] == [3, 4, 5]
+    assert_same_run(result["resumed"], result["straight"], "resume", rtol=0, atol=0)
+    for a, b in zip(*result["moments"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _killed_worker(port, run_dir, marker):
+    init_gloo(0, 1, port)
+    cfg = loop_config()
+    nets, state, student, fake = build("wan", ParallelDims(world_size=1), cfg, PCFG)
+    run_steps(state, nets, cfg, "wan", 2)
+    checkpoint.save_checkpoint(run_dir, state, student, fake, {})
+    torch.save(snapshot(state), marker.with_suffix(".saved"))
+    run_steps(state, nets, cfg, "wan", 1)
+
+    def stuck_replace(src, dst):  # the commit step of the second save never finishes
+        marker.write_text(str(src))
+        time.sleep(600)
+
+    checkpoint.os.replace = stuck_replace
+    checkpoint.save_checkpoint(run_dir, state, student, fake, {})
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    run_dir, marker = tmp_path / "run", tmp_path / "in-save"
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_killed_worker, args=(free_port(), run_dir, marker))
+    proc.start()
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), "the worker never reached its second save"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert (run_dir / "checkpoints" / ".tmp-step-00000003" / ".metadata").exists()  # shards were written
+
+    path = checkpoint.latest_checkpoint(run_dir)
+    assert path.name == "step-00000002"
+    init_gloo(0, 1, free_port())
+    try:
+        cfg = loop_config()
+        nets, state, student, fake = build("wan", ParallelDims(world_size=1), cfg, PCFG)
+        checkpoint.load_checkpoint(path, state, student, fake)
+        saved = torch.load(marker.with_suffix(".saved"), weights_only=False)
+        for name in ("student", "ema", "fake"):
+            for key, value in saved[name].items():
+                got = getattr(state, name)[key]
+                torch.testing.assert_close(got.full_tensor() if hasattr(got, "full_tensor") else got, value)
+        checkpoint.save_checkpoint(run_dir, state, student, fake, {})  # a later save clears the debris
+        assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+        assert checkpoint.latest_checkpoint(run_dir).name == "step-00000002"
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_latest_checkpoint_ignores_incomplete_folders(tmp_path):
+    root = tmp_path / "checkpoints"
+    for name, complete in [("step-00000004", True), ("step-00000009", False), (".tmp-step-00000012", True)]:
+        (root / name).mkdir(parents=True)
+        if complete:
+            (root / name / "meta.json").write_text("{}")
+    assert checkpoint.latest_checkpoint(tmp_path) == root / "step-00000004"
+    assert checkpoint.latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_agree_to_stop_without_a_group_is_the_local_flag():
+    assert checkpoint.agree_to_stop(True, torch.device("cpu")) is True
+    assert checkpoint.agree_to_stop(False, torch.device("cpu")) is False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
+def test_sigterm_flag_turns_on_at_the_signal(signum):
+    previous = signal.getsignal(signum)
+    try:
+        flag = checkpoint.sigterm_flag()
+        assert not flag()
+        os.kill(os.getpid(), signum)
+        assert flag()
+    finally:
+        signal.signal(signum, previous)
