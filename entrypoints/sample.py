@@ -6,6 +6,9 @@ student's consistency sampler and the teacher's Euler sampler (CFG) from the sam
 through the VAE into PNG / MP4 per sample and a contact sheet (rows: samplers; columns: prompt x seed).
 SPEC-rcm §6 (samplers), SPEC-models §4 (encoders, VAE). Reading order: SampleConfig, sample_model.
 """
+# size budget: ~330 lines, over the 250 of an entrypoint: two paths (the toy's figure and metrics, real models
+# with media) behind 27 documented flags. `velocity_net` and `load_denoiser` are model wiring that the real-model
+# distill path will need too; they move to rcmfn/models/registry.py then.
 
 import json
 import time
@@ -124,6 +127,7 @@ def student_weights(cfg: SampleConfig) -> tuple[Path, bool]:
 
 
 def synced(device: torch.device) -> float:
+    """perf_counter after the device's queued work has finished (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
