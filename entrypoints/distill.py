@@ -19,6 +19,7 @@ from entrypoints.presets import MODELS, get_preset
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.step import LossConfig
 from rcmfn.tangent import scm_tangent
+from rcmfn.time import LogNormal
 from rcmfn.train_checkpoint import check_checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -46,6 +47,8 @@ class DistillConfig:
     """tangent warm-up iterations H (also the sCM-only prefix); preset value if unset"""
     student_update_freq: int | None = None
     """one student step every F iterations after warm-up; preset value if unset"""
+    p_g_mean: float | None = None
+    """mean of log sigma for the sCM time distribution p_G (LogNormal); preset value if unset"""
     tangent_method: Literal["jvp", "semi_fd", "fd"] = "jvp"
     """sCM tangent: full torch.func.jvp, jvp in x plus finite difference in t, or finite differences"""
     seed: int = 0
@@ -83,7 +86,8 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
     loss = LossConfig(  # paper's L_sCM + lambda L_DMD as the official 100 L_sCM + 100 lambda L_DMD (§3)
         method=cfg.method, guidance=pick(cfg.guidance, preset.guidance), loss_scale=100.0,
         loss_scale_dmd=1.0 if cfg.method == "dmd" else 100.0 * cfg.dmd_weight,
-        p_G=preset.p_G, p_D=preset.p_D, tangent_method=cfg.tangent_method,
+        p_G=preset.p_G if cfg.p_g_mean is None else LogNormal(cfg.p_g_mean, 1.6),
+        p_D=preset.p_D, tangent_method=cfg.tangent_method,
     )
     optim = replace(preset.optim, student_lr=pick(cfg.student_lr, preset.optim.student_lr),
                     fake_lr=pick(cfg.fake_lr, preset.optim.fake_lr))

@@ -23,7 +23,7 @@ from rcmfn.warm_start import WarmStartConfig, fit_to_teacher, velocity_error
 class ToyConfig:
     """The toy problem: mixture, student architecture, warm start and evaluation sizes."""
 
-    mixture: gmm.MixtureConfig = field(default_factory=gmm.MixtureConfig)
+    mixture: gmm.MixtureConfig = field(default_factory=lambda: gmm.MixtureConfig(std_range=(0.6, 1.0)))
     """the analytic teacher (class-conditional Gaussian mixture)"""
     net: TinyDiTConfig = field(default_factory=lambda: TinyDiTConfig(width=64, depth=2, mlp_ratio=2))
     """student and fake-score architecture"""
