@@ -20,6 +20,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
+from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
 from rcmfn.models import gmm
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec
@@ -67,8 +68,8 @@ class PrepareConfig:
     """toy: number of mixture samples"""
     seed: int = 0
     """toy: seed of the label and sample draws (sample i uses its own generator)"""
-    mixture: gmm.MixtureConfig = field(default_factory=gmm.MixtureConfig)
-    """toy: the mixture (must match the distill run's toy mixture settings)"""
+    mixture: gmm.MixtureConfig = field(default_factory=lambda: ToyConfig().mixture)
+    """toy: the mixture, by default the distill toy's (must match the run's toy mixture settings)"""
     progress: bool = True
     """show a progress bar"""
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from entrypoints import prepare
 from entrypoints.prepare import PrepareConfig, list_inputs, prepare_media, prepare_toy
+from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
 from rcmfn.models import gmm
 from rcmfn.models.registry import get_spec
@@ -48,7 +49,7 @@ def test_toy_shards_hold_mixture_samples_with_their_class_embeddings(tmp_path):
     manifest = read_manifest(tmp_path)
     assert result["written"] == 10 and [s.count for s in manifest.shards] == [4, 4, 2]
     assert manifest.latent_shape == (4, 1, 8, 8) and manifest.text_shape == (8, 32) and manifest.dtype == "float32"
-    mixture = gmm.build_mixture(gmm.MixtureConfig())
+    mixture = gmm.build_mixture(ToyConfig().mixture)  # the distill toy's mixture is the default
     labels = torch.tensor([int(p.removeprefix("class ")) for p in shard_prompts(tmp_path)])
     texts = shard_tensors(tmp_path, "text_embeddings")
     assert torch.equal(texts, gmm.class_embeddings(mixture, labels).float())
