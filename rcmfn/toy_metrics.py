@@ -9,6 +9,10 @@ posterior responsibility at r = 0 within its label's modes (`gmm.assign_modes`).
                 the true mode weights; 0 = right proportions.
   spread        mean over samples of |x - mu_a|^2 / (dim s_a^2) for the assigned mode a; an exact sample
                 gives chi^2_dim / dim, mean 1; < 1 collapse towards the mode centre, > 1 blur.
+  off_mode      fraction of samples displaced from their mode towards another mode of the group by more
+                than 5 s_a along the line joining the two means (an exact sample: about 3e-7 per other
+                mode): samples strung between modes, which spread hides because in high dimension a
+                mid-point between two modes is no further from either than a typical exact sample.
   sliced_w2     sliced Wasserstein-2 distance to an equally sized set of exact samples of the same
                 labels: sqrt(mean over random unit directions of W2^2 of the 1-D projections).
   class_match   fraction of samples whose nearest mode over all classes belongs to their own label
@@ -22,6 +26,8 @@ import torch
 
 from rcmfn.models import gmm
 
+OFF_MODE_SIGMAS = 5.0  # threshold of `off_mode`, in within-mode standard deviations
+
 
 @dataclass(frozen=True)
 class ToyMetrics:
@@ -30,6 +36,7 @@ class ToyMetrics:
     coverage: float
     weight_tv: float
     spread: float
+    off_mode: float
     sliced_w2: float
     class_match: float
 
@@ -50,9 +57,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, directions: torch.Tenso
     the sorted projections; the result is the square root of its mean over directions.
     """
     if a.shape[0] != b.shape[0] or a[0].numel() != b[0].numel():
-        raise ValueError(
-            f"sample sets must have equal count and size; got {tuple(a.shape)}, {tuple(b.shape)}"
-        )
+        raise ValueError(f"sample sets must have equal count and size; got {tuple(a.shape)}, {tuple(b.shape)}")
     if directions.shape[1] != a[0].numel():
         raise ValueError(f"directions must be [P, {a[0].numel()}]; got {tuple(directions.shape)}")
     pa = (a.reshape(a.shape[0], -1).double() @ directions.T).sort(dim=0).values
@@ -71,8 +76,8 @@ def expected_counts(mixture: gmm.GaussianMixture, labels: torch.Tensor) -> torch
     return gmm.component_log_prior(mixture, labels).exp().sum(0)
 
 
-def _group_stats(mixture, samples, labels, min_share: float) -> tuple[float, float, float]:
-    """(coverage, weight_tv, spread) of one label group (all entries of labels equal)."""
+def _group_stats(mixture, samples, labels, min_share: float) -> tuple[float, float, float, float]:
+    """(coverage, weight_tv, spread, off_mode) of one label group (all entries of labels equal)."""
     prior = gmm.component_log_prior(mixture, labels[:1]).exp()[0]  # [M], zero outside the group
     owned = prior > 0
     comp = gmm.assign_modes(mixture, samples, labels)
@@ -82,11 +87,16 @@ def _group_stats(mixture, samples, labels, min_share: float) -> tuple[float, flo
     covered = counts >= torch.clamp(min_share * expected, min=1.0)
     coverage = covered[owned].double().mean().item()
     weight_tv = 0.5 * (counts / n - prior)[owned].abs().sum().item()
-    mu = mixture.means.reshape(-1, mixture.dim)[comp]
-    s2 = mixture.stds.reshape(-1)[comp] ** 2
-    sq = (samples.reshape(n, -1).double() - mu).square().sum(-1)
-    spread = (sq / (mixture.dim * s2)).mean().item()
-    return coverage, weight_tv, spread
+    all_mu = mixture.means.reshape(-1, mixture.dim)
+    s = mixture.stds.reshape(-1)[comp]
+    offset = samples.reshape(n, -1).double() - all_mu[comp]  # x - mu_a
+    ratio = offset.square().sum(-1) / (mixture.dim * s**2)
+    # displacement towards every other mode b of the group, in units of s_a
+    toward = all_mu[owned][None] - all_mu[comp][:, None]  # [n, M_group, dim], zero row for b = a
+    unit = toward / toward.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    displacement = torch.einsum("nd,nmd->nm", offset, unit).amax(-1) / s
+    off_mode = (displacement > OFF_MODE_SIGMAS).double().mean().item()
+    return coverage, weight_tv, ratio.mean().item(), off_mode
 
 
 def toy_metrics(
@@ -97,7 +107,7 @@ def toy_metrics(
     min_share: float = 0.1,
     num_directions: int = 256,
 ) -> ToyMetrics:
-    """Coverage, mode-weight TV, spread ratio, sliced W2 and class match of `samples` [N, C, T, H, W].
+    """Coverage, mode-weight TV, spread, off-mode share, sliced W2, class match of samples [N, C, T, H, W].
 
     `generator` draws the exact reference set (same labels) and the projection directions. Non-finite
     samples raise ValueError (a sampler that produced NaN needs fixing, not averaging).
@@ -117,11 +127,12 @@ def toy_metrics(
     nearest = gmm.assign_modes(mixture, samples, torch.full_like(labels, gmm.UNCOND))
     owner = torch.div(nearest, mixture.modes_per_class, rounding_mode="floor")
     matched = (owner == labels) | (labels == gmm.UNCOND)
-    cov, tv, spread = (sum(column) / len(column) for column in zip(*stats, strict=True))
+    cov, tv, spread, off_mode = (sum(column) / len(column) for column in zip(*stats, strict=True))
     return ToyMetrics(
         coverage=cov,
         weight_tv=tv,
         spread=spread,
+        off_mode=off_mode,
         sliced_w2=sum(sw) / len(sw),
         class_match=matched.double().mean().item(),
     )

@@ -28,7 +28,7 @@ class WarmStartConfig:
     """optimiser steps"""
     batch_size: int = 64
     """samples per step"""
-    lr: float = 2e-3
+    lr: float = 4e-3
     """AdamW peak learning rate (linear warm-up, then cosine decay to lr_final_ratio * lr)"""
     lr_final_ratio: float = 0.05
     """final learning rate as a fraction of lr"""

@@ -13,6 +13,7 @@ net works under `torch.func.jvp` and `torch.compile(fullgraph=True)`.
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as nnf
@@ -28,7 +29,7 @@ class TinyDiTConfig:
 
     channels: int = 4
     """latent channels C (input and output)"""
-    width: int = 96
+    width: int = 64
     """model width (token dimension)"""
     depth: int = 3
     """number of transformer blocks"""
@@ -75,7 +76,7 @@ class Norm(nn.Module):
     by test_compiled_forward_and_jvp_match_eager; fold the affine back in when that passes without it.
     """
 
-    def __init__(self, width: int, kind: str, affine: bool):
+    def __init__(self, width: int, kind: Literal["layer", "rms"], affine: bool):
         super().__init__()
         self.kind = kind
         self.weight = nn.Parameter(torch.empty(width)) if affine else None
@@ -95,7 +96,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Multi-head attention with q/k RMSNorm; self-attention when `context` is None."""
+    """Multi-head attention of x's queries over context's keys/values, q/k RMSNorm over the full width."""
 
     def __init__(self, width: int, heads: int, context_dim: int):
         super().__init__()
@@ -151,9 +152,7 @@ class TinyDiT(nn.Module):
         self.pos_t = nn.Parameter(torch.empty(cfg.max_frames, w))
         self.pos_h = nn.Parameter(torch.empty(cfg.max_patches, w))
         self.pos_w = nn.Parameter(torch.empty(cfg.max_patches, w))
-        self.text_embed = nn.Sequential(
-            nn.Linear(cfg.text_dim, w), nn.GELU(approximate="tanh"), nn.Linear(w, w)
-        )
+        self.text_embed = nn.Sequential(nn.Linear(cfg.text_dim, w), nn.GELU(approximate="tanh"), nn.Linear(w, w))
         self.time_embed = nn.Sequential(nn.Linear(cfg.freq_dim, w), nn.SiLU(), nn.Linear(w, w))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = Norm(w, "layer", affine=False)
@@ -195,9 +194,7 @@ class TinyDiT(nn.Module):
         return out.reshape(b, c, t, h, w)
 
 
-def init_params(
-    module: TinyDiT, generator: torch.Generator, dtype: torch.dtype = torch.float32
-) -> TensorDict:
+def init_params(module: TinyDiT, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> TensorDict:
     """Fresh parameters as a flat TensorDict {parameter name: tensor}, drawn from `generator` (CPU).
 
     Linear weights ~ N(0, 1/fan_in), biases 0, positions ~ N(0, 0.02^2), norm weights 1; the adaLN

@@ -19,7 +19,7 @@ def test_exact_samples_have_full_coverage_small_tv_unit_spread():
     m = toy_metrics.toy_metrics(MIXTURE, x, LABELS, torch.Generator().manual_seed(1))
     assert m.coverage == 1.0 and m.class_match == 1.0
     assert m.weight_tv < 0.06
-    assert abs(m.spread - 1.0) < 0.02
+    assert abs(m.spread - 1.0) < 0.02 and m.off_mode == 0.0
     # finite-sample floor of sliced W2 between two exact sets, well below a 0.5-per-axis shift
     shifted = toy_metrics.toy_metrics(MIXTURE, x + 0.5, LABELS, torch.Generator().manual_seed(1))
     assert m.sliced_w2 < 0.1 < 0.4 < shifted.sliced_w2
@@ -34,9 +34,7 @@ def test_unconditional_group_is_scored_over_all_modes():
 
 def test_collapsed_samples_lose_coverage_and_spread():
     means = MIXTURE.means[LABELS, 0].reshape(-1, *MIXTURE.shape)  # every sample on its class's mode 0
-    x = means + 1e-3 * torch.randn(
-        means.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64
-    )
+    x = means + 1e-3 * torch.randn(means.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     m = toy_metrics.toy_metrics(MIXTURE, x, LABELS, torch.Generator().manual_seed(5))
     weights = MIXTURE.log_weights.exp()
     assert m.coverage == pytest.approx(1 / 3)
@@ -50,7 +48,15 @@ def test_blurred_samples_have_spread_above_one():
     noise = torch.randn(LABELS.shape[0], MIXTURE.dim, generator=g, dtype=torch.float64)
     x = MIXTURE.means.reshape(12, -1)[comp] + 2.0 * MIXTURE.stds.reshape(-1)[comp, None] * noise
     m = toy_metrics.toy_metrics(MIXTURE, x.reshape(-1, *MIXTURE.shape), LABELS, torch.Generator())
-    assert m.spread == pytest.approx(4.0, rel=0.02) and m.coverage == 1.0
+    assert m.spread == pytest.approx(4.0, rel=0.02) and m.coverage == 1.0 and m.off_mode < 0.05
+
+
+def test_samples_between_modes_are_counted_off_mode():
+    x = gmm.sample_mixture(MIXTURE, LABELS, torch.Generator().manual_seed(10))
+    between = 0.5 * (MIXTURE.means[LABELS[:100], 0] + MIXTURE.means[LABELS[:100], 1])
+    x[:100] = between.reshape(100, *MIXTURE.shape)  # 5% of the set, on mid-points of two modes
+    m = toy_metrics.toy_metrics(MIXTURE, x, LABELS, torch.Generator().manual_seed(11))
+    assert m.off_mode == pytest.approx(0.05) and m.coverage == 1.0
 
 
 def test_wrong_class_samples_lower_class_match():
