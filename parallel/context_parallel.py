@@ -223,21 +223,21 @@ def token_dim(model: nn.Module) -> int:
     raise TypeError(f"context parallelism supports WanModel and CosmosDiT; got {type(model).__name__}")
 
 
-def num_heads(model: nn.Module) -> int:
-    return model.cfg.num_heads if isinstance(model, WanModel) else model.config.num_heads
+def check_cp_size(family: str, config, cp: int, latent_shape: tuple[int, int, int, int]) -> None:
+    """ValueError unless `cp` divides the heads and the CP-cut token count of a [C, T, H, W] latent.
 
-
-def check_cp_size(model: nn.Module, cp: int, token_grid: tuple[int, ...]) -> None:
-    """ValueError unless `cp` divides the heads and the CP-cut token axis of `token_grid` (T', H', W')."""
-    heads = num_heads(model)
-    cut = (
-        token_grid[0] * token_grid[1] * token_grid[2] if isinstance(model, WanModel) else token_grid[1] * token_grid[2]
-    )
-    if heads % cp:
-        raise ValueError(f"context-parallel size {cp} must divide the attention heads ({heads})")
+    Wan cuts all T'H'W' tokens, Cosmos the H'W' tokens of each latent frame (its blocks hold [B, T', S, D]).
+    """
+    _, T, H, W = latent_shape
+    if family == "wan":
+        pt, ph, pw = config.patch_size
+        cut, what = (T // pt) * (H // ph) * (W // pw), "tokens T'H'W'"
+    else:
+        cut, what = (H // config.patch_spatial) * (W // config.patch_spatial), "tokens per frame H'W'"
+    if config.num_heads % cp:
+        raise ValueError(f"context-parallel size {cp} must divide the attention heads ({config.num_heads})")
     if cut % cp:
-        what = "tokens T'H'W'" if isinstance(model, WanModel) else "tokens per frame H'W'"
-        raise ValueError(f"context-parallel size {cp} must divide the {what} ({cut}) of grid {token_grid}")
+        raise ValueError(f"context-parallel size {cp} must divide the {what} ({cut}) of latent {latent_shape}")
 
 
 def _local_rows(table: torch.Tensor, grid: tuple[int, ...], axis: int, rank: int, size: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 from torch.autograd import forward_ad
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -54,6 +55,21 @@ def apply_fsdp(
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def materialize(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """Allocate an FSDP-sharded model built on the meta device and fill it from rank 0's full weights.
+
+    `full_state` is the complete state dict on rank 0 (CPU, any dtype: copied into each parameter's
+    dtype) and {} elsewhere; each rank receives only its shards (StateDictOptions broadcast_from_rank0),
+    so no rank but 0 ever holds a full copy. The models have no buffers (checked).
+    """
+    if list(model.buffers()):
+        raise ValueError(f"{type(model).__name__} has buffers; materialize only fills parameters")
+    model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, dict(full_state), options=options)  # it rewrites the dict it is given
     return model
 
 

@@ -1,0 +1,227 @@
+"""`torchrun --nproc_per_node=N -m entrypoints.distill --model cosmos2b ...`: sharded rCM distillation.
+
+Reading order: `DistributedConfig`, `check_before_gpu` (every error that needs no GPU), `run_distributed`
+(build sharded networks, resume, loop, checkpoint, export), then parallel/parallelize.py.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import tyro
+
+from entrypoints.distill import DistillConfig, fingerprint, loop_config, prepare_output
+from entrypoints.presets import get_preset
+from parallel import checkpoint
+from parallel.context_parallel import check_cp_size
+from parallel.fsdp import init_sharded_state, materialize, sharded_networks
+from parallel.parallelize import ParallelConfig, ParallelDims, parallelize
+from rcmfn.loop import train_iteration
+from rcmfn.models.checkpoint import export_checkpoint
+from rcmfn.models.cosmos.configs import TINY_T2I
+from rcmfn.models.cosmos.model import init_random_
+from rcmfn.models.registry import build_model, cast_params, get_spec
+from rcmfn.models.wan.configs import WAN_TINY
+from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Settings of the sharded path (--model other than toy); the rest of DistillConfig applies too."""
+
+    data: Path | None = None
+    """shard folder written by `python -m entrypoints.prepare` (rcmfn.shards format)"""
+    teacher: Path | None = None
+    """teacher checkpoint (.safetensors, sharded folder, .pt); student and fake score start from it"""
+    teacher_layout: str = "official"
+    """key layout of the teacher checkpoint (a key of the model's key maps, e.g. official, diffusers)"""
+    random_init: bool = False
+    """random teacher weights instead of a checkpoint (benchmarks only)"""
+    batch_size: int = 1
+    """samples per data-parallel rank per iteration (global batch = batch_size x dp)"""
+    dp_replicate: int = 1
+    """HSDP replicas"""
+    dp_shard: int = -1
+    """FSDP shard degree; -1 = world size / (dp_replicate x cp)"""
+    cp: int = 1
+    """Ulysses context-parallel degree; must divide the heads and the tokens"""
+    dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
+    """compute dtype of the networks; trainable weights are stored in float32 (float64 for float64)"""
+    ac: Literal["none", "full", "mm_only"] = "none"
+    """activation checkpointing per block (SPEC-rcm §8.7: full for 1.3B, mm_only for 14B)"""
+    keep_checkpoints: int = 2
+    """complete checkpoints kept"""
+    export: bool = True
+    """write the EMA student as <output>/student_ema.safetensors (official key layout) at the end"""
+    tiny: bool = False
+    """swap the architecture for the family's tiny test config (CPU smoke tests)"""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.keep_checkpoints < 1:
+            raise ValueError(
+                f"batch_size and keep_checkpoints must be >= 1; got {self.batch_size}, {self.keep_checkpoints}"
+            )
+
+
+@dataclass(frozen=True)
+class ScaleConfig(DistillConfig):
+    """DistillConfig plus the sharded settings (`python -m entrypoints.distributed`)."""
+
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def model_spec(cfg):
+    spec = get_spec(cfg.model)
+    if cfg.distributed.tiny:
+        spec = replace(spec, config=WAN_TINY if spec.family == "wan" else TINY_T2I, text_dim=24)
+    return spec
+
+
+def check_before_gpu(cfg, world_size: int):
+    """Every configuration error that needs no GPU: mesh vs world size, CP vs heads and tokens, the
+    teacher and the data, and a checkpoint written by another configuration. Returns (dims, spec, manifest)."""
+    d = cfg.distributed
+    dims = ParallelDims(world_size, d.dp_replicate, d.dp_shard, d.cp)
+    spec = model_spec(cfg)
+    if not d.random_init and (d.teacher is None or not d.teacher.exists()):
+        raise ValueError(
+            f"teacher checkpoint {d.teacher} not found (pass --distributed.teacher, or --distributed.random-init)"
+        )
+    if d.data is None:
+        raise ValueError("no training data: pass --distributed.data <shard folder>")
+    manifest = read_manifest(d.data)
+    channels = spec.config.in_dim if spec.family == "wan" else spec.config.in_channels
+    if manifest.latent_shape[0] != channels or manifest.text_shape[1] != spec.text_dim:
+        raise ValueError(
+            f"data {d.data} holds latents {manifest.latent_shape} and text {manifest.text_shape}; "
+            f"{cfg.model} takes {channels} latent channels and text width {spec.text_dim}"
+        )
+    check_cp_size(spec.family, spec.config, dims.cp, manifest.latent_shape)
+    if manifest.count < d.batch_size * dims.dp:
+        raise ValueError(f"{manifest.count} samples cannot fill one global batch of {d.batch_size} x {dims.dp}")
+    ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
+    if ckpt is not None and checkpoint.read_meta(ckpt)["config"] != fingerprint(cfg):
+        saved = checkpoint.read_meta(ckpt)["config"]
+        diff = sorted(k for k in set(saved) | set(fingerprint(cfg)) if saved.get(k) != fingerprint(cfg).get(k))
+        raise ValueError(
+            f"checkpoint {ckpt} was written by another configuration (differs in {diff}); "
+            "use a new output folder or the same settings"
+        )
+    return dims, spec, manifest
+
+
+def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
+    """Rank 0's full teacher state dict (CPU, release dtype), from the checkpoint or random."""
+    d = cfg.distributed
+    if not d.random_init:
+        return build_model(spec, d.teacher, d.teacher_layout, strict=True)[0].state_dict()
+    torch.manual_seed(cfg.seed)
+    module = build_model(spec, None, dtype=torch.float32)[0]
+    return (
+        init_random_(module, torch.Generator().manual_seed(cfg.seed)) if spec.family == "cosmos" else module
+    ).state_dict()
+
+
+def build_network(spec, full_state, meshes, storage, pcfg, device):
+    """Meta-built net: storage dtypes (fp32 patterns kept), CP/AC/compile/FSDP, then rank 0's weights."""
+    module = cast_params(build_model(spec, None, device="meta")[0], storage)
+    return materialize(parallelize(module, meshes, pcfg), full_state, device)
+
+
+def run_distributed(cfg) -> dict:
+    """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed) under torchrun."""
+    d = cfg.distributed
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dims, spec, manifest = check_before_gpu(cfg, world)
+    prepare_output(cfg.output)
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
+    compute = DTYPES[d.dtype]
+    master = torch.float64 if compute == torch.float64 else torch.float32
+    lcfg = loop_config(cfg)
+    lcfg = replace(lcfg, seed=lcfg.seed + meshes.dp_rank * 1_000_000_007)  # distinct draws per batch, shared in CP
+    full_state = teacher_weights(cfg, spec) if rank == 0 else {}
+    train_cfg = ParallelConfig(param_dtype=None if master == compute else compute, ac=d.ac, compile=cfg.compile)
+    frozen_cfg = replace(train_cfg, param_dtype=None)
+    teacher = build_network(spec, full_state, meshes, compute, frozen_cfg, device)
+    student = build_network(spec, full_state, meshes, master, train_cfg, device)
+    fake = build_network(spec, full_state, meshes, master, train_cfg, device) if lcfg.loss.uses_critic else None
+    del full_state
+    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
+    state = init_sharded_state(student, fake, lcfg)
+    loader = ShardLoader(d.data, d.batch_size, meshes.dp_rank, meshes.dp_size, cfg.seed)
+    ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
+    if ckpt is not None:
+        loader.load_state_dict(checkpoint.load_checkpoint(ckpt, state, student, fake)["loader"])
+    negative = read_negative_embedding(d.data)
+    uncond = None if negative is None else negative.to(device).expand(d.batch_size, *negative.shape)
+
+    def batch_fn(generator):
+        batch = next(loader)
+        return batch.latents.to(device, torch.float32), batch.text_embeddings.to(device), uncond
+
+    total = cfg.iterations or get_preset(cfg.model).iterations
+    stop_requested, meta = (
+        checkpoint.sigterm_flag(),
+        lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)},
+    )
+    tokens = (
+        manifest.latent_shape[1] * manifest.latent_shape[2] * manifest.latent_shape[3] // 4 * d.batch_size * dims.dp
+    )
+    times: dict[str, list[float]] = {"student": [], "critic": []}
+    log = open(cfg.output / "metrics.jsonl", "a") if rank == 0 else None
+    while state.iteration < total:
+        start = time.perf_counter()
+        metrics = train_iteration(state, nets, batch_fn, lcfg)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        times[metrics["phase"]].append(seconds)
+        opt = state.student_opt if metrics["phase"] == "student" else state.fake_opt
+        metrics |= {"grad_norm": opt.last_grad_norm, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        if device.type == "cuda":
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if log is not None and (metrics["iteration"] % cfg.log_every == 0 or state.iteration == total):
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            if cfg.progress:
+                print(
+                    json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True
+                )
+        stop = checkpoint.agree_to_stop(stop_requested(), device)
+        if stop or state.iteration % cfg.save_every == 0 or state.iteration == total:
+            checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), d.keep_checkpoints)
+        if stop:
+            break
+    ema = {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu", torch.bfloat16) for k, v in state.ema.items()
+    }
+    summary = {
+        "iteration": state.iteration,
+        "stopped_by_signal": state.iteration < total,
+        "mean_seconds": {k: sum(v[1:]) / max(len(v) - 1, 1) if v else math.nan for k, v in times.items()},
+        "tokens_per_sample": tokens // (d.batch_size * dims.dp),
+        "world": asdict(dims),
+    }
+    if rank == 0:
+        if d.export:
+            export_checkpoint(ema, cfg.output / "student_ema.safetensors", spec.key_maps["official"])
+        (cfg.output / "metrics.json").write_text(json.dumps(summary, indent=1))
+        log.close()
+    dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    run_distributed(tyro.cli(ScaleConfig, description=__doc__.splitlines()[0]))

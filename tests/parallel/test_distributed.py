@@ -1,0 +1,154 @@
+"""entrypoints.distributed: clear errors before any GPU work; torchrun runs, stops at SIGTERM with a
+checkpoint, resumes from it, and exports the EMA student."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from parallel_harness import free_port
+
+from entrypoints.distributed import DistributedConfig, ScaleConfig, check_before_gpu
+from parallel import checkpoint
+from rcmfn.shards import ShardWriter, write_negative_embedding
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _shards(folder: Path, latent=(16, 1, 4, 4), count: int = 8) -> Path:
+    g = torch.Generator().manual_seed(0)
+    with ShardWriter(folder, latent, (3, 24), "float32", 3) as writer:
+        for i in range(count):
+            writer.add(torch.randn(latent, generator=g), torch.randn(3, 24, generator=g), f"prompt {i}")
+    write_negative_embedding(folder, torch.randn(3, 24, generator=g))
+    return folder
+
+
+def _config(tmp_path, model="cosmos2b", **distributed) -> ScaleConfig:
+    data = distributed.pop("data", None) or _shards(tmp_path / "data")
+    d = DistributedConfig(**({"data": data, "random_init": True, "tiny": True, "dtype": "float64"} | distributed))
+    return ScaleConfig(model=model, output=tmp_path / "run", distributed=d)
+
+
+def test_valid_configuration_passes_the_checks(tmp_path):
+    dims, spec, manifest = check_before_gpu(_config(tmp_path, cp=2), world_size=4)
+    assert (dims.dp_shard, dims.cp, spec.family, manifest.count) == (2, 2, "cosmos", 8)
+
+
+@pytest.mark.parametrize(
+    ("change", "world", "message"),
+    [
+        ({"cp": 4}, 4, "must divide the attention heads"),  # tiny nets have 2 heads
+        ({"dp_shard": 2, "cp": 2}, 2, "must equal the world size"),
+        ({"dp_shard": 3}, 4, "must equal the world size"),
+        ({"random_init": False}, 1, "teacher checkpoint None not found"),
+        ({"random_init": False, "teacher": Path("/nonexistent/teacher.safetensors")}, 1, "not found"),
+        ({"data": Path("/nonexistent/data")}, 1, "does not exist"),
+        ({"batch_size": 5}, 2, "cannot fill one global batch"),
+    ],
+)
+def test_bad_configuration_fails_before_any_gpu_work(tmp_path, change, world, message):
+    with pytest.raises(ValueError, match=message):
+        check_before_gpu(_config(tmp_path, **change), world_size=world)
+
+
+def test_cp_must_divide_the_tokens(tmp_path):
+    data = _shards(tmp_path / "odd", latent=(16, 1, 2, 6))  # Cosmos: 1 x 3 tokens per frame
+    with pytest.raises(ValueError, match=r"divide the tokens per frame H'W' \(3\)"):
+        check_before_gpu(_config(tmp_path, data=data, cp=2), world_size=2)
+
+
+def test_data_must_fit_the_model(tmp_path):
+    data = _shards(tmp_path / "wan-data", latent=(16, 2, 4, 4))
+    with pytest.raises(ValueError, match="text width 4096"):
+        check_before_gpu(
+            ScaleConfig(
+                model="wan1.3b", output=tmp_path / "run", distributed=DistributedConfig(data=data, random_init=True)
+            ),
+            world_size=1,
+        )
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path):
+    cfg = _config(tmp_path)
+    folder = cfg.output / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"config": {"model": "cosmos2b", "method": "dmd"}}))
+    with pytest.raises(ValueError, match="written by another configuration"):
+        check_before_gpu(cfg, world_size=1)
+
+
+def _torchrun(tmp_path, iterations: int, nproc: int = 2, extra=()) -> subprocess.Popen:
+    data = tmp_path / "data" if (tmp_path / "data").exists() else _shards(tmp_path / "data")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "entrypoints.distributed",
+        "--model",
+        "cosmos2b",
+        "--distributed.tiny",
+        "--distributed.random-init",
+        "--distributed.dtype",
+        "float64",
+        "--distributed.data",
+        str(data),
+        "--output",
+        str(tmp_path / "run"),
+        "--iterations",
+        str(iterations),
+        "--student-update-freq",
+        "2",
+        "--save-every",
+        "100",
+        "--log-every",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def _lines(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
+    run = tmp_path / "run"
+    proc = _torchrun(tmp_path, iterations=10_000, extra=["--distributed.cp", "2"])
+    deadline = time.monotonic() + 120
+    while len(_lines(run)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(_lines(run)) >= 3, proc.communicate()[0].decode()[-3000:]
+    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler does: every process of the job
+    output = proc.communicate(timeout=120)[0].decode()
+    summary = json.loads((run / "metrics.json").read_text())
+    stopped = checkpoint.latest_checkpoint(run)
+    assert summary["stopped_by_signal"], output[-3000:]
+    assert stopped is not None and checkpoint.read_meta(stopped)["iteration"] == summary["iteration"]
+
+    proc = _torchrun(tmp_path, iterations=summary["iteration"] + 2, extra=["--distributed.cp", "2"])
+    output = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 0, output[-3000:]
+    resumed = [m["iteration"] for m in _lines(run)][-2:]
+    assert resumed == [summary["iteration"], summary["iteration"] + 1]
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run))
+    assert meta["iteration"] == summary["iteration"] + 2
+    n = meta["iteration"]  # one sample per iteration (batch 1, one data-parallel rank), 8 per epoch
+    assert (meta["loader"]["epoch"], meta["loader"]["position"]) == ((n - 1) // 8, (n - 1) % 8 + 1)
+    from safetensors.torch import load_file
+
+    exported = load_file(run / "student_ema.safetensors")
+    assert exported and all(t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in exported.values())
