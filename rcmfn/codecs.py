@@ -102,7 +102,8 @@ def load_text_encoder(path: str | os.PathLike | None, device: torch.device | str
                       dtype: torch.dtype = torch.bfloat16, max_length: int = TEXT_LEN) -> TextEncoder:
     """A T5 / umT5 encoder and its tokenizer from a local folder (model type read from config.json)."""
     folder = resolve_folder(path, "text_encoder", "text encoder", "--text-encoder")
-    tokenizer_folder = folder.parent / "tokenizer" if (folder.parent / "tokenizer").is_dir() else folder
+    own = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model"))
+    tokenizer_folder = folder if own or not (folder.parent / "tokenizer").is_dir() else folder.parent / "tokenizer"
     transformers = require("transformers")
     kind = transformers.AutoConfig.from_pretrained(folder, local_files_only=True).model_type
     classes = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel"}

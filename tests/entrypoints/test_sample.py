@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,7 +188,9 @@ def test_cosmos_image_student_writes_pngs(wan_files, tmp_path):
 
 @needs_codecs
 def test_bad_inputs_are_reported_clearly(wan_files, tmp_path):
+    shutil.copytree(wan_files / "text_encoder", tmp_path / "solo")  # an encoder without its tokenizer
     cases = [
+        (dict(text_encoder=tmp_path / "solo"), FileNotFoundError, "no usable tokenizer in"),
         (dict(text_encoder=tmp_path / "nope"), FileNotFoundError, "text encoder weights not found.*--text-encoder"),
         (dict(text_encoder=None), FileNotFoundError, "no text encoder given"),
         (dict(vae=tmp_path), FileNotFoundError, "VAE weights not found.*no config.json"),
