@@ -85,6 +85,13 @@ def test_toy_resume_after_an_interruption_equals_a_straight_run(tmp_path, monkey
     assert shard_prompts(tmp_path / "resumed") == shard_prompts(tmp_path / "straight")
 
 
+def test_toy_cli_reports_what_it_wrote(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["prepare", "--output", str(tmp_path), "--count", "5", "--shard-size", "2",
+                                      "--no-progress"])
+    prepare.main()
+    assert "5 samples written now, 5 in 3 shards; latent [4, 1, 8, 8], text [8, 32], float32" in capsys.readouterr().out
+
+
 def test_toy_refuses_to_mix_another_mixture_or_seed_into_a_folder(tmp_path):
     prepare_toy(toy_config(tmp_path, count=2))
     with pytest.raises(ValueError, match="another mixture or seed"):
