@@ -112,12 +112,12 @@ def fingerprint(cfg: DistillConfig) -> dict:
     return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}, default=str))
 
 
-def compiled_networks(nets: Networks, cfg: LoopConfig) -> Networks:
+def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor") -> Networks:
     """Compile at the call site: the student forward, and the whole jvp (torch.func.jvp cannot run over
     an already-compiled function, so the tangent computation is compiled as one function)."""
     tangent = lambda p, x, t, c, f: scm_tangent(nets.student, p, x, t, c, f, cfg.loss.tangent_method)  # noqa: E731
-    return replace(nets, student_tangent=torch.compile(tangent, fullgraph=True),
-                   student=torch.compile(nets.student, fullgraph=True))
+    return replace(nets, student_tangent=torch.compile(tangent, fullgraph=True, backend=backend),
+                   student=torch.compile(nets.student, fullgraph=True, backend=backend))
 
 
 def run(cfg: DistillConfig) -> dict:
