@@ -7,25 +7,46 @@ the single-process rcmfn path (functional_call + torch.func.jvp) on the same wei
 import pytest
 import torch
 import torch.multiprocessing as mp
-from parallel_harness import assert_same_run, free_port, init_gloo, train
+from parallel_harness import assert_same_run, free_port, init_gloo, tiny_batch, tiny_model, train
 
-from parallel.parallelize import ParallelDims
+from parallel.fsdp import sharded_velocity_net
+from parallel.parallelize import ParallelConfig, ParallelDims
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic (tangent_warmup 1, F = 2)
-CASES = {  # name: (world, dims kwargs, families)
-    "fsdp2": (2, {"dp_shard": 2}, ("wan", "cosmos")),
-    "cp2": (2, {"dp_shard": 1, "cp": 2}, ("wan", "cosmos")),
-    "fsdp2_cp2": (4, {"dp_shard": 2, "cp": 2}, ("wan", "cosmos")),
+# name: (world, ParallelDims kwargs, activation checkpointing, families). One spawned group per world
+# size runs all of its cases (process start-up dominates the cost on a 2-core CPU).
+CASES = {
+    "fsdp2": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
+    "cp2": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos")),
+    "fsdp2_ac_full": (2, {"dp_shard": 2}, "full", ("wan",)),
+    "cp2_ac_mm_only": (2, {"dp_shard": 1, "cp": 2}, "mm_only", ("cosmos",)),
+    "fsdp2_cp2": (4, {"dp_shard": 2, "cp": 2}, "none", ("wan", "cosmos")),
 }
 
 
-def _worker(rank, world, port, dims_kwargs, families, out):
+def _worker(rank, world, port, out):
     init_gloo(rank, world, port)
-    dims = ParallelDims(world_size=world, **dims_kwargs)
-    results = {family: train(family, STEPS, dims) for family in families}
+    results = {}
+    for case, (case_world, dims_kwargs, ac, families) in CASES.items():
+        if case_world == world:
+            dims, pcfg = ParallelDims(world_size=world, **dims_kwargs), ParallelConfig(reduce_dtype=None, ac=ac)
+            results[case] = {family: train(family, STEPS, dims, pcfg=pcfg) for family in families}
+    if world == 2:
+        results["mean_gradient"] = _mean_gradient(rank)
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """Results of every case, by world size: one spawned gloo group each."""
+    results = {}
+    for world in (2, 4):
+        out = tmp_path_factory.mktemp("sharded") / f"world{world}.pt"
+        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
+        results |= torch.load(out, weights_only=False)
+    return results
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +55,43 @@ def reference():
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sharded_run_equals_single_process(case, reference, tmp_path):
-    world, dims_kwargs, families = CASES[case]
-    out = tmp_path / "results.pt"
-    mp.spawn(_worker, args=(world, free_port(), dims_kwargs, families, out), nprocs=world)
-    results = torch.load(out, weights_only=False)
-    for family in families:
-        got, want = results[family], reference[family]
+def test_sharded_run_equals_single_process(case, sharded, reference):
+    for family in CASES[case][3]:
+        got, want = sharded[case][family], reference[family]
         assert [m["phase"] for m in got["metrics"]] == ["student", "student", "critic", "student", "critic"]
         assert_same_run(got, want, f"{case} {family}")
         torch.testing.assert_close(got["tangent"], want["tangent"], rtol=1e-9, atol=1e-11)
+
+
+def _mean_gradient(rank: int) -> dict:
+    """Each data-parallel rank backpropagates the sum over its own batch through an FSDP net."""
+    from parallel.fsdp import apply_fsdp
+
+    model = apply_fsdp(tiny_model("wan"), ParallelDims(world_size=2).build_meshes("cpu").fsdp, reduce_dtype=None)
+    x0, cond, _ = tiny_batch("wan", seed=10 + rank)
+    model(x0, torch.full((2,), 500.0, dtype=torch.float64), cond).square().sum().backward()
+    return {k: p.grad.full_tensor() for k, p in model.named_parameters()}
+
+
+def test_fsdp_gradient_is_the_mean_over_data_parallel_ranks(sharded):
+    """SPEC-rcm §2.10: each rank sums its samples' losses; the reduction averages over ranks."""
+    got = sharded["mean_gradient"]
+    model = tiny_model("wan")
+    for rank in range(2):
+        x0, cond, _ = tiny_batch("wan", seed=10 + rank)
+        (model(x0, torch.full((2,), 500.0, dtype=torch.float64), cond).square().sum() / 2).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_sharded_net_refuses_foreign_parameters():
+    """functional_call on an FSDP module would silently use its own weights: passing others raises."""
+    model = tiny_model("wan")
+    net = sharded_velocity_net(model, timestep_scale=1000.0)
+    own = dict(model.named_parameters())
+    x0, cond, _ = tiny_batch("wan")
+    c_noise = torch.full((2,), 400.0, dtype=torch.float64)
+    torch.testing.assert_close(net(own, x0, c_noise, cond), model(x0, c_noise, cond))
+    copies = {k: v.detach().clone() for k, v in own.items()}
+    with pytest.raises(ValueError, match="its own FSDP-managed parameters"):
+        net(copies, x0, c_noise, cond)
