@@ -317,6 +317,7 @@ def main() -> None:
     choices = ", ".join(["toy", *MODELS])
     cfg = tyro.cli(SampleConfig, description=__doc__.splitlines()[0] + f" Models: {choices}.")
     if cfg.model == "toy":
+        torch.set_num_threads(1)  # distill's --cpu-threads default: the toy's tensors gain nothing from more
         for seed, result in sample_toy(cfg).items():
             print(f"{seed}\n{toy_world.format_table(result['rows'])}")
             teacher = next((n for n in result["rows"] if n.startswith("teacher")), None)
