@@ -6,7 +6,7 @@ student's consistency sampler and the teacher's Euler sampler (CFG) from the sam
 through the VAE into PNG / MP4 per sample and a contact sheet (rows: samplers; columns: prompt x seed).
 SPEC-rcm §6 (samplers), SPEC-models §4 (encoders, VAE). Reading order: SampleConfig, sample_model.
 """
-# size budget: ~330 lines, over the 250 of an entrypoint: two paths (the toy's figure and metrics, real models
+# size budget: ~340 lines, over the 250 of an entrypoint: two paths (the toy's figure and metrics, real models
 # with media) behind 27 documented flags. `velocity_net` and `load_denoiser` are model wiring that the real-model
 # distill path will need too; they move to rcmfn/models/registry.py then.
 
@@ -110,13 +110,20 @@ class SampleConfig:
             raise ValueError("seeds must not be empty")
 
 
+EXPORT = "student_ema.safetensors"  # entrypoints.distributed's final EMA export, official key layout
+
+
 def student_weights(cfg: SampleConfig) -> tuple[Path, bool]:
-    """(weights path, in our key names?) from --checkpoint or the newest checkpoint of --run."""
+    """(weights path, in our key names?) from --checkpoint, or from --run: its newest single-process
+    checkpoint (iter-N), else the EMA export of a distributed run (whose DCP step-N folders need torchrun)."""
     folder = cfg.checkpoint
     if cfg.run is not None:
         folder = latest_checkpoint(cfg.run)
+        if folder is None and (cfg.run / EXPORT).is_file() and cfg.weights == "ema":
+            return cfg.run / EXPORT, False
         if folder is None:
-            raise FileNotFoundError(f"run folder {cfg.run} has no complete checkpoint under checkpoints/")
+            raise FileNotFoundError(f"run folder {cfg.run} has no complete checkpoint under checkpoints/ "
+                                    f"(iter-N) and no {EXPORT}")
     if folder is None:
         raise ValueError("no student: pass --run (a distill run folder) or --checkpoint")
     if (folder / "state.json").is_file():

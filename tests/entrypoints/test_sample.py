@@ -142,6 +142,17 @@ def test_samples_repeat_for_a_seed_and_do_not_depend_on_the_batch(wan_files, tmp
 
 
 @needs_codecs
+def test_a_distributed_runs_ema_export_is_sampled_from_the_run_folder(wan_files, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(wan_files / "student.safetensors", run / "student_ema.safetensors")
+    sample_model(wan_config(wan_files, tmp_path / "a", checkpoint=None, run=run, vae=None, teacher=None), TINY_WAN)
+    sample_model(wan_config(wan_files, tmp_path / "b", vae=None, teacher=None), TINY_WAN)
+    a, b = load_file(tmp_path / "a" / "latents.safetensors"), load_file(tmp_path / "b" / "latents.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_codecs
 def test_one_step_student_is_the_rf_jump_of_the_raw_net(wan_files, tmp_path):
     """SPEC-rcm §6.1: x_r = eps / (cos t0 + sin t0), r = sin t0 / (sin t0 + cos t0), x0 = x_r - r v(x_r, 1000 r)."""
     cfg = wan_config(wan_files, tmp_path, vae=None, teacher=None, steps=(1,), seeds=(7,), prompts=("c a",),
@@ -206,6 +217,8 @@ def test_bad_inputs_are_reported_clearly(wan_files, tmp_path):
     for overrides, error, message in cases:
         with pytest.raises(error, match=message):
             sample_model(wan_config(wan_files, tmp_path / "out", **overrides), TINY_WAN)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint.*and no student_ema.safetensors"):
+        sample_model(wan_config(wan_files, tmp_path / "out", checkpoint=None, run=tmp_path), TINY_WAN)
     with pytest.raises(ValueError, match="text encoder width 24 != wan1.3b's text width 32"):
         sample_model(wan_config(wan_files, tmp_path / "out"), dataclasses.replace(TINY_WAN, text_dim=32))
     bad_teacher = tmp_path / "bad.safetensors"
