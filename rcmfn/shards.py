@@ -17,8 +17,8 @@ complete shards, so a crash while writing never leaves a dataset that reads wron
 here: the loader takes the data-parallel rank and world size as integers (ranks of one context-parallel
 group pass the same data rank and so read the same batches).
 
-Over the 250-line module budget on purpose: this is IO, and most lines are validation that names the
-broken file (a writer, a reader and a loader that share one format belong in one file).
+Longer than a math module's 250 lines on purpose (size budget: this is IO, and most lines are
+validation naming the broken file; a writer, a reader and a loader of one format belong together).
 """
 
 import json
@@ -179,9 +179,7 @@ def read_manifest(folder: str | os.PathLike, check_files: bool = True) -> Manife
         if shard.prompts is not None:
             prompts = _read_prompts(folder / shard.prompts)
             if len(prompts) != shard.count:
-                raise DatasetError(
-                    f"{folder / shard.prompts}: {len(prompts)} prompts for {shard.count} samples"
-                )
+                raise DatasetError(f"{folder / shard.prompts}: {len(prompts)} prompts for {shard.count} samples")
     if manifest.negative_embedding is not None:
         path = folder / manifest.negative_embedding
         if not path.is_file():
@@ -213,8 +211,7 @@ def write_negative_embedding(folder: str | os.PathLike, embedding: torch.Tensor)
     manifest = read_manifest(folder, check_files=False)
     if tuple(embedding.shape) != manifest.text_shape:
         raise ValueError(
-            f"negative embedding must have the text shape {list(manifest.text_shape)}; "
-            f"got {list(embedding.shape)}"
+            f"negative embedding must have the text shape {list(manifest.text_shape)}; got {list(embedding.shape)}"
         )
     path = manifest.folder / NEGATIVE
     tensor = embedding.detach().to("cpu", DTYPES[manifest.dtype]).contiguous()
@@ -273,8 +270,7 @@ class ShardWriter:
         """Queue one sample: latent [C, T, H, W], text embedding [L, D], optional prompt."""
         if tuple(latent.shape) != self.manifest.latent_shape:
             raise ValueError(
-                f"latent shape {list(latent.shape)} != dataset latent_shape "
-                f"{list(self.manifest.latent_shape)}"
+                f"latent shape {list(latent.shape)} != dataset latent_shape {list(self.manifest.latent_shape)}"
             )
         if tuple(text_embedding.shape) != self.manifest.text_shape:
             raise ValueError(
@@ -300,9 +296,7 @@ class ShardWriter:
         sidecar = None
         if any(p is not None for p in self._prompts):
             sidecar = f"{name}.json"
-            _write_text(
-                self.folder / sidecar, json.dumps([p or "" for p in self._prompts], ensure_ascii=False)
-            )
+            _write_text(self.folder / sidecar, json.dumps([p or "" for p in self._prompts], ensure_ascii=False))
         # Re-read: keeps a negative embedding written meanwhile by write_negative_embedding.
         current = read_manifest(self.folder, check_files=False)
         shards = (*self.manifest.shards, ShardInfo(f"{name}.safetensors", len(self._latents), sidecar))
@@ -383,12 +377,8 @@ class ShardLoader:
         shard, row = self._locate(index)
         info = self.manifest.shards[shard]
         if shard not in self._handles:
-            self._handles[shard] = safe_open(
-                str(self.manifest.folder / info.file), framework="pt", device="cpu"
-            )
-            self._prompts[shard] = (
-                _read_prompts(self.manifest.folder / info.prompts) if info.prompts else None
-            )
+            self._handles[shard] = safe_open(str(self.manifest.folder / info.file), framework="pt", device="cpu")
+            self._prompts[shard] = _read_prompts(self.manifest.folder / info.prompts) if info.prompts else None
         handle, prompts = self._handles[shard], self._prompts[shard]
         latent = handle.get_slice("latents")[row : row + 1][0]
         text = handle.get_slice("text_embeddings")[row : row + 1][0]

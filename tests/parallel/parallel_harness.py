@@ -26,6 +26,7 @@ from rcmfn.step import LossConfig
 from rcmfn.time import LogNormal
 
 DTYPE = torch.float64
+DEVICE = torch.device("cpu")
 # (latent [C, T, H, W], text [L, D], timestep scale): token grids 2x2x2 (Wan) and 1x2x2 (Cosmos).
 SHAPES = {"wan": ((16, 2, 4, 4), (3, 24), 1000.0), "cosmos": ((16, 1, 4, 4), (3, 24), 1.0)}
 
@@ -42,20 +43,26 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def use(device: str | torch.device, dtype: torch.dtype) -> None:
+    """Run the harness on another device / dtype (the GPU tests: CUDA, NCCL, float32)."""
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(device), dtype
+
+
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny Wan or Cosmos net in float64 with weights fixed by `seed` (identical on every rank)."""
+    """A tiny Wan or Cosmos net (DTYPE, DEVICE) with weights fixed by `seed` (identical on every rank)."""
     torch.manual_seed(seed)
     if family == "wan":
-        return WanModel(WAN_TINY).to(DTYPE)
-    model = CosmosDiT(TINY_T2I).to(DTYPE)
-    return init_random_(model, torch.Generator().manual_seed(seed))
+        return WanModel(WAN_TINY).to(DEVICE, DTYPE)
+    model = CosmosDiT(TINY_T2I).to(torch.float64)
+    return init_random_(model, torch.Generator().manual_seed(seed)).to(DEVICE, DTYPE)
 
 
 def tiny_batch(family: str, batch: int = 2, seed: int = 1):
     latent, text, _ = SHAPES[family]
     g = torch.Generator().manual_seed(seed)
-    x0 = torch.randn(batch, *latent, generator=g, dtype=DTYPE)
-    return x0, torch.randn(batch, *text, generator=g, dtype=DTYPE), torch.randn(batch, *text, generator=g, dtype=DTYPE)
+    draws = [torch.randn(batch, *shape, generator=g, dtype=torch.float64) for shape in (latent, text, text)]
+    return tuple(d.to(DEVICE, DTYPE) for d in draws)
 
 
 def loop_config(method: str = "rcm", seed: int = 3) -> LoopConfig:
@@ -91,15 +98,15 @@ def plain_networks(student, teacher, fake, family: str) -> Networks:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().to("cpu", copy=True)
 
 
 def probe_tangent(nets: Networks, state, family: str) -> torch.Tensor:
     """The student's sCM tangent at a fixed input (the loop only logs its norm)."""
     x0, cond, _ = tiny_batch(family, seed=7)
-    t = torch.tensor([0.3, 1.2], dtype=torch.float64)
+    t = torch.tensor([0.3, 1.2], dtype=torch.float64, device=DEVICE)
     x_t = torch.cos(t)[:, None, None, None, None] * x0 + torch.sin(t)[:, None, None, None, None] * x0.flip(0)
-    velocity = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE)
+    velocity = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(9), dtype=DTYPE).to(DEVICE)
     if nets.student_tangent is None:
         from rcmfn.tangent import scm_tangent
 
@@ -114,7 +121,7 @@ def build(family: str, dims: ParallelDims | None, cfg: LoopConfig, pcfg: Paralle
     if dims is None:
         nets = plain_networks(student, teacher, fake, family)
     else:
-        meshes = dims.build_meshes("cpu")
+        meshes = dims.build_meshes(DEVICE.type)
         for module in (student, teacher, fake):
             if module is not None:
                 parallelize(module, meshes, pcfg)

@@ -13,10 +13,18 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from parallel_harness import assert_same_run, build, free_port, init_gloo, loop_config, run_steps, snapshot
 
 from parallel import checkpoint
 from parallel.parallelize import ParallelConfig, ParallelDims
+from tests.parallel.parallel_harness import (
+    assert_same_run,
+    build,
+    free_port,
+    init_gloo,
+    loop_config,
+    run_steps,
+    snapshot,
+)
 
 PCFG = ParallelConfig(reduce_dtype=None)
 

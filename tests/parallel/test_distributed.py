@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from parallel_harness import free_port
 
 from entrypoints.distributed import DistributedConfig, ScaleConfig, check_before_gpu
 from parallel import checkpoint
 from rcmfn.shards import ShardWriter, write_negative_embedding
+from tests.parallel.parallel_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

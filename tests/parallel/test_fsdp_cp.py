@@ -7,10 +7,10 @@ the single-process rcmfn path (functional_call + torch.func.jvp) on the same wei
 import pytest
 import torch
 import torch.multiprocessing as mp
-from parallel_harness import assert_same_run, free_port, init_gloo, tiny_batch, tiny_model, train
 
 from parallel.fsdp import sharded_velocity_net
 from parallel.parallelize import ParallelConfig, ParallelDims
+from tests.parallel.parallel_harness import assert_same_run, free_port, init_gloo, tiny_batch, tiny_model, train
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic (tangent_warmup 1, F = 2)
 # name: (world, ParallelDims kwargs, activation checkpointing, families). One spawned group per world
