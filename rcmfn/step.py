@@ -63,8 +63,9 @@ def step_generator(seed: int, step: int, stream: int = 0, device: str | torch.de
 
 
 def noise_like(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
-    """Unit Gaussian noise (float32 draw, as the official code) from an explicit generator."""
-    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+    """Unit Gaussian noise (float32 draw, as the official code) from an explicit generator, drawn on the
+    generator's device and moved to `device` (the same numbers on every device for a CPU generator)."""
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32).to(device, dtype)
 
 
 def scm_student_loss(
@@ -159,7 +160,8 @@ def dcm_student_loss(
 def uniform_dcm_draw(batch: int, cfg: LossConfig, generator: torch.Generator, device) -> torch.Tensor:
     """u ~ U[0, 1 - K Delta) (float32 draw cast to float64). SPEC-rcm §5.1."""
     span = 1.0 - cfg.dcm_skip_steps / cfg.dcm_total_steps
-    return torch.rand(batch, generator=generator, device=device, dtype=torch.float32).double() * span
+    u = torch.rand(batch, generator=generator, device=generator.device, dtype=torch.float32)
+    return u.double().to(device) * span
 
 
 __all__ = [

@@ -100,14 +100,16 @@ def sample_time(
     """Draw n float64 training times from `dist`, returned in `domain`. SPEC-rcm §1.1.
 
     The draw itself is float32 (randn / rand) then cast to float64, as the official code does, so the
-    same generator state gives the same times as it.
+    same generator state gives the same times as it. It runs on the generator's device and is moved to
+    `device`, so a CPU generator gives the same times on every device.
     """
+    draw_device = generator.device if generator is not None else device
     if isinstance(dist, LogNormal):
-        normal = torch.randn(n, generator=generator, device=device, dtype=torch.float32).double()
+        normal = torch.randn(n, generator=generator, device=draw_device, dtype=torch.float32).double().to(device)
         sigma = torch.exp(dist.p_mean + dist.p_std * normal)
         return convert_from_sigma(sigma, domain)
     if isinstance(dist, UniformShift):
-        u = torch.rand(n, generator=generator, device=device, dtype=torch.float32).double()
+        u = torch.rand(n, generator=generator, device=draw_device, dtype=torch.float32).double().to(device)
         r = shift_rf_time(u, dist.shift)
         if domain == "rf":
             return r
