@@ -88,9 +88,7 @@ def save_toy_figure(
         raise ValueError("sets must contain at least one sample set")
     for name, x in sets.items():
         if x.shape[0] != labels.shape[0] or tuple(x.shape[1:]) != mixture.shape:
-            raise ValueError(
-                f"set {name!r} has shape {tuple(x.shape)}; expected [{labels.shape[0]}, *{mixture.shape}]"
-            )
+            raise ValueError(f"set {name!r} has shape {tuple(x.shape)}; expected [{labels.shape[0]}, *{mixture.shape}]")
     all_means = mixture.means.reshape(-1, mixture.dim)
     centre, axes = principal_directions(all_means)
     global_means = (all_means - centre) @ axes.T

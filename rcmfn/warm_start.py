@@ -47,9 +47,7 @@ class WarmStartConfig:
         if not 0.0 <= self.null_fraction <= 1.0:
             raise ValueError(f"WarmStartConfig.null_fraction must lie in [0, 1]; got {self.null_fraction}")
         if self.lr <= 0 or not 0.0 <= self.lr_final_ratio <= 1.0:
-            raise ValueError(
-                f"need lr > 0 and lr_final_ratio in [0, 1]; got {self.lr}, {self.lr_final_ratio}"
-            )
+            raise ValueError(f"need lr > 0 and lr_final_ratio in [0, 1]; got {self.lr}, {self.lr_final_ratio}")
 
 
 def draw_labels(mixture: gmm.GaussianMixture, n: int, null_fraction: float, generator: torch.Generator):

@@ -102,9 +102,7 @@ def test_compiled_forward_and_jvp_match_eager():
         return torch.func.jvp(lambda a, b: net(p, a, b, text), (x_in, c), (tx_in, tc_in))
 
     eager = forward_and_jvp(params, x, c_noise, cond, tx, tc)
-    compiled = torch.compile(forward_and_jvp, fullgraph=True, backend="aot_eager")(
-        params, x, c_noise, cond, tx, tc
-    )
+    compiled = torch.compile(forward_and_jvp, fullgraph=True, backend="aot_eager")(params, x, c_noise, cond, tx, tc)
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-4, atol=1e-4 * eager[1].abs().max().item())
     compiled_net = torch.compile(net, fullgraph=True, backend="aot_eager")

@@ -15,9 +15,7 @@ def test_figure_is_written_as_png(tmp_path):
     mixture = gmm.build_mixture()
     labels = torch.cat([torch.arange(4).repeat(30), torch.full((7,), gmm.UNCOND)])
     truth = gmm.sample_mixture(mixture, labels, torch.Generator().manual_seed(0))
-    blurred = truth + 0.5 * torch.randn(
-        truth.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
-    )
+    blurred = truth + 0.5 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     broken = truth.float().clone()
     broken[5] = math.nan  # a sampler's NaN sample is dropped from the plot, not fatal
     out = toy_figure.save_toy_figure(
