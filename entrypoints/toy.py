@@ -156,7 +156,7 @@ def save_figure(world: ToyWorld, student_params, seed: int, path, guidance: floa
 
 def format_table(rows: dict) -> str:
     """Plain-text table of sampler rows x metrics."""
-    columns = ["coverage", "weight_tv", "spread", "sliced_w2", "class_match", "seconds"]
+    columns = ["coverage", "weight_tv", "spread", "off_mode", "sliced_w2", "class_match", "seconds"]
     width = max(len(name) for name in rows) + 2
     lines = ["sampler".ljust(width) + "".join(c.rjust(12) for c in columns)]
     for name, metrics in rows.items():

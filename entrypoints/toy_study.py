@@ -16,7 +16,7 @@ import tyro
 
 from entrypoints.distill import DistillConfig, run
 
-COLUMNS = ("coverage", "weight_tv", "spread", "sliced_w2", "class_match", "seconds")
+COLUMNS = ("coverage", "weight_tv", "spread", "off_mode", "sliced_w2", "class_match", "seconds")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,9 @@ def main() -> None:
                 rows.setdefault(name, metrics)
         timings[spec] = final["train_seconds"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    ordered = {k: rows[k] for k in sorted(rows, key=lambda k: (not k.startswith(("exact", "teacher")), k))}
+    ordered = {k: rows[k] for k in sorted(rows, key=lambda k: (not k.startswith(("exact", "teacher")),
+                                                               k if k.startswith("exact") or "-step" in k
+                                                               else f"{int(k.split()[2]):04d}"))}
     report = [
         "# Toy study: sCM, DMD and rCM students against an exact Gaussian-mixture teacher", "",
         f"Produced by `just study` (`python -m entrypoints.toy_study`) on {datetime.date.today()}, commit "
