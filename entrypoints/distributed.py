@@ -62,6 +62,8 @@ class DistributedConfig:
     """activation checkpointing per block (SPEC-rcm §8.7: full for 1.3B, mm_only for 14B)"""
     keep_checkpoints: int = 2
     """complete checkpoints kept"""
+    save_at_end: bool = True
+    """write a checkpoint after the last iteration (off for benchmarks)"""
     export: bool = True
     """write the EMA student as <output>/student_ema.safetensors (official key layout) at the end"""
     tiny: bool = False
@@ -127,7 +129,7 @@ def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
     if not d.random_init:
         return build_model(spec, d.teacher, d.teacher_layout, strict=True)[0].state_dict()
     torch.manual_seed(cfg.seed)
-    module = build_model(spec, None, dtype=torch.float32)[0]
+    module = build_model(spec, None, dtype=torch.bfloat16)[0]
     return (
         init_random_(module, torch.Generator().manual_seed(cfg.seed)) if spec.family == "cosmos" else module
     ).state_dict()
@@ -206,7 +208,7 @@ def run_distributed(cfg) -> dict:
                     json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True
                 )
         stop = checkpoint.agree_to_stop(stop_requested(), device)
-        if stop or state.iteration % cfg.save_every == 0 or state.iteration == total:
+        if stop or state.iteration % cfg.save_every == 0 or (state.iteration == total and d.save_at_end):
             checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), d.keep_checkpoints)
         if stop:
             break

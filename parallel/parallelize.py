@@ -127,6 +127,24 @@ def _mm_only_policy(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _checkpointed(forward, **kwargs):
+    """forward under torch.utils.checkpoint when grad is on; as is otherwise.
+
+    Without grad there is nothing to save, and the sCM tangent pass (no grad, dual tensors) must not
+    enter checkpoint: torch 2.11's non-reentrant checkpoint applies an autograd.Function without a jvp
+    rule to its inputs even under no_grad ("You must implement the jvp function"); guarded by
+    tests/parallel/test_fsdp_cp.py cases *_ac_* (run on torch 2.11 and 2.13).
+    """
+
+    @functools.wraps(forward)
+    def run(*args, **kw):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kw)
+        return checkpoint(forward, *args, **kwargs, **kw)
+
+    return run
+
+
 def apply_ac(model: nn.Module, mode: ACMode) -> nn.Module:
     """Activation checkpointing of each block's forward (non-reentrant), in place. SPEC-rcm §8.7."""
     if mode == "none":
@@ -137,7 +155,7 @@ def apply_ac(model: nn.Module, mode: ACMode) -> nn.Module:
         kwargs = {"use_reentrant": False, "preserve_rng_state": False}
         if mode == "mm_only":
             kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _mm_only_policy)
-        block.forward = functools.partial(checkpoint, block.forward, **kwargs)
+        block.forward = _checkpointed(block.forward, **kwargs)
     return model
 
 

@@ -36,9 +36,7 @@ def _write(folder, n: int, shard_size: int, start: int = 0, dtype="bfloat16", pr
 def test_writer_round_trips_every_sample_in_order(tmp_path_factory, n, shard_size, dtype):
     folder = tmp_path_factory.mktemp("ds")
     manifest = _write(folder, n, shard_size, dtype=dtype)
-    assert manifest.count == n and [s.count for s in manifest.shards][:-1] == [shard_size] * (
-        len(manifest.shards) - 1
-    )
+    assert manifest.count == n and [s.count for s in manifest.shards][:-1] == [shard_size] * (len(manifest.shards) - 1)
     loader = ShardLoader(folder, batch_size=1, rank=0, world=1, seed=0)
     seen = {}
     for _ in range(n):
