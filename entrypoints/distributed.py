@@ -123,6 +123,13 @@ def check_before_gpu(cfg, world_size: int):
     return dims, spec, manifest
 
 
+def token_count(spec, latent_shape) -> int:
+    """Tokens of one sample: latent T H W over the patch (Wan patch_size, Cosmos patch_temporal/spatial)."""
+    c = spec.config
+    patch = c.patch_size if spec.family == "wan" else (c.patch_temporal, c.patch_spatial, c.patch_spatial)
+    return math.prod(n // p for n, p in zip(latent_shape[1:], patch, strict=True))
+
+
 def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
     """Rank 0's full teacher state dict (CPU, release dtype), from the checkpoint or random."""
     d = cfg.distributed
@@ -184,9 +191,7 @@ def run_distributed(cfg) -> dict:
         checkpoint.sigterm_flag(),
         lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)},
     )
-    tokens = (
-        manifest.latent_shape[1] * manifest.latent_shape[2] * manifest.latent_shape[3] // 4 * d.batch_size * dims.dp
-    )
+    tokens = token_count(spec, manifest.latent_shape) * d.batch_size * dims.dp  # per iteration, all ranks
     times: dict[str, list[float]] = {"student": [], "critic": []}
     log = open(cfg.output / "metrics.jsonl", "a") if rank == 0 else None
     while state.iteration < total:
