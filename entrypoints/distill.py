@@ -15,6 +15,7 @@ import tyro
 from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
+from entrypoints.distributed_config import DistributedConfig
 from entrypoints.presets import MODELS, get_preset
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.step import LossConfig
@@ -67,6 +68,8 @@ class DistillConfig:
     """torch intra-op CPU threads (the toy's tensors are too small to gain from more; 0 = torch default)"""
     toy: toy_world.ToyConfig = field(default_factory=toy_world.ToyConfig)
     """toy problem settings (only with --model toy)"""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """sharded-run settings (every --model but toy; run under torchrun)"""
 
     def __post_init__(self):
         get_preset(self.model)
@@ -123,8 +126,9 @@ def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor"
 def run(cfg: DistillConfig) -> dict:
     """Build, resume, train, evaluate; return the final metrics (also written to metrics.json)."""
     if cfg.model != "toy":
-        raise ValueError(f"--model {cfg.model} runs through the distributed path (torchrun, teacher checkpoint, "
-                         "data shards), which this build does not include yet; use --model toy")
+        from entrypoints.distributed import run_distributed  # it imports this module
+
+        return run_distributed(cfg)
     prepare_output(cfg.output)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
@@ -167,6 +171,8 @@ def run(cfg: DistillConfig) -> dict:
 def main() -> None:
     cfg = tyro.cli(DistillConfig, description=__doc__.splitlines()[0] + f" Models: {', '.join(MODELS)}.")
     final = run(cfg)
+    if cfg.model != "toy":
+        return
     print(toy_world.format_table(final["rows"]))
     print(f"metrics: {cfg.output / 'metrics.json'}  figure: {cfg.output / 'samples.png'}")
 

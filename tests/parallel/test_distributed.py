@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from entrypoints.distributed import DistributedConfig, ScaleConfig, check_before_gpu
+from entrypoints.distributed import ScaleConfig, check_before_gpu
+from entrypoints.distributed_config import DistributedConfig
 from parallel import checkpoint
 from rcmfn.shards import ShardWriter, write_negative_embedding
 from tests.parallel.parallel_harness import free_port
