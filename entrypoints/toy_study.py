@@ -79,9 +79,14 @@ def main() -> None:
                 rows.setdefault(name, metrics)
         timings[spec] = final["train_seconds"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    ordered = {k: rows[k] for k in sorted(rows, key=lambda k: (not k.startswith(("exact", "teacher")),
-                                                               k if k.startswith("exact") or "-step" in k
-                                                               else f"{int(k.split()[2]):04d}"))}
+    def row_order(name: str):  # exact data, teachers by step count, then the students by name
+        if name.startswith("exact"):
+            return (0, "")
+        if name.startswith("teacher"):
+            return (1, f"{int(name.split()[2]):04d}")
+        return (2, name)
+
+    ordered = {k: rows[k] for k in sorted(rows, key=row_order)}
     report = [
         "# Toy study: sCM, DMD and rCM students against an exact Gaussian-mixture teacher", "",
         f"Produced by `just study` (`python -m entrypoints.toy_study`) on {datetime.date.today()}, commit "
