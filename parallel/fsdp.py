@@ -29,9 +29,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from rcmfn.loop import LoopConfig, Networks, TrainState
-from rcmfn.precond import Denoiser, batch_view, trigflow_denoiser
-from rcmfn.tangent import TangentMethod, _fd_time_derivative, scm_tangent
-from rcmfn.time import check_trig_time
+from rcmfn.precond import Denoiser, trigflow_denoiser
+from rcmfn.tangent import TangentMethod, scm_tangent
 
 
 def apply_fsdp(
@@ -129,25 +128,8 @@ def sharded_scm_tangent(
 
     SPEC-rcm §2.4-2.5. "fd" needs no derivative and is `scm_tangent` itself.
     """
-    if method == "fd":
-        return scm_tangent(denoise, params, x_t, t, cond, teacher_velocity, method, fd_step)
-    if method not in ("jvp", "semi_fd"):
-        raise ValueError(f"unknown tangent method {method!r}; expected 'jvp', 'semi_fd' or 'fd'")
-    check_trig_time(t, "t")
-    if teacher_velocity.shape != x_t.shape:
-        raise ValueError(
-            f"teacher velocity shape {tuple(teacher_velocity.shape)} must equal x_t shape {tuple(x_t.shape)}"
-        )
-    t = t.double()
-    cos_sin = torch.cos(t) * torch.sin(t)
-    x_tangent = (batch_view(cos_sin, x_t) * teacher_velocity.double()).to(x_t.dtype)
-    time_tangent = cos_sin if method == "jvp" else torch.zeros_like(t)
-    with torch.no_grad():  # required, not only cheaper: FSDP2's grad-mode hooks have no jvp rule
-        F, tangent = dual_jvp(lambda x, time: denoise(params, x, time, cond), (x_t, t), (x_tangent, time_tangent))
-        if method == "semi_fd":
-            F_prev = denoise(params, x_t, t - fd_step, cond)
-            tangent = tangent.double() + batch_view(cos_sin, x_t) * _fd_time_derivative(F, F_prev, fd_step)
-    return F.detach(), tangent.to(F.dtype).detach()
+    # no_grad (inside scm_tangent) is required, not only cheaper: FSDP2's grad-mode hooks have no jvp rule
+    return scm_tangent(denoise, params, x_t, t, cond, teacher_velocity, method, fd_step, jvp_fn=dual_jvp)
 
 
 class NormTrackingAdamW(torch.optim.AdamW):

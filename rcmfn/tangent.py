@@ -32,6 +32,7 @@ def scm_tangent(
     teacher_velocity: torch.Tensor,
     method: TangentMethod = "jvp",
     fd_step: float = 1e-4,
+    jvp_fn=torch.func.jvp,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (F_theta-(x_t, t), T) with T = cos t sin t dF/dt along dx/dt = F_teacher, both detached.
 
@@ -39,7 +40,8 @@ def scm_tangent(
       "jvp"      full forward-mode derivative, x tangent cos t sin t F_T and time tangent cos t sin t;
       "semi_fd"  jvp in x only, plus a finite difference in t with step `fd_step`;
       "fd"       no jvp: one exact TrigFlow step of size h along F_T, then a finite difference.
-    t is a float64 [B] tensor in (0, pi/2).
+    t is a float64 [B] tensor in (0, pi/2). `jvp_fn(fn, primals, tangents) -> (out, tangent)` is
+    torch.func.jvp; sharded students pass a dual-number jvp instead (parallel/fsdp.py says why).
     """
     if not torch.compiler.is_compiling():
         check_trig_time(t, "t")
@@ -68,7 +70,7 @@ def scm_tangent(
         time_tangent = cos_sin if method == "jvp" else torch.zeros_like(t)
         if method not in ("jvp", "semi_fd"):
             raise ValueError(f"unknown tangent method {method!r}; expected 'jvp', 'semi_fd' or 'fd'")
-        F, tangent = torch.func.jvp(student_velocity, (x_t, t), (x_tangent, time_tangent))
+        F, tangent = jvp_fn(student_velocity, (x_t, t), (x_tangent, time_tangent))
         if method == "semi_fd":
             F_prev = denoise(params, x_t, t - fd_step, cond)
             tangent = tangent.double() + batch_view(cos_sin, x_t) * _fd_time_derivative(F, F_prev, fd_step)
