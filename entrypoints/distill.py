@@ -87,13 +87,19 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
     preset = get_preset(cfg.model)
     pick = lambda value, default: default if value is None else value  # noqa: E731
     loss = LossConfig(  # paper's L_sCM + lambda L_DMD as the official 100 L_sCM + 100 lambda L_DMD (§3)
-        method=cfg.method, guidance=pick(cfg.guidance, preset.guidance), loss_scale=100.0,
+        method=cfg.method,
+        guidance=pick(cfg.guidance, preset.guidance),
+        loss_scale=100.0,
         loss_scale_dmd=1.0 if cfg.method == "dmd" else 100.0 * cfg.dmd_weight,
         p_G=preset.p_G if cfg.p_g_mean is None else LogNormal(cfg.p_g_mean, 1.6),
-        p_D=preset.p_D, tangent_method=cfg.tangent_method,
+        p_D=preset.p_D,
+        tangent_method=cfg.tangent_method,
     )
-    optim = replace(preset.optim, student_lr=pick(cfg.student_lr, preset.optim.student_lr),
-                    fake_lr=pick(cfg.fake_lr, preset.optim.fake_lr))
+    optim = replace(
+        preset.optim,
+        student_lr=pick(cfg.student_lr, preset.optim.student_lr),
+        fake_lr=pick(cfg.fake_lr, preset.optim.fake_lr),
+    )
     warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
     return LoopConfig(loss, optim, warmup, pick(cfg.student_update_freq, preset.student_update_freq), cfg.seed)
 
@@ -119,8 +125,11 @@ def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor"
     """Compile at the call site: the student forward, and the whole jvp (torch.func.jvp cannot run over
     an already-compiled function, so the tangent computation is compiled as one function)."""
     tangent = lambda p, x, t, c, f: scm_tangent(nets.student, p, x, t, c, f, cfg.loss.tangent_method)  # noqa: E731
-    return replace(nets, student_tangent=torch.compile(tangent, fullgraph=True, backend=backend),
-                   student=torch.compile(nets.student, fullgraph=True, backend=backend))
+    return replace(
+        nets,
+        student_tangent=torch.compile(tangent, fullgraph=True, backend=backend),
+        student=torch.compile(nets.student, fullgraph=True, backend=backend),
+    )
 
 
 def run(cfg: DistillConfig) -> dict:
@@ -138,8 +147,12 @@ def run(cfg: DistillConfig) -> dict:
     if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
         check_checkpoint_config(ckpt, config)
     world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
-    nets = Networks(student=world.student, teacher=world.teacher, teacher_params=world.mixture,
-                    fake=world.student if lcfg.loss.uses_critic else None)
+    nets = Networks(
+        student=world.student,
+        teacher=world.teacher,
+        teacher_params=world.mixture,
+        fake=world.student if lcfg.loss.uses_critic else None,
+    )
     if cfg.compile:
         nets = compiled_networks(nets, lcfg)
     state = init_state(world.init_params, world.init_params if lcfg.loss.uses_critic else None, lcfg)

@@ -93,8 +93,10 @@ def list_inputs(source: Path) -> list[tuple[str, Path, str | None]]:
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in media.IMAGE_SUFFIXES + media.VIDEO_SUFFIXES)
         captions = [p.with_suffix(".txt") for p in files]
-        return [(str(p.relative_to(source)), p, c.read_text().strip() if c.is_file() else None)
-                for p, c in zip(files, captions, strict=True)]
+        return [
+            (str(p.relative_to(source)), p, c.read_text().strip() if c.is_file() else None)
+            for p, c in zip(files, captions, strict=True)
+        ]
     if not source.exists():
         raise FileNotFoundError(f"input not found: {source}")
     if source.suffix.lower() == ".csv":
@@ -142,8 +144,10 @@ class Progress:
         self.path = folder / PROGRESS
         state = json.loads(self.path.read_text()) if self.path.exists() else {"shards": [], "skipped": {}}
         if len(state["shards"]) < shards_in_manifest:
-            raise ValueError(f"{folder} has {shards_in_manifest} shards but {self.path.name} knows "
-                             f"{len(state['shards'])}: not written by prepare; use a new folder")
+            raise ValueError(
+                f"{folder} has {shards_in_manifest} shards but {self.path.name} knows "
+                f"{len(state['shards'])}: not written by prepare; use a new folder"
+            )
         self.shards = state["shards"][:shards_in_manifest]  # an entry past the manifest never got written
         self.skipped: dict[str, str] = state["skipped"]
 
@@ -170,8 +174,11 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
         raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")
     writer = ShardWriter(cfg.output, shape, (spec.text_len, spec.text_dim), cfg.dtype or "bfloat16", cfg.shard_size)
     progress = Progress(cfg.output, len(writer.manifest.shards))
-    negative = cfg.negative_prompt if cfg.negative_prompt is not None else (
-        codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
+    negative = (
+        cfg.negative_prompt
+        if cfg.negative_prompt is not None
+        else (codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
+    )
     write_negative_embedding(cfg.output, encoder.encode([negative], what="negative prompt")[0].float().cpu())
     done, pending, skipped_now = progress.done(), [], {}
     todo = [item for item in items if item[0] not in done]
@@ -180,8 +187,9 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
             if caption is None:
                 raise media.MediaError(f"{path}: no caption ({path.with_suffix('.txt').name} missing)")
             embedding = encoder.encode([caption], truncate=cfg.truncate_prompts, what="caption")[0]
-            clip = media.fit_frames(media.read_media(path, frames, cfg.frame_stride), frames, height, width, cfg.fit,
-                                    source=str(path))
+            clip = media.fit_frames(
+                media.read_media(path, frames, cfg.frame_stride), frames, height, width, cfg.fit, source=str(path)
+            )
             latent = vae.encode(media.to_pixels(clip)[None])[0]
         except (media.MediaError, codecs.PromptTooLongError) as err:
             progress.skipped[key] = skipped_now[key] = str(err)
@@ -198,16 +206,22 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
         progress.shards.append(pending)
     manifest = writer.close()
     progress.save()
-    return {"written": len(todo) - len(skipped_now), "total": manifest.count, "skipped": skipped_now,
-            "previously_skipped": len(progress.skipped) - len(skipped_now)}
+    return {
+        "written": len(todo) - len(skipped_now),
+        "total": manifest.count,
+        "skipped": skipped_now,
+        "previously_skipped": len(progress.skipped) - len(skipped_now),
+    }
 
 
 def main() -> None:
     cfg = tyro.cli(PrepareConfig, description=__doc__.splitlines()[0] + f" Models: toy, {', '.join(MODELS)}.")
     result = prepare_toy(cfg) if cfg.model == "toy" else prepare_media(cfg, get_spec(cfg.model))
     manifest = read_manifest(cfg.output)
-    print(f"{cfg.output}: {result['written']} samples written now, {manifest.count} in {len(manifest.shards)} shards; "
-          f"latent {list(manifest.latent_shape)}, text {list(manifest.text_shape)}, {manifest.dtype}")
+    print(
+        f"{cfg.output}: {result['written']} samples written now, {manifest.count} in {len(manifest.shards)} shards; "
+        f"latent {list(manifest.latent_shape)}, text {list(manifest.text_shape)}, {manifest.dtype}"
+    )
     for key, reason in list(result["skipped"].items())[:20]:
         print(f"  skipped {key}: {reason}")
     if len(result["skipped"]) > 20:

@@ -99,8 +99,10 @@ class SampleConfig:
         if self.model != "toy":
             get_spec(self.model)
         if not self.steps or min(self.steps) < 1 or max(self.steps) > len(self.mid_times) + 1:
-            raise ValueError(f"steps must lie in 1..{len(self.mid_times) + 1} (one more than the mid times "
-                             f"{self.mid_times}); got {self.steps}")
+            raise ValueError(
+                f"steps must lie in 1..{len(self.mid_times) + 1} (one more than the mid times "
+                f"{self.mid_times}); got {self.steps}"
+            )
         for name in ("teacher_steps", "batch", "fps"):
             if getattr(self, name) < (0 if name == "teacher_steps" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'teacher_steps' else 1}; got {getattr(self, name)}")
@@ -122,8 +124,9 @@ def student_weights(cfg: SampleConfig) -> tuple[Path, bool]:
         if folder is None and (cfg.run / EXPORT).is_file() and cfg.weights == "ema":
             return cfg.run / EXPORT, False
         if folder is None:
-            raise FileNotFoundError(f"run folder {cfg.run} has no complete checkpoint under checkpoints/ "
-                                    f"(iter-N) and no {EXPORT}")
+            raise FileNotFoundError(
+                f"run folder {cfg.run} has no complete checkpoint under checkpoints/ (iter-N) and no {EXPORT}"
+            )
     if folder is None:
         raise ValueError("no student: pass --run (a distill run folder) or --checkpoint")
     if (folder / "state.json").is_file():
@@ -151,9 +154,12 @@ def speedup_table(rows: dict, teacher: str | None) -> str:
 def toy_world_from(saved: dict) -> toy_world.ToyWorld:
     """The toy world of a distill run's saved config; the checkpoint's weights replace its warm start."""
     mixture = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["toy"]["mixture"].items()}
-    cfg = toy_world.ToyConfig(mixture=gmm.MixtureConfig(**mixture), net=TinyDiTConfig(**saved["toy"]["net"]),
-                              warm_start=WarmStartConfig(steps=1, batch_size=1),
-                              eval_samples=saved["toy"]["eval_samples"])
+    cfg = toy_world.ToyConfig(
+        mixture=gmm.MixtureConfig(**mixture),
+        net=TinyDiTConfig(**saved["toy"]["net"]),
+        warm_start=WarmStartConfig(steps=1, batch_size=1),
+        eval_samples=saved["toy"]["eval_samples"],
+    )
     return toy_world.build_toy(cfg, saved["seed"], progress=False)
 
 
@@ -176,19 +182,25 @@ def sample_toy(cfg: SampleConfig) -> dict:
     cfg.output.mkdir(parents=True, exist_ok=True)
     report = {}
     for seed in cfg.seeds:
-        runs = {f"student {k}-step": (k, partial(toy_world.sample_student, world, params, k, seed, sigma_max))
-                for k in cfg.steps}
+        runs = {
+            f"student {k}-step": (k, partial(toy_world.sample_student, world, params, k, seed, sigma_max))
+            for k in cfg.steps
+        }
         if cfg.teacher_steps:
             runs[f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"] = (
                 cfg.teacher_steps * (2 if guidance != 1.0 else 1),
-                partial(toy_world.sample_teacher, world, cfg.teacher_steps, guidance, seed, shift, sigma_max))
+                partial(toy_world.sample_teacher, world, cfg.teacher_steps, guidance, seed, shift, sigma_max),
+            )
         rows = {}
         for name, (nfe, fn) in runs.items():
             start = time.perf_counter()
             samples = fn()
             seconds = time.perf_counter() - start
             rows[name] = toy_world.evaluate(world, samples, seed) | {
-                "seconds": seconds, "nfe": nfe, "seconds_per_sample": seconds / samples.shape[0]}
+                "seconds": seconds,
+                "nfe": nfe,
+                "seconds_per_sample": seconds / samples.shape[0],
+            }
         figure = cfg.output / ("samples.png" if len(cfg.seeds) == 1 else f"samples-seed{seed}.png")
         toy_world.save_figure(world, params, seed, figure, guidance)
         report[f"seed {seed}"] = {"rows": rows, "figure": str(figure), "checkpoint": str(path)}
@@ -243,8 +255,9 @@ def run_sampler(fn, noises: torch.Tensor, conds: torch.Tensor, batch: int, devic
 
 def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     """Real model: encode prompts, sample student (and teacher), decode, write media, sheet and timings."""
-    prompts = list(cfg.prompts) + ([p for p in cfg.prompt_file.read_text().splitlines() if p.strip()]
-                                   if cfg.prompt_file else [])
+    prompts = list(cfg.prompts) + (
+        [p for p in cfg.prompt_file.read_text().splitlines() if p.strip()] if cfg.prompt_file else []
+    )
     if not prompts:
         raise ValueError("no prompts: pass --prompts or --prompt-file")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -258,14 +271,18 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     encoder = codecs.load_text_encoder(cfg.text_encoder, device, DTYPES[cfg.dtype], spec.text_len)
     if encoder.dim != spec.text_dim:
         raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")
-    negative = cfg.negative_prompt if cfg.negative_prompt is not None else (
-        codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
+    negative = (
+        cfg.negative_prompt
+        if cfg.negative_prompt is not None
+        else (codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
+    )
     cond_prompts, uncond = encoder.encode(prompts).cpu(), encoder.encode([negative], what="negative prompt").cpu()
     del encoder
     jobs = [(p, s) for p in range(len(prompts)) for s in cfg.seeds]
     # Per-sample noise from its own seed: results do not depend on --batch, and all samplers share noise[0].
-    noises = torch.stack([torch.randn(max(cfg.steps), *shape, generator=torch.Generator().manual_seed(s))
-                          for _, s in jobs], dim=1)
+    noises = torch.stack(
+        [torch.randn(max(cfg.steps), *shape, generator=torch.Generator().manual_seed(s)) for _, s in jobs], dim=1
+    )
     conds = cond_prompts[[p for p, _ in jobs]]
     sigma_max = cfg.sigma_max or (PRESETS[cfg.model].sigma_max if cfg.model in PRESETS else 80.0)
     latents, rows = {}, {}
@@ -274,21 +291,33 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         times = consistency_times(k, sigma_max, cfg.mid_times)
         latents[f"student {k}-step"], seconds = run_sampler(
             lambda n, c, k=k, times=times: consistency_sample(denoise, params, n[:k], times, c),
-            noises, conds, cfg.batch, device, warmup=k == cfg.steps[0])
+            noises,
+            conds,
+            cfg.batch,
+            device,
+            warmup=k == cfg.steps[0],
+        )
         rows[f"student {k}-step"] = {"nfe": k, "seconds_per_sample": seconds / len(jobs)}
     del denoise, params
     teacher = None
     if cfg.teacher is not None and cfg.teacher_steps:
-        guidance = cfg.guidance if cfg.guidance is not None else (
-            PRESETS[cfg.model].guidance if cfg.model in PRESETS else 5.0)
+        guidance = (
+            cfg.guidance if cfg.guidance is not None else (PRESETS[cfg.model].guidance if cfg.model in PRESETS else 5.0)
+        )
         rf = teacher_rf_times(cfg.teacher_steps, 5.0 if cfg.shift is None else cfg.shift, sigma_max)
         denoise, params = load_denoiser(spec, cfg.teacher, False, cfg, device)
         teacher = f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"
         latents[teacher], seconds = run_sampler(
             lambda n, c: teacher_euler_sample(denoise, params, n[0], rf, c, uncond.to(c).expand_as(c), guidance),
-            noises, conds, cfg.batch, device)
-        rows[teacher] = {"nfe": cfg.teacher_steps * (2 if guidance != 1.0 else 1),
-                         "seconds_per_sample": seconds / len(jobs)}
+            noises,
+            conds,
+            cfg.batch,
+            device,
+        )
+        rows[teacher] = {
+            "nfe": cfg.teacher_steps * (2 if guidance != 1.0 else 1),
+            "seconds_per_sample": seconds / len(jobs),
+        }
         del denoise, params
     cfg.output.mkdir(parents=True, exist_ok=True)
     slug = lambda name: name.split(" (")[0].replace(" ", "-")  # noqa: E731

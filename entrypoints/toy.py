@@ -96,8 +96,9 @@ def sample_student(world: ToyWorld, params, steps: int, seed: int, sigma_max: fl
     return consistency_sample(world.student, params, noise, consistency_times(steps, sigma_max), cond)
 
 
-def sample_teacher(world: ToyWorld, steps: int, guidance: float, seed: int, shift: float = 1.0,
-                   sigma_max: float = 80.0) -> torch.Tensor:
+def sample_teacher(
+    world: ToyWorld, steps: int, guidance: float, seed: int, shift: float = 1.0, sigma_max: float = 80.0
+) -> torch.Tensor:
     """Teacher Euler samples (rectified-flow time, CFG) for the evaluation labels."""
     labels = eval_labels(world)
     gen = torch.Generator().manual_seed(seed)
@@ -119,8 +120,16 @@ def evaluate(world: ToyWorld, samples: torch.Tensor, seed: int) -> dict:
     return toy_metrics(world.mixture, samples.double(), eval_labels(world), gen).as_dict()
 
 
-def sampler_table(world: ToyWorld, student_params, seed: int, guidance: float, sigma_max: float,
-                  teacher_steps=(4, 8, 50), student_steps=(1, 2, 4), prefix: str = "student") -> dict:
+def sampler_table(
+    world: ToyWorld,
+    student_params,
+    seed: int,
+    guidance: float,
+    sigma_max: float,
+    teacher_steps=(4, 8, 50),
+    student_steps=(1, 2, 4),
+    prefix: str = "student",
+) -> dict:
     """{row name: samples} and {row name: seconds} for exact data, teacher Euler and the student."""
     rows, seconds = {}, {}
 
@@ -131,11 +140,15 @@ def sampler_table(world: ToyWorld, student_params, seed: int, guidance: float, s
 
     timed("exact data", lambda: exact_samples(world, seed))
     for steps in teacher_steps:
-        timed(f"teacher Euler {steps} (cfg {guidance:g})",
-              lambda s=steps: sample_teacher(world, s, guidance, seed, sigma_max=sigma_max))
+        timed(
+            f"teacher Euler {steps} (cfg {guidance:g})",
+            lambda s=steps: sample_teacher(world, s, guidance, seed, sigma_max=sigma_max),
+        )
     for steps in student_steps:
-        timed(f"{prefix} {steps}-step",
-              lambda s=steps: sample_student(world, student_params, s, seed, sigma_max=sigma_max))
+        timed(
+            f"{prefix} {steps}-step",
+            lambda s=steps: sample_student(world, student_params, s, seed, sigma_max=sigma_max),
+        )
     return rows, seconds
 
 
@@ -148,9 +161,11 @@ def final_report(world: ToyWorld, student_params, seed: int, preset) -> dict:
 
 def save_figure(world: ToyWorld, student_params, seed: int, path, guidance: float) -> None:
     """Truth, 50-step teacher and 1/2/4-step student on the modes' principal plane, plus mode shares."""
-    sets = {"exact": exact_samples(world, seed),
-            "teacher 50": sample_teacher(world, 50, guidance, seed),
-            **{f"student {s}": sample_student(world, student_params, s, seed) for s in (1, 2, 4)}}
+    sets = {
+        "exact": exact_samples(world, seed),
+        "teacher 50": sample_teacher(world, 50, guidance, seed),
+        **{f"student {s}": sample_student(world, student_params, s, seed) for s in (1, 2, 4)},
+    }
     save_toy_figure(path, sets, world.mixture, eval_labels(world))
 
 

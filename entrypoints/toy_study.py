@@ -79,6 +79,7 @@ def main() -> None:
                 rows.setdefault(name, metrics)
         timings[spec] = final["train_seconds"]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
     def row_order(name: str):  # exact data, teachers by step count, then the students by name
         if name.startswith("exact"):
             return (0, "")
@@ -88,17 +89,23 @@ def main() -> None:
 
     ordered = {k: rows[k] for k in sorted(rows, key=row_order)}
     report = [
-        "# Toy study: sCM, DMD and rCM students against an exact Gaussian-mixture teacher", "",
+        "# Toy study: sCM, DMD and rCM students against an exact Gaussian-mixture teacher",
+        "",
         f"Produced by `just study` (`python -m entrypoints.toy_study`) on {datetime.date.today()}, commit "
         f"{commit}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s). {cfg.base.iterations or 'preset'} iterations per run; "
-        "training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".", "",
-        *markdown(ordered), "", "Targets (rCM student):", "",
-        *[line for spec in cfg.runs if spec.startswith("rcm") for line in target_lines(ordered, spec)], "",
+        "training seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".",
+        "",
+        *markdown(ordered),
+        "",
+        "Targets (rCM student):",
+        "",
+        *[line for spec in cfg.runs if spec.startswith("rcm") for line in target_lines(ordered, spec)],
+        "",
     ]
     cfg.report.parent.mkdir(parents=True, exist_ok=True)
     existing = cfg.report.read_text() if cfg.report.exists() else ""
-    notes = existing[existing.index("## Reading"):] if "## Reading" in existing else ""
+    notes = existing[existing.index("## Reading") :] if "## Reading" in existing else ""
     cfg.report.write_text("\n".join(report) + ("\n" + notes if notes else ""))
     print("\n".join(report))
 

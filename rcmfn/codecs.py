@@ -45,12 +45,16 @@ def resolve_folder(path: str | os.PathLike | None, sub: str, what: str, flag: st
         raise FileNotFoundError(f"no {what} given: pass {flag} with a local folder (nothing is downloaded)")
     root = Path(path)
     if not root.is_dir():
-        raise FileNotFoundError(f"{what} weights not found: {root} is not a folder (pass {flag} with a local "
-                                f"Hugging Face folder, e.g. the {sub}/ folder of a -Diffusers release)")
+        raise FileNotFoundError(
+            f"{what} weights not found: {root} is not a folder (pass {flag} with a local "
+            f"Hugging Face folder, e.g. the {sub}/ folder of a -Diffusers release)"
+        )
     folder = root / sub if (root / sub / "config.json").is_file() else root
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{what} weights not found: {folder} has no config.json (want a Hugging Face "
-                                f"folder with config.json and weights, or a release root with {sub}/)")
+        raise FileNotFoundError(
+            f"{what} weights not found: {folder} has no config.json (want a Hugging Face "
+            f"folder with config.json and weights, or a release root with {sub}/)"
+        )
     return folder
 
 
@@ -90,16 +94,26 @@ class TextEncoder:
             raise ValueError("prompts must be a non-empty list of strings")
         if not truncate:
             self.check_lengths(prompts, what)
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
-                                return_tensors="pt", return_attention_mask=True)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+            return_attention_mask=True,
+        )
         device = next(self.model.parameters()).device
         mask = tokens["attention_mask"].to(device)
         states = self.model(input_ids=tokens["input_ids"].to(device), attention_mask=mask).last_hidden_state
         return states * mask[..., None].to(states.dtype)
 
 
-def load_text_encoder(path: str | os.PathLike | None, device: torch.device | str = "cpu",
-                      dtype: torch.dtype = torch.bfloat16, max_length: int = TEXT_LEN) -> TextEncoder:
+def load_text_encoder(
+    path: str | os.PathLike | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    max_length: int = TEXT_LEN,
+) -> TextEncoder:
     """A T5 / umT5 encoder and its tokenizer from a local folder (model type read from config.json)."""
     folder = resolve_folder(path, "text_encoder", "text encoder", "--text-encoder")
     own = any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "spiece.model"))
@@ -161,16 +175,19 @@ class Vae:
         return self.model.decode(z.to(weight.dtype)).sample.float().clamp(-1.0, 1.0)
 
 
-def load_vae(path: str | os.PathLike | None, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> Vae:
+def load_vae(
+    path: str | os.PathLike | None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Vae:
     """The diffusers AutoencoderKLWan in a local folder (a release root with vae/, or the vae/ folder)."""
     folder = resolve_folder(path, "vae", "VAE", "--vae")
     model = require("diffusers").AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     cfg = model.config
     strides = (cfg.scale_factor_temporal, cfg.scale_factor_spatial, cfg.scale_factor_spatial)
     if strides != VAE_STRIDE or len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
-        raise ValueError(f"{folder}: not a Wan2.1 VAE (strides {strides}, want {VAE_STRIDE}; z_dim {cfg.z_dim} "
-                         f"with {len(cfg.latents_mean)} means and {len(cfg.latents_std)} stds)")
+        raise ValueError(
+            f"{folder}: not a Wan2.1 VAE (strides {strides}, want {VAE_STRIDE}; z_dim {cfg.z_dim} "
+            f"with {len(cfg.latents_mean)} means and {len(cfg.latents_std)} stds)"
+        )
     stats = [torch.tensor(v, dtype=torch.float32) for v in (cfg.latents_mean, cfg.latents_std)]
     return Vae(model.to(device).eval(), *stats)
 
@@ -185,11 +202,19 @@ def write_tiny_text_encoder(folder: str | os.PathLike, kind: str = "umt5", dim: 
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     backend.post_processor = tokenizers.processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                                     unk_token="<unk>")
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     config_class, model_class = {"t5": ("T5Config", "T5EncoderModel"), "umt5": ("UMT5Config", "UMT5EncoderModel")}[kind]
-    config = getattr(transformers, config_class)(vocab_size=len(words), d_model=dim, d_kv=8, d_ff=2 * dim,
-                                                 num_layers=1, num_heads=2, relative_attention_num_buckets=8)
+    config = getattr(transformers, config_class)(
+        vocab_size=len(words),
+        d_model=dim,
+        d_kv=8,
+        d_ff=2 * dim,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+    )
     torch.manual_seed(seed)
     folder = Path(folder)
     getattr(transformers, model_class)(config).save_pretrained(folder / "text_encoder")

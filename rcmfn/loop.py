@@ -135,22 +135,45 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
         t = sample_time(loss_cfg.p_G, x0.shape[0], gen, "trig", x0.device)
         noise = noise_like(x0.shape, gen, x0.device)
         rho = tangent_warmup_ratio(i, cfg.tangent_warmup)
-        loss, aux = scm_student_loss(nets.student, state.student, nets.teacher, nets.teacher_params,
-                                     x0, cond, uncond, t, noise, loss_cfg, rho, nets.student_tangent)
+        loss, aux = scm_student_loss(
+            nets.student,
+            state.student,
+            nets.teacher,
+            nets.teacher_params,
+            x0,
+            cond,
+            uncond,
+            t,
+            noise,
+            loss_cfg,
+            rho,
+            nets.student_tangent,
+        )
         loss.sum().backward()
         metrics |= {"scm_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
     elif loss_cfg.method == "dcm":
         u = uniform_dcm_draw(x0.shape[0], loss_cfg, gen, x0.device)
         noise = noise_like(x0.shape, gen, x0.device)
-        loss, _ = dcm_student_loss(nets.student, state.student, nets.teacher, nets.teacher_params,
-                                   x0, cond, uncond, u, noise, loss_cfg)
+        loss, _ = dcm_student_loss(
+            nets.student, state.student, nets.teacher, nets.teacher_params, x0, cond, uncond, u, noise, loss_cfg
+        )
         loss.sum().backward()
         metrics["dcm_loss"] = loss.mean().item()
     if loss_cfg.uses_critic and i >= cfg.tangent_warmup:
         steps = rollout_steps(i_eff, loss_cfg.max_rollout_steps)
         draws = draw_rollout(steps, x0.shape, loss_cfg, gen, x0.device)
-        loss, _ = dmd_student_loss(nets.student, state.student, nets.teacher, nets.teacher_params,
-                                   nets.fake, state.fake, cond, uncond, *draws, loss_cfg)
+        loss, _ = dmd_student_loss(
+            nets.student,
+            state.student,
+            nets.teacher,
+            nets.teacher_params,
+            nets.fake,
+            state.fake,
+            cond,
+            uncond,
+            *draws,
+            loss_cfg,
+        )
         loss.sum().backward()
         metrics["dmd_loss"] = loss.mean().item()
     _optimizer_step(state.student_opt, cfg.optim.student_lr, state.student_steps, cfg.optim)

@@ -74,8 +74,9 @@ def write_png(path: str | os.PathLike, image: torch.Tensor) -> Path:
     return _atomic(Path(path), lambda tmp: Image.fromarray(array, "RGB").save(tmp, format="PNG"))
 
 
-def write_mp4(path: str | os.PathLike, frames: torch.Tensor, fps: int = 16, crf: int = 18,
-              codec: str = "libx264") -> Path:
+def write_mp4(
+    path: str | os.PathLike, frames: torch.Tensor, fps: int = 16, crf: int = 18, codec: str = "libx264"
+) -> Path:
     """Write frames uint8 [T, H, W, 3] as an H.264 (yuv420p) MP4; H and W must be even (4:2:0)."""
     check_frames(frames)
     _, height, width, _ = frames.shape
@@ -151,8 +152,9 @@ def read_media(path: str | os.PathLike, num_frames: int | None = None, stride: i
     raise MediaError(f"{path}: unknown media suffix {suffix!r}; images {IMAGE_SUFFIXES}, videos {VIDEO_SUFFIXES}")
 
 
-def fit_frames(frames: torch.Tensor, num_frames: int, height: int, width: int, mode: str = "crop",
-               source: str = "media") -> torch.Tensor:
+def fit_frames(
+    frames: torch.Tensor, num_frames: int, height: int, width: int, mode: str = "crop", source: str = "media"
+) -> torch.Tensor:
     """Frames [T, H, W, 3] brought to exactly [num_frames, height, width, 3], or MediaError.
 
     The first `num_frames` frames are kept (fewer is an error). mode "exact": the size must already
@@ -173,8 +175,11 @@ def fit_frames(frames: torch.Tensor, num_frames: int, height: int, width: int, m
     scale = max(height / h, width / w)
     size = (max(height, round(h * scale)), max(width, round(w * scale)))
     x = frames.permute(0, 3, 1, 2).float()
-    resized = F.interpolate(x, size=size, mode="area") if scale < 1 else F.interpolate(
-        x, size=size, mode="bilinear", align_corners=False)
+    resized = (
+        F.interpolate(x, size=size, mode="area")
+        if scale < 1
+        else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    )
     top, left = (size[0] - height) // 2, (size[1] - width) // 2
     cropped = resized[:, :, top : top + height, left : left + width]
     return cropped.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
@@ -189,8 +194,9 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
     return text + "..."
 
 
-def contact_sheet(rows: Mapping[str, Sequence[torch.Tensor]], column_labels: Sequence[str] = (),
-                  pad: int = 4) -> torch.Tensor:
+def contact_sheet(
+    rows: Mapping[str, Sequence[torch.Tensor]], column_labels: Sequence[str] = (), pad: int = 4
+) -> torch.Tensor:
     """One uint8 image [H, W, 3]: a labelled grid, one row per entry of `rows` (e.g. a sampler), one
     column per image (e.g. a prompt and seed). Every image is uint8 [h, w, 3] of one common size."""
     images = [img for row in rows.values() for img in row]

@@ -123,8 +123,6 @@ def guided_velocity(
     if uncond is None or guidance == 1.0:
         return F_cond
     if uncond.shape != cond.shape:
-        raise ValueError(
-            f"uncondition shape {tuple(uncond.shape)} must equal condition shape {tuple(cond.shape)}"
-        )
+        raise ValueError(f"uncondition shape {tuple(uncond.shape)} must equal condition shape {tuple(cond.shape)}")
     F_uncond = denoise(params, x_t, t, uncond)
     return F_uncond + guidance * (F_cond - F_uncond)

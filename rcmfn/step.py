@@ -69,9 +69,18 @@ def noise_like(shape, generator: torch.Generator, device, dtype=torch.float32) -
 
 
 def scm_student_loss(
-    student: Denoiser, student_params, teacher: Denoiser, teacher_params,
-    x0: torch.Tensor, cond, uncond, t: torch.Tensor, noise: torch.Tensor,
-    cfg: LossConfig, warmup_ratio: float = 1.0, tangent_fn=None,
+    student: Denoiser,
+    student_params,
+    teacher: Denoiser,
+    teacher_params,
+    x0: torch.Tensor,
+    cond,
+    uncond,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    cfg: LossConfig,
+    warmup_ratio: float = 1.0,
+    tangent_fn=None,
 ) -> tuple[torch.Tensor, dict]:
     """sCM loss of SPEC-rcm §2: teacher target, detached student tangent, one student pass with grad.
 
@@ -108,8 +117,19 @@ def _renoise(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Te
 
 
 def dmd_student_loss(
-    student: Denoiser, student_params, teacher: Denoiser, teacher_params, fake: Denoiser, fake_params,
-    cond, uncond, rollout_noise, times, t_D, noise_D, cfg: LossConfig,
+    student: Denoiser,
+    student_params,
+    teacher: Denoiser,
+    teacher_params,
+    fake: Denoiser,
+    fake_params,
+    cond,
+    uncond,
+    rollout_noise,
+    times,
+    t_D,
+    noise_D,
+    cfg: LossConfig,
 ) -> tuple[torch.Tensor, dict]:
     """DMD loss of SPEC-rcm §3: rollout (grad through last step), then fake vs guided-teacher x0."""
     generated = consistency_rollout(student, student_params, rollout_noise, times, cond)
@@ -122,8 +142,15 @@ def dmd_student_loss(
 
 
 def critic_loss(
-    student: Denoiser, student_params, fake: Denoiser, fake_params,
-    cond, rollout_noise, times, t_D, noise_D,
+    student: Denoiser,
+    student_params,
+    fake: Denoiser,
+    fake_params,
+    cond,
+    rollout_noise,
+    times,
+    t_D,
+    noise_D,
 ) -> tuple[torch.Tensor, dict]:
     """Fake-score loss of SPEC-rcm §4.1: a gradient-free rollout, then x0 flow matching at t_D."""
     with torch.no_grad():
@@ -141,8 +168,16 @@ def dcm_times(u: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
 
 
 def dcm_student_loss(
-    student: Denoiser, student_params, teacher: Denoiser, teacher_params,
-    x0: torch.Tensor, cond, uncond, u: torch.Tensor, noise: torch.Tensor, cfg: LossConfig,
+    student: Denoiser,
+    student_params,
+    teacher: Denoiser,
+    teacher_params,
+    x0: torch.Tensor,
+    cond,
+    uncond,
+    u: torch.Tensor,
+    noise: torch.Tensor,
+    cfg: LossConfig,
 ) -> tuple[torch.Tensor, dict]:
     """Discrete-time CM of SPEC-rcm §5: prediction at t_0 vs the student at t_K after K teacher
     Euler steps in trig time (current weights as target, no EMA)."""
@@ -165,6 +200,16 @@ def uniform_dcm_draw(batch: int, cfg: LossConfig, generator: torch.Generator, de
 
 
 __all__ = [
-    "LossConfig", "LogNormal", "UniformShift", "step_generator", "noise_like", "scm_student_loss",
-    "draw_rollout", "dmd_student_loss", "critic_loss", "dcm_times", "dcm_student_loss", "uniform_dcm_draw",
+    "LossConfig",
+    "LogNormal",
+    "UniformShift",
+    "step_generator",
+    "noise_like",
+    "scm_student_loss",
+    "draw_rollout",
+    "dmd_student_loss",
+    "critic_loss",
+    "dcm_times",
+    "dcm_student_loss",
+    "uniform_dcm_draw",
 ]

@@ -23,8 +23,10 @@ PREFIX = "iter-"
 
 
 def _flat(params: TensorDict) -> dict[str, torch.Tensor]:
-    return {".".join(k) if isinstance(k, tuple) else k: v.detach().contiguous()
-            for k, v in params.items(include_nested=True, leaves_only=True)}
+    return {
+        ".".join(k) if isinstance(k, tuple) else k: v.detach().contiguous()
+        for k, v in params.items(include_nested=True, leaves_only=True)
+    }
 
 
 def _copy_into(params: TensorDict, path: Path) -> None:
@@ -36,8 +38,10 @@ def _copy_into(params: TensorDict, path: Path) -> None:
     with torch.no_grad():
         for key, value in flat.items():
             if tensors[key].shape != value.shape:
-                raise ValueError(f"checkpoint {path}: {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"model expects {tuple(value.shape)}")
+                raise ValueError(
+                    f"checkpoint {path}: {key} has shape {tuple(tensors[key].shape)}, "
+                    f"model expects {tuple(value.shape)}"
+                )
             value.copy_(tensors[key])
 
 
@@ -56,8 +60,12 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, keep: 
         save_file(_flat(state.fake), tmp / "fake.safetensors")
         optim["fake"] = state.fake_opt.state_dict()
     torch.save(optim, tmp / "optim.pt")
-    meta = {"iteration": state.iteration, "student_steps": state.student_steps,
-            "critic_steps": state.critic_steps, "config": config}
+    meta = {
+        "iteration": state.iteration,
+        "student_steps": state.student_steps,
+        "critic_steps": state.critic_steps,
+        "config": config,
+    }
     (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
@@ -81,8 +89,10 @@ def check_checkpoint_config(path: str | Path, config: dict) -> dict:
     if meta["config"] != config:
         diff = sorted(k for k in set(meta["config"]) | set(config) if meta["config"].get(k) != config.get(k))
         details = ", ".join(f"{k}: checkpoint {meta['config'].get(k)!r} vs now {config.get(k)!r}" for k in diff)
-        raise ValueError(f"checkpoint {path} was written by another configuration ({details}); "
-                         "use a new output folder or the same settings")
+        raise ValueError(
+            f"checkpoint {path} was written by another configuration ({details}); "
+            "use a new output folder or the same settings"
+        )
     return meta
 
 

@@ -29,8 +29,11 @@ def test_rcmfn_imports_neither_parallel_nor_torch_distributed(path):
 
 @pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
 def test_library_code_does_not_print(path):
-    calls = [n.lineno for n in ast.walk(ast.parse(path.read_text()))
-             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"]
+    calls = [
+        n.lineno
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "print"
+    ]
     assert not calls, f"{path.relative_to(ROOT)} calls print() at lines {calls}"
 
 
@@ -46,8 +49,9 @@ def test_no_autograd_function_with_jvp_in_ops():
 BUDGETS = {"rcmfn/models": 400, "ops": 600, "rcmfn": 250, "entrypoints": 250}
 
 
-@pytest.mark.parametrize("path", LIBRARY + sorted((ROOT / "entrypoints").rglob("*.py")),
-                         ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize(
+    "path", LIBRARY + sorted((ROOT / "entrypoints").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT))
+)
 def test_files_stay_within_their_size_budget_or_say_why(path):
     rel = str(path.relative_to(ROOT))
     budget = next((b for prefix, b in BUDGETS.items() if rel.startswith(prefix)), None)

@@ -192,8 +192,7 @@ def load_into_meta_module(
         elif ours not in expected:
             unexpected.append(entry.name)
         elif (
-            tuple((key_map.shape_to_ours and key_map.shape_to_ours(ours, entry.shape)) or entry.shape)
-            != expected[ours]
+            tuple((key_map.shape_to_ours and key_map.shape_to_ours(ours, entry.shape)) or entry.shape) != expected[ours]
         ):
             mismatched.append((ours, entry.shape, expected[ours]))
         elif ours in plan:

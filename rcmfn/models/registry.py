@@ -48,16 +48,10 @@ COSMOS_1024PX_LATENT = (16, 1, 128, 128)
 COSMOS_720P_LATENT = (16, 24, 88, 160)
 
 MODELS: dict[str, ModelSpec] = {
-    "wan1.3b": ModelSpec(
-        "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0
-    ),
+    "wan1.3b": ModelSpec("wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0),
     "wan14b": ModelSpec("wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_480P_LATENT, 512, 4096, 1000.0),
-    "cosmos2b": ModelSpec(
-        "cosmos", COSMOS_2B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0
-    ),
-    "cosmos14b": ModelSpec(
-        "cosmos", COSMOS_14B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0
-    ),
+    "cosmos2b": ModelSpec("cosmos", COSMOS_2B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
+    "cosmos14b": ModelSpec("cosmos", COSMOS_14B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
     "cosmos2b-video": ModelSpec(
         "cosmos", COSMOS_2B_V2W, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_720P_LATENT, 512, 1024, 1.0
     ),

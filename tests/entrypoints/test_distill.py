@@ -23,8 +23,16 @@ TINY_TOY = ToyConfig(
 
 
 def tiny_config(output: Path, **overrides) -> DistillConfig:
-    base = dict(output=output, iterations=6, tangent_warmup=1, student_update_freq=2, save_every=3,
-                log_every=1, progress=False, toy=TINY_TOY)
+    base = dict(
+        output=output,
+        iterations=6,
+        tangent_warmup=1,
+        student_update_freq=2,
+        save_every=3,
+        log_every=1,
+        progress=False,
+        toy=TINY_TOY,
+    )
     return DistillConfig(**(base | overrides))
 
 
@@ -36,8 +44,12 @@ def test_every_method_trains_with_finite_losses_and_writes_outputs(tmp_path, met
     losses = [v for line in lines for k, v in line.items() if k.endswith("loss")]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     kinds = {k for line in lines for k in line if k.endswith("loss")}
-    expected = {"rcm": {"scm_loss", "dmd_loss", "fake_score_loss"}, "scm": {"scm_loss"},
-                "dmd": {"dmd_loss", "fake_score_loss"}, "dcm": {"dcm_loss"}}[method]
+    expected = {
+        "rcm": {"scm_loss", "dmd_loss", "fake_score_loss"},
+        "scm": {"scm_loss"},
+        "dmd": {"dmd_loss", "fake_score_loss"},
+        "dcm": {"dcm_loss"},
+    }[method]
     assert kinds == expected
     assert "student 4-step" in final["rows"] and (tmp_path / "samples.png").stat().st_size > 1000
     assert json.loads((tmp_path / "metrics.json").read_text())["iterations"] == 6
@@ -92,8 +104,13 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 def test_cli_flags_match_snapshot():
     """The CLI changes only on purpose: update tests/entrypoints/distill_flags.txt with the change."""
-    out = subprocess.run([sys.executable, "-m", "entrypoints.distill", "--help"], capture_output=True,
-                         text=True, check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "entrypoints.distill", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "200", "PATH": ""},
+    ).stdout
     flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
     snapshot = Path(__file__).with_name("distill_flags.txt")
     assert flags == snapshot.read_text().split(), "\n".join(flags)

@@ -23,8 +23,14 @@ from rcmfn.models.wan import WAN_TINY, key_maps
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
 
 # The registered Wan spec with a tiny architecture: 5 frames of 16 x 16 pixels, 16 text tokens of width 24.
-TINY_WAN = dataclasses.replace(get_spec("wan1.3b"), config=WAN_TINY, key_maps=key_maps(WAN_TINY),
-                               latent_shape=(16, 2, 2, 2), text_len=16, text_dim=24)
+TINY_WAN = dataclasses.replace(
+    get_spec("wan1.3b"),
+    config=WAN_TINY,
+    key_maps=key_maps(WAN_TINY),
+    latent_shape=(16, 2, 2, 2),
+    text_len=16,
+    text_dim=24,
+)
 FLAGS = """--count --device --dtype --fit --frame-stride --frames --height --help --input --mixture.channels
 --mixture.class-norm --mixture.frames --mixture.height --mixture.mode-offset --mixture.modes-per-class
 --mixture.num-classes --mixture.seed --mixture.std-range --mixture.text-dim --mixture.text-tokens
@@ -86,8 +92,9 @@ def test_toy_resume_after_an_interruption_equals_a_straight_run(tmp_path, monkey
 
 
 def test_toy_cli_reports_what_it_wrote(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["prepare", "--output", str(tmp_path), "--count", "5", "--shard-size", "2",
-                                      "--no-progress"])
+    monkeypatch.setattr(
+        sys, "argv", ["prepare", "--output", str(tmp_path), "--count", "5", "--shard-size", "2", "--no-progress"]
+    )
     prepare.main()
     assert "5 samples written now, 5 in 3 shards; latent [4, 1, 8, 8], text [8, 32], float32" in capsys.readouterr().out
 
@@ -103,8 +110,10 @@ def test_toy_refuses_to_mix_another_mixture_or_seed_into_a_folder(tmp_path):
 def test_input_lists_resolve_paths_and_name_bad_records(tmp_path):
     (tmp_path / "list.csv").write_text('path,caption\nclips/a.mp4,"a, b"\n/abs/b.png,w1\n')
     (tmp_path / "list.jsonl").write_text('{"path": "a.mp4", "caption": "x"}\n\n{"path": "b.png", "caption": "y"}\n')
-    assert list_inputs(tmp_path / "list.csv") == [("0:clips/a.mp4", tmp_path / "clips/a.mp4", "a, b"),
-                                                  ("1:/abs/b.png", Path("/abs/b.png"), "w1")]
+    assert list_inputs(tmp_path / "list.csv") == [
+        ("0:clips/a.mp4", tmp_path / "clips/a.mp4", "a, b"),
+        ("1:/abs/b.png", Path("/abs/b.png"), "w1"),
+    ]
     assert [caption for _, _, caption in list_inputs(tmp_path / "list.jsonl")] == ["x", "y"]
     (tmp_path / "bad.jsonl").write_text('{"file": "a.mp4"}\n')
     with pytest.raises(ValueError, match="record 0 needs 'path' and 'caption'"):
@@ -118,7 +127,8 @@ def test_input_lists_resolve_paths_and_name_bad_records(tmp_path):
 
 needs_codecs = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")),
-    reason="text encoder / VAE / video tests need the media extra (pip install 'rcmfn[media]')")
+    reason="text encoder / VAE / video tests need the media extra (pip install 'rcmfn[media]')",
+)
 
 
 @pytest.fixture(scope="module")
@@ -135,16 +145,25 @@ def clip(t: int, h: int, w: int, seed: int) -> torch.Tensor:
     """Smooth random colour ramps (video-codec friendly), uint8 [t, h, w, 3]."""
     gen = torch.Generator().manual_seed(seed)
     corners = torch.rand(t, 3, 2, 2, generator=gen) * 255
-    return torch.nn.functional.interpolate(corners, size=(h, w), mode="bilinear").round().to(torch.uint8).permute(
-        0, 2, 3, 1).contiguous()
+    return (
+        torch.nn.functional.interpolate(corners, size=(h, w), mode="bilinear")
+        .round()
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .contiguous()
+    )
 
 
 def media_folder(root: Path) -> Path:
     """Two usable clips among five that must be skipped, each for its own reason."""
     root.mkdir()
-    entries = {"good": (clip(6, 16, 16, 0), "a b c"), "big": (clip(5, 20, 32, 1), "w1 w2"),
-               "short": (clip(3, 16, 16, 2), "a"), "long": (clip(5, 16, 16, 3), "a " * 20),
-               "nocap": (clip(5, 16, 16, 4), None)}
+    entries = {
+        "good": (clip(6, 16, 16, 0), "a b c"),
+        "big": (clip(5, 20, 32, 1), "w1 w2"),
+        "short": (clip(3, 16, 16, 2), "a"),
+        "long": (clip(5, 16, 16, 3), "a " * 20),
+        "nocap": (clip(5, 16, 16, 4), None),
+    }
     for name, (frames, caption) in entries.items():
         media.write_mp4(root / f"{name}.mp4", frames)
         if caption is not None:
@@ -157,8 +176,17 @@ def media_folder(root: Path) -> Path:
 
 
 def media_config(codec_dir: Path, source: Path, output: Path, **overrides) -> PrepareConfig:
-    base = dict(output=output, model="wan1.3b", input=source, text_encoder=codec_dir, vae=codec_dir,
-                negative_prompt="x y", shard_size=1, device="cpu", progress=False)
+    base = dict(
+        output=output,
+        model="wan1.3b",
+        input=source,
+        text_encoder=codec_dir,
+        vae=codec_dir,
+        negative_prompt="x y",
+        shard_size=1,
+        device="cpu",
+        progress=False,
+    )
     return PrepareConfig(**(base | overrides))
 
 
@@ -168,8 +196,12 @@ def test_media_become_shards_and_unfit_inputs_are_skipped_with_reasons(codec_dir
     result = prepare_media(media_config(codec_dir, source, tmp_path / "out"), TINY_WAN)
     assert result["written"] == 2 and result["total"] == 2
     reasons = {
-        "short.mp4": "3 frames, need 5", "still.png": "1 frames, need 5", "broken.mp4": "unreadable video",
-        "nocap.mp4": "no caption", "long.mp4": r"caption 0 \(21 tokens\)"}
+        "short.mp4": "3 frames, need 5",
+        "still.png": "1 frames, need 5",
+        "broken.mp4": "unreadable video",
+        "nocap.mp4": "no caption",
+        "long.mp4": r"caption 0 \(21 tokens\)",
+    }
     assert sorted(result["skipped"]) == sorted(reasons)
     for key, pattern in reasons.items():
         assert re.search(pattern, result["skipped"][key]), result["skipped"][key]
@@ -220,8 +252,9 @@ def test_media_resume_after_an_interruption_equals_a_straight_run(codec_dir, tmp
 def test_csv_list_with_exact_sizes_skips_media_of_another_size(codec_dir, tmp_path):
     source = media_folder(tmp_path / "in")
     (tmp_path / "list.csv").write_text("path,caption\nin/good.mp4,a b c\nin/big.mp4,w1 w2\n")
-    result = prepare_media(media_config(codec_dir, tmp_path / "list.csv", tmp_path / "out", fit="exact",
-                                        truncate_prompts=True), TINY_WAN)
+    result = prepare_media(
+        media_config(codec_dir, tmp_path / "list.csv", tmp_path / "out", fit="exact", truncate_prompts=True), TINY_WAN
+    )
     assert result["written"] == 1 and list(result["skipped"]) == ["1:in/big.mp4"]
     assert "size 20 x 32 (H x W), need 16 x 16" in result["skipped"]["1:in/big.mp4"]
     assert source.is_dir()
@@ -248,7 +281,12 @@ def test_missing_weights_or_input_fail_before_anything_is_written(codec_dir, tmp
 
 def test_cli_flags_match_snapshot():
     """The CLI changes only on purpose: update FLAGS with the change."""
-    out = subprocess.run([sys.executable, "-m", "entrypoints.prepare", "--help"], capture_output=True, text=True,
-                         check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "entrypoints.prepare", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "200", "PATH": ""},
+    ).stdout
     flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
     assert flags == sorted(FLAGS), "\n".join(flags)

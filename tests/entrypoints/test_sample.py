@@ -30,14 +30,26 @@ from rcmfn.warm_start import WarmStartConfig
 
 needs_codecs = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")),
-    reason="text encoder / VAE / MP4 tests need the media extra (pip install 'rcmfn[media]')")
-TINY_TOY = ToyConfig(net=TinyDiTConfig(width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
-                     warm_start=WarmStartConfig(steps=5, batch_size=8, warmup_steps=1), batch_size=4, eval_samples=8)
+    reason="text encoder / VAE / MP4 tests need the media extra (pip install 'rcmfn[media]')",
+)
+TINY_TOY = ToyConfig(
+    net=TinyDiTConfig(width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
+    warm_start=WarmStartConfig(steps=5, batch_size=8, warmup_steps=1),
+    batch_size=4,
+    eval_samples=8,
+)
 # Registered specs with tiny architectures: 5 frames of 32 x 48 pixels, 16 text tokens of width 24.
-TINY_WAN = dataclasses.replace(get_spec("wan1.3b"), config=WAN_TINY, key_maps=key_maps(WAN_TINY),
-                               latent_shape=(16, 2, 4, 6), text_len=16, text_dim=24)
-TINY_COSMOS = dataclasses.replace(get_spec("cosmos2b"), config=cosmos.CONFIGS["cosmos-tiny"],
-                                  latent_shape=(16, 1, 4, 6), text_len=16, text_dim=24)
+TINY_WAN = dataclasses.replace(
+    get_spec("wan1.3b"),
+    config=WAN_TINY,
+    key_maps=key_maps(WAN_TINY),
+    latent_shape=(16, 2, 4, 6),
+    text_len=16,
+    text_dim=24,
+)
+TINY_COSMOS = dataclasses.replace(
+    get_spec("cosmos2b"), config=cosmos.CONFIGS["cosmos-tiny"], latent_shape=(16, 1, 4, 6), text_len=16, text_dim=24
+)
 FLAGS = """--batch --checkpoint --device --dtype --fps --frames --guidance --height --help --layout --mid-times
 --model --negative-prompt --output --prompt-file --prompts --run --seeds --shift --sigma-max --steps --teacher
 --teacher-steps --text-encoder --vae --weights --width""".split()
@@ -46,16 +58,27 @@ FLAGS = """--batch --checkpoint --device --dtype --fps --frames --guidance --hei
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("toyrun")
-    distill(DistillConfig(output=out, iterations=3, tangent_warmup=1, student_update_freq=2, save_every=3,
-                          progress=False, toy=TINY_TOY))
+    distill(
+        DistillConfig(
+            output=out,
+            iterations=3,
+            tangent_warmup=1,
+            student_update_freq=2,
+            save_every=3,
+            progress=False,
+            toy=TINY_TOY,
+        )
+    )
     return out
 
 
 def random_weights(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Every parameter N(0, 0.3^2) (+1 for norm weights): no zero-initialised layer hides a wiring bug."""
     gen = torch.Generator().manual_seed(seed)
-    return {name: 0.3 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name and name.endswith("weight") else 0)
-            for name, p in module.state_dict().items()}
+    return {
+        name: 0.3 * torch.randn(p.shape, generator=gen) + (1.0 if "norm" in name and name.endswith("weight") else 0)
+        for name, p in module.state_dict().items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -64,17 +87,29 @@ def wan_files(tmp_path_factory) -> Path:
         pytest.skip("needs the media extra (transformers, diffusers, av)")
     root = tmp_path_factory.mktemp("wan")
     for name, seed in (("student", 0), ("teacher", 1)):
-        export_checkpoint(random_weights(WanModel(WAN_TINY), seed), root / f"{name}.safetensors",
-                          TINY_WAN.key_maps["official"])
+        export_checkpoint(
+            random_weights(WanModel(WAN_TINY), seed), root / f"{name}.safetensors", TINY_WAN.key_maps["official"]
+        )
     codecs.write_tiny_text_encoder(root, "umt5", dim=24)
     codecs.write_tiny_vae(root)
     return root
 
 
 def wan_config(root: Path, out: Path, **overrides) -> SampleConfig:
-    base = dict(model="wan1.3b", checkpoint=root / "student.safetensors", teacher=root / "teacher.safetensors",
-                text_encoder=root, vae=root, prompts=("a b c", "w1 w2 w3"), seeds=(0, 1), negative_prompt="x y",
-                teacher_steps=3, dtype="float32", device="cpu", output=out)
+    base = dict(
+        model="wan1.3b",
+        checkpoint=root / "student.safetensors",
+        teacher=root / "teacher.safetensors",
+        text_encoder=root,
+        vae=root,
+        prompts=("a b c", "w1 w2 w3"),
+        seeds=(0, 1),
+        negative_prompt="x y",
+        teacher_steps=3,
+        dtype="float32",
+        device="cpu",
+        output=out,
+    )
     return SampleConfig(**(base | overrides))
 
 
@@ -90,8 +125,21 @@ def test_toy_redraws_the_distill_runs_figure_from_its_checkpoint(toy_run, tmp_pa
 
 
 def test_toy_cli_prints_metrics_and_the_speed_up(toy_run, tmp_path, monkeypatch, capsys):
-    argv = ["sample", "--run", str(toy_run), "--output", str(tmp_path), "--steps", "1", "2", "--seeds", "0", "3",
-            "--weights", "student"]
+    argv = [
+        "sample",
+        "--run",
+        str(toy_run),
+        "--output",
+        str(tmp_path),
+        "--steps",
+        "1",
+        "2",
+        "--seeds",
+        "0",
+        "3",
+        "--weights",
+        "student",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     main()
     out = capsys.readouterr().out
@@ -155,8 +203,17 @@ def test_a_distributed_runs_ema_export_is_sampled_from_the_run_folder(wan_files,
 @needs_codecs
 def test_one_step_student_is_the_rf_jump_of_the_raw_net(wan_files, tmp_path):
     """SPEC-rcm §6.1: x_r = eps / (cos t0 + sin t0), r = sin t0 / (sin t0 + cos t0), x0 = x_r - r v(x_r, 1000 r)."""
-    cfg = wan_config(wan_files, tmp_path, vae=None, teacher=None, steps=(1,), seeds=(7,), prompts=("c a",),
-                     dtype="float64", sigma_max=30.0)
+    cfg = wan_config(
+        wan_files,
+        tmp_path,
+        vae=None,
+        teacher=None,
+        steps=(1,),
+        seeds=(7,),
+        prompts=("c a",),
+        dtype="float64",
+        sigma_max=30.0,
+    )
     sample_model(cfg, TINY_WAN)
     got = load_file(tmp_path / "latents.safetensors")["student-1-step"]
     model = WanModel(WAN_TINY).double()
@@ -189,8 +246,18 @@ def test_cosmos_image_student_writes_pngs(wan_files, tmp_path):
     codecs.write_tiny_text_encoder(tmp_path / "t5", "t5", dim=24)
     model = cosmos.build_cosmos(TINY_COSMOS.config).to_empty(device="cpu")
     export_checkpoint(random_weights(model, 5), tmp_path / "cosmos.safetensors", TINY_COSMOS.key_maps["official"])
-    cfg = wan_config(wan_files, tmp_path / "out", model="cosmos2b", checkpoint=tmp_path / "cosmos.safetensors",
-                     teacher=None, text_encoder=tmp_path / "t5", frames=1, height=32, width=48, seeds=(0,))
+    cfg = wan_config(
+        wan_files,
+        tmp_path / "out",
+        model="cosmos2b",
+        checkpoint=tmp_path / "cosmos.safetensors",
+        teacher=None,
+        text_encoder=tmp_path / "t5",
+        frames=1,
+        height=32,
+        width=48,
+        seeds=(0,),
+    )
     report = sample_model(cfg, TINY_COSMOS)
     pngs = sorted((tmp_path / "out").glob("*/*.png"))
     assert len(pngs) == 6 and media.read_image(pngs[0]).shape == (1, 32, 48, 3)
@@ -243,7 +310,12 @@ def test_config_validation_names_the_field():
 
 def test_cli_flags_match_snapshot():
     """The CLI changes only on purpose: update FLAGS with the change."""
-    out = subprocess.run([sys.executable, "-m", "entrypoints.sample", "--help"], capture_output=True, text=True,
-                         check=True, env={"COLUMNS": "200", "PATH": ""}).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "entrypoints.sample", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "200", "PATH": ""},
+    ).stdout
     flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
     assert flags == sorted(FLAGS), "\n".join(flags)

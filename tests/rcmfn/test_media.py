@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from rcmfn import media
 
-needs_av = pytest.mark.skipif(importlib.util.find_spec("av") is None,
-                              reason="video tests need PyAV (pip install 'rcmfn[media]')")
+needs_av = pytest.mark.skipif(
+    importlib.util.find_spec("av") is None, reason="video tests need PyAV (pip install 'rcmfn[media]')"
+)
 
 
 def random_frames(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -21,8 +22,9 @@ def random_frames(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 def smooth_frames(t: int, h: int, w: int) -> torch.Tensor:
     """Horizontal and vertical ramps, blue level 20 i in frame i: H.264 keeps them within a few levels."""
     y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    return torch.stack([torch.stack([x * 255 // w, y * 255 // h, torch.full_like(x, 20 * i)], -1)
-                        for i in range(t)]).to(torch.uint8)
+    return torch.stack(
+        [torch.stack([x * 255 // w, y * 255 // h, torch.full_like(x, 20 * i)], -1) for i in range(t)]
+    ).to(torch.uint8)
 
 
 @settings(max_examples=25, deadline=None)
@@ -87,8 +89,14 @@ def test_unknown_suffix_is_a_media_error(tmp_path):
 
 
 @settings(max_examples=20, deadline=None)
-@given(t=st.integers(1, 3), h=st.integers(1, 6), w=st.integers(1, 6), extra=st.integers(0, 3),
-       wide=st.booleans(), seed=st.integers(0, 99))
+@given(
+    t=st.integers(1, 3),
+    h=st.integers(1, 6),
+    w=st.integers(1, 6),
+    extra=st.integers(0, 3),
+    wide=st.booleans(),
+    seed=st.integers(0, 99),
+)
 def test_crop_fit_of_a_2x_upscaled_padded_frame_recovers_the_original(t, h, w, extra, wide, seed):
     """Shrinking by 2 averages the constant 2 x 2 blocks exactly; the padding is cropped symmetrically."""
     original = random_frames(t, h, w, seed)
@@ -118,8 +126,10 @@ def test_fit_frames_exact_mode_and_frame_count_errors():
 
 def test_contact_sheet_places_every_image_in_its_cell():
     h, w, pad = 6, 10, 4
-    rows = {"student 1-step": [random_frames(1, h, w, s)[0] for s in range(3)],
-            "teacher": [random_frames(1, h, w, 10 + s)[0] for s in range(3)]}
+    rows = {
+        "student 1-step": [random_frames(1, h, w, s)[0] for s in range(3)],
+        "teacher": [random_frames(1, h, w, 10 + s)[0] for s in range(3)],
+    }
     sheet = media.contact_sheet(rows, ["a", "b", "c"], pad=pad)
     H, W, _ = sheet.shape
     for r, row in enumerate(reversed(list(rows.values()))):

@@ -75,9 +75,7 @@ class CosmosConfig:
         if head_dim % 2 or 2 * (head_dim // 6) - 2 <= 0:
             # The NTK exponent d_h / (d_h - 2) needs d_h = 2 floor(d/6) > 2 (SPEC §5: d >= 12).
             raise ValueError(f"CosmosConfig head dim dim/num_heads={head_dim} must be even and >= 12")
-        if len(self.rope_extrapolation) != 3 or not all(
-            math.isfinite(r) and r > 0 for r in self.rope_extrapolation
-        ):
+        if len(self.rope_extrapolation) != 3 or not all(math.isfinite(r) and r > 0 for r in self.rope_extrapolation):
             raise ValueError(
                 f"CosmosConfig.rope_extrapolation must be three positive finite ratios (t, h, w); "
                 f"got {self.rope_extrapolation!r}"

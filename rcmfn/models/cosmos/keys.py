@@ -60,9 +60,7 @@ BLOCK_PREFIXES = ("blocks", "blocks", "transformer_blocks")
 
 # Official keys (after the prefix) that carry no learnable state and are dropped on load: RoPE
 # buffers, training counters, Transformer Engine state. SPEC-models §2.7.
-OFFICIAL_JUNK = re.compile(
-    r"pos_embedder\.(seq|dim_spatial_range|dim_temporal_range)|accum_\w+|.*\._extra_state"
-)
+OFFICIAL_JUNK = re.compile(r"pos_embedder\.(seq|dim_spatial_range|dim_temporal_range)|accum_\w+|.*\._extra_state")
 OFFICIAL_PREFIXES = ("net.", "net_ema.")
 
 _BLOCK_RE = [re.compile(rf"{prefix}\.(\d+)\.(.+)") for prefix in BLOCK_PREFIXES]

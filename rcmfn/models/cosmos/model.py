@@ -284,9 +284,7 @@ class CosmosDiT(nn.Module):
             or timestep.dim() == 2
             and (timestep.shape[1] not in (1, T // p_t))
         ):
-            raise ValueError(
-                f"timestep must be [B] or [B, T'] = [{B}, {T // p_t}]; got {tuple(timestep.shape)}"
-            )
+            raise ValueError(f"timestep must be [B] or [B, T'] = [{B}, {T // p_t}]; got {tuple(timestep.shape)}")
         if context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [{B}, Lc, {cfg.text_dim}]; got {tuple(context.shape)}")
         if cfg.condition_mask and (condition_mask is None or condition_mask.shape != (B, 1, T, H, W)):
@@ -297,9 +295,7 @@ class CosmosDiT(nn.Module):
         if padding_mask is not None and (
             padding_mask.dim() != 4 or padding_mask.shape[0] not in (1, B) or padding_mask.shape[1] != 1
         ):
-            raise ValueError(
-                f"padding_mask must be [{B} or 1, 1, H_px, W_px]; got {tuple(padding_mask.shape)}"
-            )
+            raise ValueError(f"padding_mask must be [{B} or 1, 1, H_px, W_px]; got {tuple(padding_mask.shape)}")
 
     def _input_channels(self, x: Tensor, condition_mask, padding_mask) -> Tensor:
         """[latent, condition mask (V2W), padding mask] along channels. SPEC-models §2.2 step 1."""
@@ -325,9 +321,7 @@ class CosmosDiT(nn.Module):
         B, _, T, H, W = x.shape
         grid = (T // p_t, H // p, W // p)
 
-        tokens = self.x_embedder(
-            patchify(self._input_channels(x.to(dtype), condition_mask, padding_mask), p_t, p)
-        )
+        tokens = self.x_embedder(patchify(self._input_channels(x.to(dtype), condition_mask, padding_mask), p_t, p))
         angles = rope_angles(grid, cfg.head_dim, cfg.rope_extrapolation, x.device)[:, None, :]
         rope_cos, rope_sin = torch.cos(angles), torch.sin(angles)
 

@@ -160,9 +160,7 @@ class WanBlock(nn.Module):
     def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
         """x (B, L, D) residual stream and e0 (B, 6, D) in the wide dtype; context (B, Lc, D) in act."""
         act = context.dtype
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.to(x.dtype) + e0).chunk(
-            6, dim=1
-        )
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.to(x.dtype) + e0).chunk(6, dim=1)
         y = (layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa).to(act)
         x = x + self.self_attn(y, y, (rope_cos, rope_sin)).to(x.dtype) * gate_sa
         y = layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias).to(act)
@@ -237,16 +235,12 @@ class WanModel(nn.Module):
         if timestep.shape != (x.shape[0],):
             raise ValueError(f"timestep must be [B] = [{x.shape[0]}]; got {tuple(timestep.shape)}")
         if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.text_dim:
-            raise ValueError(
-                f"context must be [{x.shape[0]}, Lc, {cfg.text_dim}]; got {tuple(context.shape)}"
-            )
+            raise ValueError(f"context must be [{x.shape[0]}, Lc, {cfg.text_dim}]; got {tuple(context.shape)}")
 
     def time_embeddings(self, timestep: Tensor, wide: torch.dtype) -> tuple[Tensor, Tensor]:
         """e (B, D) and e0 (B, 6, D) in the wide dtype. SPEC-models §3.2 step 2, SPEC-rcm §8.4."""
         sinusoid = timestep_sinusoid(timestep, self.cfg.freq_dim, self.sinusoid_dtype).to(wide)
-        e = wide_linear(
-            F.silu(wide_linear(sinusoid, self.time_embedding[0], wide)), self.time_embedding[2], wide
-        )
+        e = wide_linear(F.silu(wide_linear(sinusoid, self.time_embedding[0], wide)), self.time_embedding[2], wide)
         e0 = wide_linear(F.silu(e), self.time_projection[1], wide)
         return e, e0.unflatten(1, (6, -1))
 
@@ -268,9 +262,7 @@ class WanModel(nn.Module):
                 h = block(h, e0, c, rope_cos, rope_sin)
             else:
                 params = {**dict(block.named_parameters()), **dict(block.named_buffers())}
-                h = self.block_wrapper(
-                    functools.partial(_run_block, block), params, h, e0, c, rope_cos, rope_sin
-                )
+                h = self.block_wrapper(functools.partial(_run_block, block), params, h, e0, c, rope_cos, rope_sin)
         shift, scale = (self.head.modulation.to(wide) + e[:, None, :]).chunk(2, dim=1)
         out = wide_linear(layer_norm(h, cfg.eps) * (1 + scale) + shift, self.head.head, wide)
         return unpatchify(out, grid, cfg.patch_size)

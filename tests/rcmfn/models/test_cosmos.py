@@ -410,9 +410,7 @@ def test_each_sample_is_computed_independently_of_the_batch(variant, B, T, Hp, W
     with torch.no_grad():
         out = net(x, t, context, **kwargs)
         for i in range(B):
-            one = net(
-                x[i : i + 1], t[i : i + 1], context[i : i + 1], **{k: v[i : i + 1] for k, v in kwargs.items()}
-            )
+            one = net(x[i : i + 1], t[i : i + 1], context[i : i + 1], **{k: v[i : i + 1] for k, v in kwargs.items()})
             torch.testing.assert_close(out[i : i + 1], one, rtol=1e-12, atol=1e-12)
     assert out.shape == x.shape and torch.isfinite(out).all()
 
@@ -574,6 +572,4 @@ def test_config_validation_names_the_field():
         replace(TINY_T2I, dim=16, num_heads=2)
     with pytest.raises(ValueError, match="rope_extrapolation"):
         replace(TINY_T2I, rope_extrapolation=(1.0, 0.0, 4.0))
-    assert configs.TIMESTEP_SCALE == 1.0 and math.isclose(
-        configs.COSMOS_14B_V2W.rope_extrapolation[0], 20 / 24
-    )
+    assert configs.TIMESTEP_SCALE == 1.0 and math.isclose(configs.COSMOS_14B_V2W.rope_extrapolation[0], 20 / 24)

@@ -88,9 +88,7 @@ def diffusers_and_ours():
 
 def diffusers_forward(reference, x, timestep, context):
     with torch.no_grad():
-        return reference(
-            hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False
-        )[0]
+        return reference(hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
 
 
 def max_relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -147,9 +145,7 @@ def test_official_float64_sinusoid_stays_within_1e3_of_diffusers(diffusers_and_o
     half_width=st.integers(1, 6),
     text_len=st.integers(1, 9),
 )
-def test_matches_diffusers_on_hostile_shapes(
-    diffusers_and_ours, batch, frames, half_height, half_width, text_len
-):
+def test_matches_diffusers_on_hostile_shapes(diffusers_and_ours, batch, frames, half_height, half_width, text_len):
     """Odd token grids, a single token, one text token, H != W: still equal to diffusers."""
     reference, params = diffusers_and_ours
     x, timestep, context = inputs(batch, frames, 2 * half_height, 2 * half_width, text_len, seed=frames)
@@ -224,9 +220,7 @@ def test_mismatched_checkpoint_raises_naming_the_keys(tmp_path):
     for name in ("blocks.1.ffn.2.bias", "blocks.0.norm3.weight", "blocks.0.extra.weight"):
         assert name in message
     assert all(p.is_meta for p in model.parameters())  # nothing was copied before the error
-    report = load_into_meta_module(
-        model, tmp_path / "bad.safetensors", key_maps(WAN_TINY)["official"], strict=False
-    )
+    report = load_into_meta_module(model, tmp_path / "bad.safetensors", key_maps(WAN_TINY)["official"], strict=False)
     assert report.missing == ("blocks.1.ffn.2.bias",)
     assert report.unexpected == ("blocks.0.extra.weight",)
     assert [m[0] for m in report.mismatched] == ["blocks.0.norm3.weight"]
@@ -298,9 +292,7 @@ def test_jvp_through_ops_attention_matches_reference_attention():
     x, timestep, context = inputs()
     tangents = (torch.randn_like(x), 10.0 * torch.randn_like(timestep))
     out, tangent = jvp_of(meta_model(), params, x, timestep, context, tangents)
-    out_ref, tangent_ref = jvp_of(
-        meta_model(attention_fn=attention_reference), params, x, timestep, context, tangents
-    )
+    out_ref, tangent_ref = jvp_of(meta_model(attention_fn=attention_reference), params, x, timestep, context, tangents)
     torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tangent, tangent_ref, rtol=1e-10, atol=1e-10)
 
@@ -370,9 +362,7 @@ def test_scm_tangent_through_wan_agrees_between_jvp_and_finite_difference():
     teacher_velocity = torch.randn_like(x)
     denoise = trigflow_denoiser(velocity_net(meta_model()), time_dtype=torch.float64)
     F_jvp, tangent_jvp = scm_tangent(denoise, params, x, t, context, teacher_velocity, method="jvp")
-    F_fd, tangent_fd = scm_tangent(
-        denoise, params, x, t, context, teacher_velocity, method="fd", fd_step=1e-8
-    )
+    F_fd, tangent_fd = scm_tangent(denoise, params, x, t, context, teacher_velocity, method="fd", fd_step=1e-8)
     torch.testing.assert_close(F_jvp, F_fd, rtol=1e-12, atol=1e-12)
     # The "fd" tangent is one-sided: its error falls as O(h) (measured 0.81 at h = 1e-6, 0.081 at 1e-7
     # against max |T| = 1500); rounding eps |F| / h stays ~1e-6 at h = 1e-8.
