@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from entrypoints.bench_models import add_models
+
 # name, batch, seq_q, seq_kv, heads, head_dim
 ATTENTION_SHAPES = [
     ("self 32760 x12 d128", 1, 32760, 32760, 12, 128),
@@ -156,9 +158,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m entrypoints.bench", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
     _add_attention(subparsers)
+    add_models(subparsers)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        parser.error("benchmarks need a CUDA device")
+    if not torch.cuda.is_available() and not (args.benchmark == "models" and args.config == "tiny"):
+        parser.error("benchmarks need a CUDA device (only `models --config tiny` runs on the CPU)")
     result = args.run(args)
     if args.json:
         with open(args.json, "w") as f:
