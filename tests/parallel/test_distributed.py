@@ -1,4 +1,4 @@
-"""entrypoints.distributed: clear errors before any GPU work; torchrun runs, stops at SIGTERM with a
+"""torchrun -m entrypoints.distill (the sharded path): clear errors before any GPU work; torchrun runs, stops at SIGTERM with a
 checkpoint, resumes from it, and exports the EMA student."""
 
 import json
@@ -93,7 +93,7 @@ def _torchrun(tmp_path, iterations: int, nproc: int = 2, extra=()) -> subprocess
         f"--nproc_per_node={nproc}",
         f"--master_port={free_port()}",
         "-m",
-        "entrypoints.distributed",
+        "entrypoints.distill",
         "--model",
         "cosmos2b",
         "--distributed.tiny",
