@@ -1,5 +1,5 @@
-"""torchrun -m entrypoints.distill (the sharded path): clear errors before any GPU work; torchrun runs, stops at SIGTERM with a
-checkpoint, resumes from it, and exports the EMA student."""
+"""torchrun -m entrypoints.distill (the sharded path): clear errors before any GPU work; torchrun runs,
+stops at SIGTERM with a checkpoint, resumes from it, and exports the EMA student."""
 
 import json
 import os
