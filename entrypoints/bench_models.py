@@ -43,9 +43,7 @@ def model_flops(cfg: WanConfig, tokens: int, text_len: int) -> tuple[float, floa
 
 def _commit() -> str:
     try:
-        run = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
+        run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         return run.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -223,9 +221,7 @@ def add_models(subparsers) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m entrypoints.bench_models", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.bench_models", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="benchmark")
     add_models(subparsers)
     argv = list(sys.argv[1:] if argv is None else argv)
