@@ -4,7 +4,6 @@ Reading order: `DistributedConfig`, `check_before_gpu` (every error that needs n
 (build sharded networks, resume, loop, checkpoint, export), then parallel/parallelize.py.
 """
 
-import functools
 import json
 import math
 import os
@@ -15,7 +14,6 @@ import torch
 import torch.distributed as dist
 import tyro
 
-import rcmfn.loop
 from entrypoints.distill import DistillConfig, fingerprint, loop_config, prepare_output
 from entrypoints.presets import get_preset
 from parallel import checkpoint
@@ -29,7 +27,6 @@ from rcmfn.models.cosmos.model import init_random_
 from rcmfn.models.registry import build_model, cast_params, get_spec
 from rcmfn.models.wan.configs import WAN_TINY
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
-from rcmfn.step import step_generator
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -116,9 +113,6 @@ def run_distributed(cfg) -> dict:
     compute = DTYPES[d.dtype]
     master = torch.float64 if compute == torch.float64 else torch.float32
     lcfg = loop_config(cfg)
-    if device.type != "cpu":  # WORKAROUND until rcmfn.loop draws on the batch's device: its per-step
-        # generators are CPU ones and torch refuses them for CUDA draws; remove with that fix.
-        rcmfn.loop.step_generator = functools.partial(step_generator, device=device)
     lcfg = replace(lcfg, seed=lcfg.seed + meshes.dp_rank * 1_000_000_007)  # distinct draws per batch, shared in CP
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
     train_cfg = ParallelConfig(param_dtype=None if master == compute else compute, ac=d.ac, compile=cfg.compile)

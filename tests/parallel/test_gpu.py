@@ -1,16 +1,12 @@
 """The FSDP 2 and CP 2 equality checks on two CUDA devices through NCCL (float64, and float32 with the
 Triton attention-JVP kernel under Ulysses). Skipped without two GPUs."""
 
-import functools
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import rcmfn.loop
 from parallel.parallelize import ParallelConfig, ParallelDims
-from rcmfn.step import step_generator
 from tests.parallel import parallel_harness as harness
 
 pytestmark = [
@@ -23,9 +19,6 @@ TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-3, 1e-4)}
 
 def _on(device: str, dtype: torch.dtype) -> None:
     harness.use(device, dtype)
-    # rcmfn.loop draws from CPU generators onto the batch's device, which CUDA refuses; the runner's
-    # workaround (entrypoints/distributed.py) is applied the same way here.
-    rcmfn.loop.step_generator = functools.partial(step_generator, device=device)
 
 
 def _worker(rank, world, port, dtype, out):
