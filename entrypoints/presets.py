@@ -27,7 +27,7 @@ MODELS: dict[str, ModelPreset] = {
     # resolved at small sigma (the latent has 256 dims, not 1.3M).
     "toy": ModelPreset(
         description="analytic Gaussian-mixture teacher, tiny DiT student (CPU, minutes)",
-        iterations=1500,
+        iterations=2500,
         guidance=2.0,
         p_G=LogNormal(-0.8, 1.6),
         p_D=LogNormal(0.0, 1.6),

@@ -27,7 +27,7 @@ class ToyConfig:
     """the analytic teacher (class-conditional Gaussian mixture)"""
     net: TinyDiTConfig = field(default_factory=lambda: TinyDiTConfig(width=64, depth=2, mlp_ratio=2))
     """student and fake-score architecture"""
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    warm_start: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(steps=3000))
     """flow-matching fit of the student / fake score to the teacher before distillation"""
     batch_size: int = 32
     """training batch (exact mixture samples, uniform classes)"""
