@@ -1,11 +1,14 @@
-"""Model benchmarks: `python -m entrypoints.bench_models [--config 1.3b|14b|tiny] [--json PATH]`.
+"""Model benchmarks: `python -m entrypoints.bench_models [--config wan1.3b|cosmos2b|...] [--json PATH]`.
 
 Times one network step at the training shape (default: Wan2.1 1.3B, 480p latents 16x21x60x104,
-512 text tokens, bf16, batch 1, random weights): plain forward, compiled forward, eager jvp,
-compiled jvp (both under no_grad, as rCM's tangent pass) and forward+backward. Reports the median
-time of warm runs, the first-call (compile) time, peak CUDA memory and TFLOP/s from the formula
-printed beside the table. `--config tiny` runs on CPU as a smoke test. `add_models(subparsers)` adds
-the same thing as the `models` subcommand of `entrypoints.bench`.
+512 text tokens; cosmos2b: Cosmos-Predict2 2B at 1024 px, latents 16x1x128x128, 512 T5 tokens;
+bf16, batch 1, random weights): plain forward, compiled forward, eager jvp, compiled jvp (both
+under no_grad, as rCM's tangent pass) and forward+backward. Reports the median time of warm runs,
+the first-call (compile) time, peak CUDA memory and TFLOP/s from the formula printed beside the
+table. The `*-tiny` configs run on CPU as smoke tests. `add_models(subparsers)` adds the same thing
+as the `models` subcommand of `entrypoints.bench`.
+
+size budget: one benchmark, its FLOP count for both model families and its table and CLI.
 """
 
 import argparse
@@ -15,30 +18,90 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
-from rcmfn.models.registry import cast_params
-from rcmfn.models.wan import WAN_1_3B, WAN_14B, WAN_TINY, WanConfig, WanModel, velocity_net
+from parallel.parallelize import apply_ac
+from rcmfn.models import cosmos, wan
+from rcmfn.models.registry import MODELS, cast_params
 
-CONFIGS: dict[str, WanConfig] = {"1.3b": WAN_1_3B, "14b": WAN_14B, "tiny": WAN_TINY}
-# (C, T, H, W) latent and text tokens per config: 480p 81 frames for the releases (SPEC-models §3.4).
-SHAPES = {"1.3b": ((16, 21, 60, 104), 512), "14b": ((16, 21, 60, 104), 512), "tiny": ((16, 3, 8, 12), 12)}
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One network at one input shape."""
+
+    family: str
+    """"wan" or "cosmos": which builder, velocity net and FLOP count."""
+    config: object
+    """WanConfig or CosmosConfig."""
+    latent: tuple[int, int, int, int]
+    """(C, T, H, W) of one latent."""
+    text_len: int
+    """Text tokens fed to cross-attention."""
+    text_dim: int
+    """Width of the text states."""
+    timestep_scale: float
+    """The net's timestep is timestep_scale * r for rectified-flow time r in [0, 1]."""
+
+
+def _case(name: str) -> BenchCase:
+    spec = MODELS[name]
+    return BenchCase(spec.family, spec.config, spec.latent_shape, spec.text_len, spec.text_dim, spec.timestep_scale)
+
+
+CONFIGS: dict[str, BenchCase] = {
+    **{name: _case(name) for name in ("wan1.3b", "wan14b", "cosmos2b", "cosmos14b")},
+    "wan-tiny": BenchCase("wan", wan.WAN_TINY, (16, 3, 8, 12), 12, wan.WAN_TINY.text_dim, 1000.0),
+    "cosmos-tiny": BenchCase("cosmos", cosmos.CONFIGS["cosmos-tiny"], (16, 2, 8, 12), 12, 24, 1.0),
+}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ROWS = ("forward", "compiled forward", "eager jvp", "compiled jvp", "forward+backward")
 FLOP_FORMULA = (
-    "fwd = N (12 L D^2 + 4 L D F + 4 Lc D^2 + 4 L^2 D + 4 L Lc D) + 2 Lc (Dt D + D^2) + 4 L P D; "
+    "fwd = 2 x (weights applied per token x L + per text token x Lc) + N (4 L^2 D + 4 L Lc D); "
     "jvp = 2 x linear + 3 x attention terms; fwd+bwd = 3 x fwd"
 )
 
 
-def model_flops(cfg: WanConfig, tokens: int, text_len: int) -> tuple[float, float]:
-    """(linear FLOPs, attention FLOPs) of one forward of one sample; formula in FLOP_FORMULA."""
-    D, F, N, L, Lc = cfg.dim, cfg.ffn_dim, cfg.num_layers, tokens, text_len
-    patch = cfg.in_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
-    linear = N * (12 * L * D**2 + 4 * L * D * F + 4 * Lc * D**2) + 2 * Lc * (cfg.text_dim * D + D**2)
-    linear += 4 * L * patch * D  # patch embedding and head
-    return float(linear), float(N * (4 * L**2 * D + 4 * L * Lc * D))
+def model_flops(case: BenchCase, tokens: int) -> tuple[float, float]:
+    """(linear FLOPs, attention FLOPs) of one forward of one sample; formula in FLOP_FORMULA.
+
+    Per block: self-attention q, k, v, o (4 D^2 per token), cross-attention q, o (2 D^2 per token)
+    and k, v over the text (2 D^2 per text token for Wan, whose text is embedded to D first;
+    2 text_dim D for Cosmos, which feeds T5 states directly), MLP (2 D F per token).
+    """
+    cfg, L, Lc = case.config, tokens, case.text_len
+    if case.family == "wan":
+        D, F, N = cfg.dim, cfg.ffn_dim, cfg.num_layers
+        patch = cfg.in_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        per_token = N * (6 * D**2 + 2 * D * F) + 2 * patch * D  # blocks, patch embedding and head
+        per_text = N * 2 * D**2 + cfg.text_dim * D + D**2  # cross k, v and the text embedding MLP
+    else:
+        D, F, N = cfg.dim, cfg.mlp_dim, cfg.num_blocks
+        patch_in, patch_out = cfg.patch_in_channels * cfg.patch_volume, cfg.out_channels * cfg.patch_volume
+        per_token = N * (6 * D**2 + 2 * D * F) + (patch_in + patch_out) * D
+        per_text = N * 2 * cfg.text_dim * D
+    return float(2 * (per_token * L + per_text * Lc)), float(N * (4 * L**2 * D + 4 * L * Lc * D))
+
+
+def _build(case: BenchCase, dev: torch.device, dtype: torch.dtype, seed: int):
+    """(module with random weights on dev, velocity net) for the case's family."""
+    if case.family == "wan":
+        with dev:
+            model = cast_params(wan.WanModel(case.config), dtype)
+        return model, wan.velocity_net(model)
+    model = cosmos.random_cosmos(case.config, dev, dtype, seed)
+    return model, cosmos.velocity_net(model)
+
+
+def _tokens(case: BenchCase) -> int:
+    _, frames, height, width = case.latent
+    cfg = case.config
+    if case.family == "wan":
+        pt, ph, pw = cfg.patch_size
+    else:
+        pt, ph, pw = cfg.patch_temporal, cfg.patch_spatial, cfg.patch_spatial
+    return frames // pt * (height // ph) * (width // pw)
 
 
 def _commit() -> str:
@@ -76,7 +139,7 @@ def _time_row(fn, device: torch.device, warmup: int, iters: int) -> dict:
 
 
 def bench_models(
-    config: str = "1.3b",
+    config: str = "wan1.3b",
     batch: int = 1,
     dtype: str = "bf16",
     rows: tuple[str, ...] = ROWS,
@@ -86,24 +149,22 @@ def bench_models(
     device: str | None = None,
     seed: int = 0,
 ) -> dict:
-    """Run the selected rows for one Wan config; returns the JSON-ready result (also the table rows)."""
+    """Run the selected rows for one config; returns the JSON-ready result (also the table rows)."""
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; valid: {sorted(CONFIGS)}")
     unknown = set(rows) - set(ROWS)
     if unknown:
         raise ValueError(f"unknown rows {sorted(unknown)}; valid: {list(ROWS)}")
-    cfg, ((channels, frames, height, width), text_len) = CONFIGS[config], SHAPES[config]
+    case = CONFIGS[config]
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    with dev:
-        model = cast_params(WanModel(cfg), DTYPES[dtype])
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    net = velocity_net(model)
-    gen = torch.Generator(device=dev).manual_seed(seed)
     act = DTYPES[dtype]
-    x = torch.randn(batch, channels, frames, height, width, generator=gen, device=dev).to(act)
-    timestep = 1000.0 * torch.rand(batch, generator=gen, device=dev)
-    context = torch.randn(batch, text_len, cfg.text_dim, generator=gen, device=dev).to(act)
+    model, net = _build(case, dev, act, seed)
+    params = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(batch, *case.latent, generator=gen, device=dev).to(act)
+    timestep = case.timestep_scale * torch.rand(batch, generator=gen, device=dev)
+    context = torch.randn(batch, case.text_len, case.text_dim, generator=gen, device=dev).to(act)
     tangents = (torch.randn_like(x), torch.randn_like(timestep))
 
     def forward(p, x, t):
@@ -112,13 +173,14 @@ def bench_models(
     def jvp(p, x, t, tx, tt):
         return torch.func.jvp(lambda x, t: net(p, x, t, context), (x, t), (tx, tt))
 
-    with torch.device("meta"):  # same parameters (passed in), blocks checkpointed
-        net_ac = velocity_net(WanModel(cfg, block_wrapper=checkpoint_block if checkpoint_blocks else None))
+    # Per-block checkpointing as training applies it (parallel.parallelize.apply_ac): a pass-through
+    # without grad, so the other rows are unaffected. forward+backward calls the module itself, whose
+    # recomputation reads the module's own parameters (functional_call's are restored by then).
+    apply_ac(model, "full" if checkpoint_blocks else "none")
 
     def fwd_bwd():
-        leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-        loss = net_ac(leaves, x, timestep, context).float().square().mean()
-        return torch.autograd.grad(loss, list(leaves.values()))
+        loss = model(x, timestep, context).float().square().mean()
+        return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
 
     compiled_forward = torch.compile(forward, fullgraph=True)
     compiled_jvp = torch.compile(jvp, fullgraph=True)
@@ -129,8 +191,8 @@ def bench_models(
         "compiled jvp": lambda: compiled_jvp(params, x, timestep, *tangents),
         "forward+backward": fwd_bwd,
     }
-    tokens = frames // cfg.patch_size[0] * (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
-    linear, attention = (batch * f for f in model_flops(cfg, tokens, text_len))
+    tokens = _tokens(case)
+    linear, attention = (batch * f for f in model_flops(case, tokens))
     flops = {
         "forward": linear + attention,
         "jvp": 2 * linear + 3 * attention,
@@ -151,25 +213,22 @@ def bench_models(
             torch.cuda.empty_cache()
     return dict(
         benchmark="models",
-        model=f"wan{config}",
+        model=config,
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         commit=_commit(),
         command=" ".join(["python -m entrypoints.bench_models", *sys.argv[1:]]),
         torch=torch.__version__,
         dtype=dtype,
-        latent=[batch, channels, frames, height, width],
+        latent=[batch, *case.latent],
         tokens=tokens,
-        text_len=text_len,
+        text_len=case.text_len,
+        linear_flops=linear,
+        attention_flops=attention,
         activation_checkpointing=checkpoint_blocks,
         flop_formula=FLOP_FORMULA,
         rows=results,
     )
-
-
-def checkpoint_block(run, block_params, *inputs):
-    """Per-block activation checkpointing through WanModel.block_wrapper (non-reentrant)."""
-    return torch.utils.checkpoint.checkpoint(run, block_params, *inputs, use_reentrant=False)
 
 
 def print_table(result: dict) -> None:
@@ -207,8 +266,8 @@ def run_models(args: argparse.Namespace) -> dict:
 
 def add_models(subparsers) -> None:
     """Add `models` (this benchmark) to an argparse subparsers object, e.g. entrypoints.bench's."""
-    p = subparsers.add_parser("models", help="Wan DiT forward / jvp / backward, eager and compiled")
-    p.add_argument("--config", choices=sorted(CONFIGS), default="1.3b", help="architecture (tiny: CPU smoke)")
+    p = subparsers.add_parser("models", help="Wan / Cosmos DiT forward, jvp, backward, eager and compiled")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="wan1.3b", help="network and shape (*-tiny: CPU smoke)")
     p.add_argument("--batch", type=int, default=1, help="samples per step")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="parameter/activation dtype")
     p.add_argument("--rows", nargs="*", choices=ROWS, default=list(ROWS), help="which rows to run")

@@ -6,10 +6,11 @@ them as opaque (no graph breaks under `torch.compile(fullgraph=True)`):
 - `rcmfn::attention(q, k, v, scale, impl) -> o` is the entry point. Its Autograd kernel is the
   forward-AD rule: when an input carries a forward-mode tangent (`torch.func.jvp` or
   `torch.autograd.forward_ad`), it unpacks the duals, calls the fused op and returns
-  `make_dual(o, t_o)`; otherwise it calls `attention_fwd`, whose `register_autograd` gives reverse
-  mode. This is deliberately not `autograd.Function.jvp`: under `torch.compile`, Dynamo drops that
-  rule inside `torch.func.jvp` and returns wrong tangents without an error (pytorch#192985; guarded
-  by tests/ops/test_attention.py::test_compiled_jvp_matches_eager and
+  `make_dual(o, t_o)`; otherwise, when a gradient is wanted, it calls `attention_fwd`, whose
+  `register_autograd` gives reverse mode, and without one plain SDPA (no log-sum-exp to keep).
+  This is deliberately not `autograd.Function.jvp`: under `torch.compile`, Dynamo drops that rule
+  inside `torch.func.jvp` and returns wrong tangents without an error (pytorch#192985; guarded by
+  tests/ops/test_attention.py::test_compiled_jvp_matches_eager and
   ::test_model_under_compiled_jvp_matches_eager).
 - `rcmfn::attention_fwd(q, k, v, scale) -> (o, lse)`: the primal forward. On CUDA it runs the fused
   SDPA backend that `F.scaled_dot_product_attention` would choose (flash, memory-efficient or cuDNN),
@@ -253,8 +254,18 @@ attention_fwd_jvp.register_autograd(_backward_primal, setup_context=_setup_prima
 _lib.define("attention(Tensor q, Tensor k, Tensor v, float scale, str impl) -> Tensor")
 
 
+def _attention_no_grad(q, k, v, scale):
+    """The primal output alone: SDPA's default kernel on CUDA (no log-sum-exp, which only the backward
+    needs and whose backends are slower on some shapes, e.g. 1.9x on Sq != Skv), the reference on CPU."""
+    if not q.is_cuda:
+        return reference.attention_forward_reference(q, k, v, scale)[0]
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, scale=scale)
+    return out.transpose(1, 2).contiguous()  # the fake impl promises contiguous (B, Sq, H, D)
+
+
 def _attention_below_autograd(q, k, v, scale, impl):
-    return torch.ops.rcmfn.attention_fwd(q, k, v, scale)[0]
+    return _attention_no_grad(q, k, v, scale)
 
 
 # Forward AD has a single dual level in PyTorch (nesting is functorch's business, through its own
@@ -267,7 +278,9 @@ _DUAL_LEVEL = 0
 def _attention_autograd(q, k, v, scale, impl):
     duals = [forward_ad.unpack_dual(x, level=_DUAL_LEVEL) for x in (q, k, v)]
     if all(d.tangent is None for d in duals):
-        return torch.ops.rcmfn.attention_fwd(q, k, v, scale)[0]
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+            return torch.ops.rcmfn.attention_fwd(q, k, v, scale)[0]
+        return _attention_no_grad(q, k, v, scale)
     primals = [d.primal for d in duals]
     tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent.detach() for d in duals]
     out, tangent_out, _ = torch.ops.rcmfn.attention_fwd_jvp(*primals, *tangents, scale, impl)

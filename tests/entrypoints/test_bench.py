@@ -2,16 +2,20 @@
 
 import json
 
+import pytest
+
 from entrypoints.bench import main
+from entrypoints.bench_models import CONFIGS, model_flops
 
 
-def test_models_benchmark_smoke_on_cpu(tmp_path):
+@pytest.mark.parametrize("config, tokens", [("wan-tiny", 3 * 4 * 6), ("cosmos-tiny", 2 * 4 * 6)])
+def test_models_benchmark_smoke_on_cpu(tmp_path, config, tokens):
     out = tmp_path / "models.json"
     main(
         [
             "models",
             "--config",
-            "tiny",
+            config,
             "--dtype",
             "fp32",
             "--warmup",
@@ -21,6 +25,7 @@ def test_models_benchmark_smoke_on_cpu(tmp_path):
             "--rows",
             "forward",
             "eager jvp",
+            "forward+backward",
             "--device",
             "cpu",
             "--json",
@@ -28,7 +33,18 @@ def test_models_benchmark_smoke_on_cpu(tmp_path):
         ]
     )
     result = json.loads(out.read_text())
-    assert result["model"] == "wantiny" and result["tokens"] == 3 * 4 * 6
-    assert [row["what"] for row in result["rows"]] == ["forward", "eager jvp"]
+    assert result["model"] == config and result["tokens"] == tokens
+    assert [row["what"] for row in result["rows"]] == ["forward", "eager jvp", "forward+backward"]
     assert all(row["ms"] > 0 and row["flops"] > 0 for row in result["rows"])
-    assert result["rows"][1]["flops"] > result["rows"][0]["flops"]
+    forward, jvp, backward = (row["flops"] for row in result["rows"])
+    linear, attention = result["linear_flops"], result["attention_flops"]
+    assert forward == linear + attention and jvp == 2 * linear + 3 * attention and backward == 3 * forward
+
+
+def test_model_flops_match_a_hand_count():
+    """Cosmos 2B at 1024 px: 4,096 tokens, 512 text tokens (numbers from SPEC-models §2.1)."""
+    case = CONFIGS["cosmos2b"]
+    D, F, N, L, Lc = 2048, 8192, 28, 4096, 512
+    linear = 2 * (N * (6 * D * D + 2 * D * F) * L + (68 + 64) * D * L + N * 2 * 1024 * D * Lc)
+    attention = N * (4 * L * L * D + 4 * L * Lc * D)
+    assert model_flops(case, L) == (linear, attention)
