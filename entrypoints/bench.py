@@ -1,7 +1,8 @@
 """Benchmarks (GPU): `python -m entrypoints.bench attention [--dtype bf16] [--json PATH]`.
 
 One subcommand per benchmark family; add yours with `_add_<name>(subparsers)`. Timings are medians
-of many warm runs (triton.testing.do_bench, L2 flushed between runs); TFLOP/s use the FLOP formula
+of many warm runs (triton.testing.do_bench, L2 flushed between runs; forward rows also replayed from
+a CUDA graph, the device time without the host's dispatch); TFLOP/s use the FLOP formula
 printed beside each row. Results go to stdout as a Markdown table and, with --json, to a file
 holding device, date, commit and command (docs/benchmarks.md records them).
 """
@@ -41,6 +42,13 @@ def _median_ms(fn, rep_ms: float) -> float:
     return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 10), rep=rep_ms, return_mode="median")
 
 
+def _graph_median_ms(fn, rep_ms: float) -> float:
+    """Median ms of fn replayed from a CUDA graph: the device's time without host dispatch."""
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
 def _peak_extra_mib(fn) -> float:
     """Peak memory allocated while fn runs, beyond what was allocated before and what it returns."""
     torch.cuda.synchronize()
@@ -65,17 +73,21 @@ def bench_attention_shape(name, batch, seq_q, seq_kv, heads, head_dim, dtype, re
     fwd_flops = 4 * batch * heads * seq_q * seq_kv * head_dim
     rows = []
 
-    def add(what, fn, flops, flop_formula):
+    def add(what, fn, flops, flop_formula, graph=False):
         ms = _median_ms(fn, rep_ms)
-        rows.append(dict(shape=name, what=what, ms=ms, tflops=flops / ms * 1e-9, flops=flop_formula))
+        row = dict(shape=name, what=what, ms=ms, tflops=flops / ms * 1e-9, flops=flop_formula)
+        if graph:  # device time alone: at 0.1 ms per call the host's dispatch can exceed the kernel's
+            row["graph_ms"] = _graph_median_ms(fn, rep_ms)
+            row["graph_tflops"] = flops / row["graph_ms"] * 1e-9
+        rows.append(row)
 
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
     with torch.no_grad():
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        add("sdpa fwd", lambda: sdpa(qt, kt, vt), fwd_flops, "4BHSqSkvD")
-        add("ours fwd", lambda: attention(q, k, v), fwd_flops, "4BHSqSkvD")
+        add("sdpa fwd", lambda: sdpa(qt, kt, vt), fwd_flops, "4BHSqSkvD", graph=True)
+        add("ours fwd", lambda: attention(q, k, v), fwd_flops, "4BHSqSkvD", graph=True)
         jvp = lambda: torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
-        add("ours fused fwd+jvp", jvp, 3 * fwd_flops, "12BHSqSkvD")
+        add("ours fused fwd+jvp", jvp, 3 * fwd_flops, "12BHSqSkvD", graph=True)
         extra_mib = _peak_extra_mib(jvp)
     from ops.attention import kernel
 
@@ -105,9 +117,11 @@ def bench_attention_shape(name, batch, seq_q, seq_kv, heads, head_dim, dtype, re
         with torch.no_grad():
             math_jvp = lambda: torch.func.jvp(attention_reference, (q, k, v), (tq, tk, tv))
             add("math fwd+jvp (torch.func)", math_jvp, 3 * fwd_flops, "12BHSqSkvD")
-    sdpa_ms = rows[0]["ms"]
+    sdpa_ms, sdpa_graph_ms = rows[0]["ms"], rows[0]["graph_ms"]
     for row in rows:
         row["x_sdpa_fwd"] = row["ms"] / sdpa_ms
+        if "graph_ms" in row:
+            row["graph_x_sdpa_fwd"] = row["graph_ms"] / sdpa_graph_ms
     rows[2]["peak_extra_mib"] = extra_mib
     return rows
 
@@ -123,13 +137,16 @@ def run_attention(args) -> dict:
         rows.extend(bench_attention_shape(*shape, dtype=dtype, rep_ms=args.rep_ms))
         torch.cuda.empty_cache()
     print(f"{args.dtype}, {torch.cuda.get_device_name()}")
-    print("| shape | what | ms | TFLOP/s | x SDPA fwd | FLOPs |")
-    print("|---|---|---|---|---|---|")
+    print("| shape | what | ms | TFLOP/s | x SDPA fwd | CUDA graph ms | TFLOP/s | x SDPA fwd | FLOPs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         extra = f" (peak extra {r['peak_extra_mib']:.1f} MiB; {r['config']})" if "peak_extra_mib" in r else ""
+        graph = "| - | - | -"
+        if "graph_ms" in r:
+            graph = f"| {r['graph_ms']:.3f} | {r['graph_tflops']:.0f} | {r['graph_x_sdpa_fwd']:.2f}"
         print(
             f"| {r['shape']} | {r['what']}{extra} | {r['ms']:.3f} | {r['tflops']:.0f} | "
-            f"{r['x_sdpa_fwd']:.2f} | {r['flops']} |"
+            f"{r['x_sdpa_fwd']:.2f} {graph} | {r['flops']} |"
         )
     return dict(
         benchmark="attention",
