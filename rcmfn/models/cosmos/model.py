@@ -87,8 +87,13 @@ def linear_in(x: Tensor, layer: nn.Linear) -> Tensor:
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    """LayerNorm(x) (1 + scale) + shift in the modulation's dtype, cast back to x's. SPEC §2.2 step 5."""
-    y = F.layer_norm(x.to(shift.dtype), (x.shape[-1],), eps=NORM_EPS)
+    """LayerNorm(x) (1 + scale) + shift in the modulation's dtype, cast back to x's. SPEC §2.2 step 5.
+
+    The norm runs in float32 and is cast explicitly: under torch.func.jvp on CUDA (torch 2.11) a
+    bf16 layer_norm returns a float32 tangent beside its bf16 primal, which breaks the next matmul.
+    """
+    wide = torch.promote_types(shift.dtype, torch.float32)
+    y = F.layer_norm(x.to(wide), (x.shape[-1],), eps=NORM_EPS).to(shift.dtype)
     return (y * (1 + scale) + shift).to(x.dtype)
 
 
