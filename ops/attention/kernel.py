@@ -125,6 +125,7 @@ def _attention_fwd_jvp_kernel(
     stride_tkb, stride_tks, stride_tkh, stride_tkd,
     stride_tvb, stride_tvs, stride_tvh, stride_tvd,
     num_heads, seq_q, seq_kv, scale,
+    seq_q_bucket, seq_kv_bucket,  # autotuning keys only (see `length_bucket`)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -199,8 +200,19 @@ _attention_fwd_jvp_tuned = triton.autotune(
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in [*TUNING_SPACE, FALLBACK_CONFIG]
     ],
-    key=["seq_q", "seq_kv", "HEAD_DIM"],
+    key=["seq_q_bucket", "seq_kv_bucket", "HEAD_DIM"],
 )(_attention_fwd_jvp_kernel)
+
+
+def length_bucket(length: int) -> int:
+    """The sequence length the autotuner keys on: the next power of two, at least 1024.
+
+    Keying on exact lengths re-tuned (compiling and timing every configuration) for each new
+    resolution or caption length; tiles are at most 128 long, so lengths within a factor of two
+    share a best configuration, and below 1024 the launch is too small for the choice to matter.
+    """
+    return max(1024, triton.next_power_of_2(length))
+
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
@@ -235,7 +247,7 @@ def _launch(inputs, outputs, scale, config):
     args = [*inputs, *outputs]
     for x in inputs:
         args.extend(x.stride())
-    args.extend([heads, seq_q, k.shape[1], scale])
+    args.extend([heads, seq_q, k.shape[1], scale, length_bucket(seq_q), length_bucket(k.shape[1])])
     meta = dict(
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
@@ -255,6 +267,7 @@ def _launch(inputs, outputs, scale, config):
 def tuned_config(seq_q: int, seq_kv: int, head_dim: int, dtype: torch.dtype) -> str:
     """The autotuner's choice for these sizes, as text ("" if they were not tuned yet)."""
     for key, cfg in _attention_fwd_jvp_tuned.cache.items():
-        if tuple(key[:3]) == (seq_q, seq_kv, head_dim) and str(dtype) in map(str, key):
+        wanted = (length_bucket(seq_q), length_bucket(seq_kv), head_dim)
+        if tuple(key[:3]) == wanted and str(dtype) in map(str, key):
             return str(cfg)
     return ""

@@ -363,6 +363,20 @@ def test_triton_kernel_under_interpreter():
     assert " passed" in result.stdout.splitlines()[-1], result.stdout[-2000:]
 
 
+@pytest.mark.skipif(not TRITON, reason="needs triton")
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 2**22), other=st.integers(1, 2**22))
+def test_triton_autotune_key_buckets_lengths(length, other):
+    """Lengths within a factor of two (above 1024) share one autotuning key; the key is monotone."""
+    from ops.attention.kernel import length_bucket
+
+    bucket = length_bucket(length)
+    assert bucket & (bucket - 1) == 0 and bucket >= max(1024, length)
+    assert length <= 1024 or bucket < 2 * length
+    if other <= length:
+        assert length_bucket(other) <= bucket
+
+
 @pytest.mark.parametrize(
     "shapes, message",
     [
