@@ -148,8 +148,12 @@ def bench_models(
     checkpoint_blocks: bool = True,
     device: str | None = None,
     seed: int = 0,
+    on_row=None,
 ) -> dict:
-    """Run the selected rows for one config; returns the JSON-ready result (also the table rows)."""
+    """Run the selected rows for one config; returns the JSON-ready result (also the table rows).
+
+    `on_row(row)` is called as each row finishes (progress: a compiled row can take minutes).
+    """
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; valid: {sorted(CONFIGS)}")
     unknown = set(rows) - set(ROWS)
@@ -209,6 +213,8 @@ def bench_models(
         kind = "jvp" if "jvp" in name else "backward" if "backward" in name else "forward"
         row.update(what=name, flops=flops[kind], tflops=flops[kind] / row["ms"] * 1e-9 if row["ms"] else None)
         results.append(row)
+        if on_row is not None:
+            on_row(row)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return dict(
@@ -259,7 +265,12 @@ def run_models(args: argparse.Namespace) -> dict:
         iters=args.iters,
         checkpoint_blocks=not args.no_ac,
         device=args.device,
+        on_row=lambda row: print(
+            f"done: {row['what']}: {row['ms']} ms, first call {row['first_call_s']} s", flush=True
+        ),
     )
+    if args.commit:
+        result["commit"] = args.commit
     print_table(result)
     return result
 
@@ -276,6 +287,7 @@ def add_models(subparsers) -> None:
     p.add_argument("--no-ac", action="store_true", help="forward+backward without per-block checkpointing")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.set_defaults(run=run_models)
 
 
