@@ -93,6 +93,9 @@ def bench_attention_shape(name, batch, seq_q, seq_kv, heads, head_dim, dtype, re
     from ops.attention import kernel
 
     rows[-1]["config"] = kernel.tuned_config(seq_q, seq_kv, head_dim, dtype)
+    with torch.no_grad():  # a tangent in q alone: the models' cross-attention (their text has none)
+        jvp_q = lambda: torch.func.jvp(lambda q: attention(q, k, v), (q,), (tq,))
+        add("ours fused fwd+jvp, no K/V tangent", jvp_q, 2 * fwd_flops, "8BHSqSkvD", graph=True)
     sdpa_leaves = [x.detach().requires_grad_() for x in (qt, kt, vt)]
     sdpa_out = torch.nn.functional.scaled_dot_product_attention(*sdpa_leaves)
     grad = torch.randn_like(sdpa_out)

@@ -17,6 +17,8 @@ with running max m (base 2), and every accumulator rescaled by alpha = exp2(m_ol
 T~ merges the two tangent accumulators of SPEC-rcm §9.1 (A~ + B~): both are rescaled by the same
 alpha, so one (BLOCK_M, D) float32 accumulator fewer stays in registers. Six matmuls per tile pair
 (QK^T, tQ K^T, Q tK^T, P~V, P~tV, H~V), 12 Sq Skv D flops per (batch, head); no Sq x Skv buffer.
+When K and V carry no tangent (KV_TANGENT off: cross-attention to a text, whose tangent is zero in
+sCM) Q tK^T and P~tV are skipped: four matmuls, 8 Sq Skv D flops.
 
 Numerics: scores and accumulators in float32; QK^T-type dots take input-dtype operands; P~ and H~
 are cast to V's dtype for their dots; float32 inputs use exact ("ieee") dots, not tf32. Ragged
@@ -57,9 +59,10 @@ def _load_rows(base, rows, offs_d, stride_row, stride_d, num_rows, HEAD_DIM: tl.
 @triton.jit
 def _update(
     acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, n, seq_kv, qk_scale_log2, scale,
-    MASK_N: tl.constexpr, PRECISION: tl.constexpr,
+    MASK_N: tl.constexpr, PRECISION: tl.constexpr, KV_TANGENT: tl.constexpr,
 ):
-    """Fold one key block (k, tk, v, tv at key rows n) into the running softmax state."""
+    """Fold one key block (k, tk, v, tv at key rows n) into the running softmax state; without
+    KV_TANGENT, tk and tv are zero and their two matmuls are skipped (tk, tv are not read)."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     if MASK_N:
         s = tl.where(n[None, :] < seq_kv, s, float("-inf"))
@@ -68,13 +71,16 @@ def _update(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * qk_scale_log2 - m_new[:, None])
     ds = tl.dot(tq, tl.trans(k), input_precision=PRECISION)
-    ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
+    if KV_TANGENT:
+        ds = tl.dot(q, tl.trans(tk), ds, input_precision=PRECISION)
     h = p * (ds * scale)
     l_i = l_i * alpha + tl.sum(p, 1)
     r_i = r_i * alpha + tl.sum(h, 1)
     p_in = p.to(v.dtype)
     acc_o = tl.dot(p_in, v, acc_o * alpha[:, None], input_precision=PRECISION)
-    acc_t = tl.dot(p_in, tv, acc_t * alpha[:, None], input_precision=PRECISION)
+    acc_t = acc_t * alpha[:, None]
+    if KV_TANGENT:
+        acc_t = tl.dot(p_in, tv, acc_t, input_precision=PRECISION)
     acc_t = tl.dot(h.to(v.dtype), v, acc_t, input_precision=PRECISION)
     return acc_o, acc_t, m_new, l_i, r_i
 
@@ -104,15 +110,19 @@ def _key_block(
     stride_kn, stride_kd, stride_tkn, stride_tkd, stride_vn, stride_vd, stride_tvn, stride_tvd,
     start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
     HEAD_DIM: tl.constexpr, MASK_N: tl.constexpr, MASK_D: tl.constexpr, PRECISION: tl.constexpr,
+    KV_TANGENT: tl.constexpr,
 ):
     """Pointer loads of the key block starting at start_n, then `_update`."""
     n = start_n + offs_n
     k = _load_rows(k_base, n, offs_d, stride_kn, stride_kd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
-    tk = _load_rows(tk_base, n, offs_d, stride_tkn, stride_tkd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
     v = _load_rows(v_base, n, offs_d, stride_vn, stride_vd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
-    tv = _load_rows(tv_base, n, offs_d, stride_tvn, stride_tvd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    if KV_TANGENT:
+        tk = _load_rows(tk_base, n, offs_d, stride_tkn, stride_tkd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+        tv = _load_rows(tv_base, n, offs_d, stride_tvn, stride_tvd, seq_kv, HEAD_DIM, MASK_N, MASK_D)
+    else:
+        tk, tv = k, v  # unused: _update skips the products with the (zero) key and value tangents
     return _update(acc_o, acc_t, m_i, l_i, r_i, q, tq, k, tk, v, tv, n, seq_kv, qk_scale_log2, scale,
-                   MASK_N, PRECISION)
+                   MASK_N, PRECISION, KV_TANGENT)
 
 
 @triton.jit
@@ -127,7 +137,7 @@ def _attention_fwd_jvp_kernel(
     num_heads, seq_q, seq_kv, scale,
     seq_q_bucket, seq_kv_bucket,  # autotuning keys only (see `length_bucket`)
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KV_TANGENT: tl.constexpr,
 ):
     """One program: BLOCK_M query rows of one (batch, head) against all keys (pointer loads)."""
     pid_m = tl.program_id(0)
@@ -162,14 +172,14 @@ def _attention_fwd_jvp_kernel(
             acc_o, acc_t, m_i, l_i, r_i, q, tq, k_base, tk_base, v_base, tv_base,
             stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
             start_n, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
-            HEAD_DIM=HEAD_DIM, MASK_N=False, MASK_D=MASK_D, PRECISION=PRECISION,
+            HEAD_DIM=HEAD_DIM, MASK_N=False, MASK_D=MASK_D, PRECISION=PRECISION, KV_TANGENT=KV_TANGENT,
         )
     if full_end < seq_kv:
         acc_o, acc_t, m_i, l_i, r_i = _key_block(
             acc_o, acc_t, m_i, l_i, r_i, q, tq, k_base, tk_base, v_base, tv_base,
             stride_ks, stride_kd, stride_tks, stride_tkd, stride_vs, stride_vd, stride_tvs, stride_tvd,
             full_end, seq_kv, qk_scale_log2, scale, offs_n, offs_d,
-            HEAD_DIM=HEAD_DIM, MASK_N=True, MASK_D=MASK_D, PRECISION=PRECISION,
+            HEAD_DIM=HEAD_DIM, MASK_N=True, MASK_D=MASK_D, PRECISION=PRECISION, KV_TANGENT=KV_TANGENT,
         )
     _store_outputs(O, TO, LSE, acc_o, acc_t, m_i, l_i, r_i, off_b, off_h, offs_m, offs_d, num_heads, seq_q,
                    HEAD_DIM)
@@ -200,7 +210,7 @@ _attention_fwd_jvp_tuned = triton.autotune(
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in [*TUNING_SPACE, FALLBACK_CONFIG]
     ],
-    key=["seq_q_bucket", "seq_kv_bucket", "HEAD_DIM"],
+    key=["seq_q_bucket", "seq_kv_bucket", "HEAD_DIM", "KV_TANGENT"],
 )(_attention_fwd_jvp_kernel)
 
 
@@ -220,6 +230,8 @@ MAX_HEAD_DIM = 256
 
 def attention_fwd_jvp(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None):
     """Launch the fused kernel: returns (O, tO, LSE) for (B, S, H, D) inputs of any strides.
+
+    tk and tv both None: keys and values carry no tangent (the four-matmul variant).
 
     `outputs` optionally gives contiguous (O, tO, LSE) to write into (tests poison them first);
     `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) skips autotuning (sweeps).
@@ -244,6 +256,9 @@ def _launch(inputs, outputs, scale, config):
     compiled kernel when `config` is given (sweeps read its registers and spills)."""
     q, k = inputs[0], inputs[1]
     batch, seq_q, heads, head_dim = q.shape
+    kv_tangent = inputs[4] is not None
+    if not kv_tangent:  # the kernel never reads them; k and v stand in for pointers and strides
+        inputs = (*inputs[:4], inputs[1], inputs[2])
     args = [*inputs, *outputs]
     for x in inputs:
         args.extend(x.stride())
@@ -252,6 +267,7 @@ def _launch(inputs, outputs, scale, config):
         HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_TANGENT=kv_tangent,
     )
     if config is None and q.is_cuda:
         grid = lambda cfg: (triton.cdiv(seq_q, cfg["BLOCK_M"]), batch * heads)
@@ -264,10 +280,10 @@ def _launch(inputs, outputs, scale, config):
     )
 
 
-def tuned_config(seq_q: int, seq_kv: int, head_dim: int, dtype: torch.dtype) -> str:
+def tuned_config(seq_q: int, seq_kv: int, head_dim: int, dtype: torch.dtype, kv_tangent: bool = True) -> str:
     """The autotuner's choice for these sizes, as text ("" if they were not tuned yet)."""
+    wanted = (length_bucket(seq_q), length_bucket(seq_kv), head_dim, kv_tangent)
     for key, cfg in _attention_fwd_jvp_tuned.cache.items():
-        wanted = (length_bucket(seq_q), length_bucket(seq_kv), head_dim)
-        if tuple(key[:3]) == wanted and str(dtype) in map(str, key):
+        if tuple(key[:4]) == wanted and str(dtype) in map(str, key):
             return str(cfg)
     return ""

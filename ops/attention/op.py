@@ -220,15 +220,19 @@ def attention_fwd_jvp(
     k: torch.Tensor,
     v: torch.Tensor,
     tq: torch.Tensor,
-    tk: torch.Tensor,
-    tv: torch.Tensor,
+    tk: torch.Tensor | None,
+    tv: torch.Tensor | None,
     scale: float,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output O, its tangent t_O along (tq, tk, tv), and LSE, in one pass over the keys.
 
     SPEC-rcm §9.1 (streaming form): t_O = P tV + (P * dS) V - mu O, dS = c (tQ K^T + Q tK^T).
+    tk and tv are both None when keys and values carry no tangent (cross-attention to a text):
+    the kernel then skips the two matmuls that would multiply zeros (four per tile pair, not six).
     """
+    if (tk is None) != (tv is None):
+        raise ValueError("tk and tv must both be tensors or both be None")
     if _use_triton(impl, q):
         from ops.attention import kernel  # Triton is imported on first use, never at import time.
 
@@ -283,6 +287,8 @@ def _attention_autograd(q, k, v, scale, impl):
         return _attention_no_grad(q, k, v, scale)
     primals = [d.primal for d in duals]
     tangents = [torch.zeros_like(d.primal) if d.tangent is None else d.tangent.detach() for d in duals]
+    if duals[1].tangent is None and duals[2].tangent is None:
+        tangents[1:] = [None, None]  # keys and values without a tangent: the cheaper kernel variant
     out, tangent_out, _ = torch.ops.rcmfn.attention_fwd_jvp(*primals, *tangents, scale, impl)
     return forward_ad.make_dual(out, tangent_out, level=_DUAL_LEVEL)
 

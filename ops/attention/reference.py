@@ -77,21 +77,22 @@ def attention_jvp_reference(q, k, v, tq, tk, tv, scale: float):
     """Output O, its tangent dO along (tq, tk, tv), and LSE, in closed form.
 
     SPEC-rcm §9.1: dS = c (dQ K^T + Q dK^T), mu = rowsum(P * dS), dO = P dV + (P * dS) V - mu O.
+    tk and tv may both be None: keys and values without a tangent (cross-attention to a text).
     """
     work = _compute_dtype(q.dtype)
-    q_, k_, v_, tq_, tk_, tv_ = (t.to(work) for t in (q, k, v, tq, tk, tv))
+    q_, k_, v_, tq_ = (t.to(work) for t in (q, k, v, tq))
     scores = torch.einsum("bqhd,bkhd->bhqk", q_, k_) * scale
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
-    tscores = (torch.einsum("bqhd,bkhd->bhqk", tq_, k_) + torch.einsum("bqhd,bkhd->bhqk", q_, tk_)) * scale
-    weighted = probs * tscores
+    tscores = torch.einsum("bqhd,bkhd->bhqk", tq_, k_)
+    if tk is not None:
+        tscores = tscores + torch.einsum("bqhd,bkhd->bhqk", q_, tk.to(work))
+    weighted = probs * (tscores * scale)
     mu = weighted.sum(-1)  # (B, H, Sq)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, v_)
-    tout = (
-        torch.einsum("bhqk,bkhd->bqhd", probs, tv_)
-        + torch.einsum("bhqk,bkhd->bqhd", weighted, v_)
-        - mu.transpose(1, 2)[..., None] * out
-    )
+    tout = torch.einsum("bhqk,bkhd->bqhd", weighted, v_) - mu.transpose(1, 2)[..., None] * out
+    if tv is not None:
+        tout = tout + torch.einsum("bhqk,bkhd->bqhd", probs, tv.to(work))
     return (
         out.to(q.dtype).contiguous(),
         tout.to(q.dtype).contiguous(),

@@ -180,6 +180,31 @@ def test_zero_tangents_give_zero_tangent(impl):
     assert rel_err(out, reference.attention_reference(q.double(), k.double(), v.double())) < 1e-5
 
 
+@pytest.mark.parametrize("dtype_index", [0, 1])
+def test_keys_and_values_without_tangent_take_the_four_matmul_variant(impl, dtype_index):
+    """tk = tv = None (cross-attention to a text) equals explicit zero tangents and the float64
+    reference, directly on the fused op, through torch.func.jvp in q alone, and compiled."""
+    dtype = dtypes_for(impl)[dtype_index]
+    q, k, v, tq, _, _ = make_inputs((2, LENGTHS[4], 2, HEAD_DIMS[-1]), LENGTHS[5], dtype, "bhsd", 9)
+    zeros = [torch.zeros_like(k), torch.zeros_like(v)]
+    want_out, want_tangent = float64_jvp(q, k, v, tq, *zeros)
+    poison_allocator()
+    out, tangent, _ = attention_fwd_jvp(q, k, v, tq, None, None, q.shape[-1] ** -0.5, impl)
+    with_zeros = attention_fwd_jvp(q, k, v, tq, *zeros, q.shape[-1] ** -0.5, impl)
+    assert rel_err(tangent, with_zeros[1]) < 4 * unit_roundoff(dtype) * LENGTHS[5]
+    assert rel_err(out, want_out) < BOUND[dtype] and rel_err(tangent, want_tangent) < BOUND[dtype]
+    along_q = lambda q: attention(q, k, v, impl=impl)
+    for fn in (along_q, torch.compile(lambda q, t: torch.func.jvp(along_q, (q,), (t,)), fullgraph=True)):
+        got = fn(q, tq) if fn is not along_q else torch.func.jvp(along_q, (q,), (tq,))
+        assert torch.isfinite(got[1]).all() and rel_err(got[1], want_tangent) < BOUND[dtype]
+
+
+def test_one_missing_kv_tangent_is_refused():
+    q = torch.randn(1, 3, 1, 16)
+    with pytest.raises(ValueError, match="both"):
+        attention_fwd_jvp(q, q, q, q, None, q, 0.25, "reference")
+
+
 def test_tangent_matches_central_finite_difference_float64():
     """In float64, t_o equals (f(x + h t) - f(x - h t)) / 2h to O(h^2)."""
     inputs = make_inputs((2, 9, 2, 16), 13, torch.float64, "sliced", 11)
