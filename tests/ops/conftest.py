@@ -52,3 +52,27 @@ def impl(request):
     if request.param == "triton" and not TRITON_RUNS_HERE:
         pytest.skip("the Triton kernel runs in the child process of test_triton_kernel_under_interpreter")
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def few_kernel_configs(request, monkeypatch):
+    """On CUDA, the Triton autotuner tries two configurations instead of the full search space.
+
+    Every new (length bucket, head dim, dtype, K/V tangent) key compiles and times each configuration;
+    across the suite's random shapes the full space compiled for over ten minutes. The production
+    configuration (the first of the search space) and the fallback that fits every dtype and head dim
+    stay; tests marked `full_autotune` (the model-size ones) keep the whole space.
+    """
+    if not (ON_GPU and TRITON) or request.node.get_closest_marker("full_autotune"):
+        return
+    from ops.attention import kernel
+
+    tuned = kernel._attention_fwd_jvp_tuned
+    kept = [kernel.TUNING_SPACE[0], kernel.FALLBACK_CONFIG]
+    configs = [
+        cfg
+        for cfg in tuned.configs
+        if (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages) in kept
+    ]
+    assert len(configs) == len(kept), "the kept configurations are no longer in the search space"
+    monkeypatch.setattr(tuned, "configs", configs)

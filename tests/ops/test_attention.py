@@ -456,6 +456,7 @@ def test_fused_jvp_other_head_dims_on_gpu(head_dim):
 
 
 @gpu
+@pytest.mark.full_autotune
 def test_fused_jvp_at_model_size_on_gpu():
     """bf16 (1, 4096, 8, 128) self-attention and (1, 4096 / 512) cross-attention within bounds."""
     for seq_kv in (4096, 512):
