@@ -27,8 +27,8 @@ CPU: their RoPE cache (hard-coded `.cuda()`) is filled on the device here, autoc
 `--jvp-attention reference` swaps it for torch.func.jvp of a math attention (checks, not timing).
 
 GPU (repo root; carry .official/rcm with the working tree):
-  TRITON_PRINT_AUTOTUNING=1 python scripts/official_jvp_bench.py --json $OUT/official_jvp.json 2>&1 \
-      | tee $OUT/official_jvp.log
+  TRITON_PRINT_AUTOTUNING=1 python scripts/official_jvp_bench.py --json out/official_jvp.json 2>&1 \
+      | tee out/official_jvp.log
 CPU smoke test:
   python scripts/official_jvp_bench.py --device cpu --dtype float32 --layers 1 --frames 2 --height 8 --width 8 \
       --warmup 0 --iters 1 --jvp-attention reference
@@ -179,6 +179,11 @@ def main() -> int:
     parser.add_argument("--no-tf32", action="store_true", help="leave TF32 off (their trainer turns it on)")
     parser.add_argument("--jvp-attention", default="triton", choices=["triton", "reference"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tune-subset",
+        action="store_true",
+        help="autotune their kernel over BLOCK_N in {32, 64}, stages in {3, 4} only (16 of 36 configs: compile time)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
@@ -189,6 +194,14 @@ def main() -> int:
         warnings.filterwarnings("ignore", message="CUDA is not available")
     wan, jvp_helper = import_official(Path(args.official_root).resolve())
     print(f"imported {wan.__file__} (stubbed: {', '.join(STUBBED)})", flush=True)
+    if args.tune_subset:
+        from rcm.utils import flash_attention_jvp_triton as their_kernel
+
+        for tuner in vars(their_kernel).values():
+            if hasattr(tuner, "configs") and hasattr(tuner, "cache"):
+                keep = [c for c in tuner.configs if c.kwargs.get("BLOCK_N") in (32, 64) and c.num_stages in (3, 4)]
+                print(f"their autotuner {getattr(tuner, 'fn', tuner)}: {len(keep)} of {len(tuner.configs)} configs")
+                tuner.configs = keep
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     net, config = build_net(wan, jvp_helper, args, device, dtype)
