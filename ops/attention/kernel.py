@@ -125,7 +125,10 @@ def _key_block(
                    MASK_N, PRECISION, KV_TANGENT)
 
 
-@triton.jit
+# Lengths and head counts are not specialised (Triton would compile a variant for values of 1 and for
+# multiples of 16): each new resolution or caption length would otherwise compile the kernel again, and
+# nothing the kernel loads in bulk gets its alignment from them (strides and HEAD_DIM give that).
+@triton.jit(do_not_specialize=["num_heads", "seq_q", "seq_kv"])
 def _attention_fwd_jvp_kernel(
     Q, K, V, TQ, TK, TV, O, TO, LSE,
     stride_qb, stride_qs, stride_qh, stride_qd,
