@@ -11,8 +11,9 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 for stage in $stages; do
   case $stage in
-    tests) timeout 600 python3 -m pytest -q tests/ops --confcutdir=tests/ops -p no:cacheprovider \
-             --durations=10 --maxfail=10 2>&1 | tee "$out/tests.log" ;;
+    # -v: one line per finished test, so a run cut off by the timeout still shows how far it got.
+    tests) timeout "${TESTS_TIMEOUT:-600}" python3 -m pytest -v tests/ops --confcutdir=tests/ops -p no:cacheprovider \
+             --durations=15 --maxfail=10 2>&1 | tee "$out/tests.log" ;;
     bench) timeout 240 python3 -m entrypoints.bench attention --json "$out/bench_attention.json" ${BENCH_ARGS:-} 2>&1 \
              | tee "$out/bench.log" ;;
     sweep) timeout 240 python3 -m scripts.attention_sweep 2>&1 | tee "$out/sweep.log" ;;
