@@ -1,0 +1,118 @@
+"""Registers and spills of the fused attention JVP kernel per block configuration, without a GPU.
+
+`python -m scripts.attention_registers [--arch 90] [--head-dim 128] [--dtype bf16] [--no-kv-tangent]`
+compiles `ops.attention.kernel._attention_fwd_jvp_kernel` for the target architecture with Triton's
+own toolchain (no device is needed) and prints ptxas's register count, spill bytes and shared memory
+per configuration. The kernel is specialised as the op calls it in the models: 16-byte aligned
+pointers and strides, a unit head-dim stride. Register pressure is what bounds this kernel's tile
+sizes (docs/benchmarks.md, Attention); use this between GPU runs to see whether a change to the
+kernel frees registers. The numbers match the GPU machine only for the same Triton version.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ops.attention import kernel
+
+DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+CONFIGS = [*kernel.TUNING_SPACE, kernel.FALLBACK_CONFIG, (128, 128, 8, 2)]
+
+
+def kernel_source(head_dim: int, dtype: str, kv_tangent: bool, block_m: int, block_n: int) -> ASTSource:
+    """The kernel with the types and specialisations the op's launches give it."""
+    fn = kernel._attention_fwd_jvp_kernel
+    names = fn.arg_names
+    signature = {}
+    for name in names:
+        if name in ("Q", "K", "V", "TQ", "TK", "TV", "O", "TO"):
+            signature[name] = f"*{dtype}"
+        elif name == "LSE":
+            signature[name] = "*fp32"
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    constants = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION="ieee" if dtype == "fp32" else "tf32",
+        KV_TANGENT=kv_tangent,
+    )
+    constants.update({name: 1 for name in names if name.startswith("stride") and name.endswith("d")})
+    for name in constants:
+        signature[name] = "constexpr"
+    aligned = [n for n in names if signature[n].startswith("*") or (n.startswith("stride") and n not in constants)]
+    return ASTSource(
+        fn,
+        signature,
+        constexprs={(names.index(k),): v for k, v in constants.items()},
+        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+
+
+def ptxas_report(ptx: str, arch: int) -> dict:
+    """Run Triton's ptxas with -v on the PTX; registers, spill bytes (stores, loads), stack frame."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        run = subprocess.run(
+            [ptxas, f"-arch=sm_{arch}a", "-v", path, "-o", os.path.join(tmp, "kernel.cubin")],
+            capture_output=True,
+            text=True,
+        )
+    if run.returncode:
+        raise RuntimeError(f"ptxas failed: {run.stderr.strip()}")
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, run.stderr)) else 0
+    return dict(
+        registers=number(r"Used (\d+) registers"),
+        spill_stores=number(r"(\d+) bytes spill stores"),
+        spill_loads=number(r"(\d+) bytes spill loads"),
+        stack=number(r"(\d+) bytes stack frame"),
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--no-kv-tangent", action="store_true", help="the four-matmul variant")
+    args = parser.parse_args()
+    print(
+        f"triton {triton.__version__}, sm_{args.arch}a, head dim {args.head_dim}, {args.dtype}, "
+        f"K/V tangent {not args.no_kv_tangent}"
+    )
+    print("| BLOCK_M | BLOCK_N | warps | stages | registers | spill stores B | spill loads B | shared KiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for block_m, block_n, warps, stages in CONFIGS:
+        src = kernel_source(args.head_dim, DTYPES[args.dtype], not args.no_kv_tangent, block_m, block_n)
+        compiled = triton.compile(
+            src, target=GPUTarget("cuda", args.arch, 32), options=dict(num_warps=warps, num_stages=stages)
+        )
+        report = ptxas_report(compiled.asm["ptx"], args.arch)
+        cells = [
+            block_m,
+            block_n,
+            warps,
+            stages,
+            report["registers"],
+            report["spill_stores"],
+            report["spill_loads"],
+            compiled.metadata.shared // 1024,
+        ]
+        print("| " + " | ".join(map(str, cells)) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
