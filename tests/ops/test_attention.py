@@ -464,3 +464,30 @@ def test_fused_jvp_at_model_size_on_gpu():
         out, tout = jvp_of("auto", *inputs)
         ref_out, ref_tout = float64_jvp(*inputs)
         assert rel_err(out, ref_out) < 5e-3 and rel_err(tout, ref_tout) < 5e-3
+
+
+@gpu
+def test_new_lengths_and_head_counts_do_not_recompile_on_gpu(monkeypatch):
+    """After one launch, other lengths (1, odd, multiples of 16) and head counts reuse the compiled kernel."""
+    import triton
+
+    from ops.attention import kernel
+
+    compiled = []
+
+    def count(*, fn, **_):
+        if fn.name == kernel._attention_fwd_jvp_kernel.fn.__name__:
+            compiled.append(fn.name)
+
+    def launch(seq_q, seq_kv, heads):
+        inputs = make_inputs((1, seq_q, heads, 64), seq_kv, torch.bfloat16, "contiguous", seq_q + seq_kv)
+        kernel.attention_fwd_jvp(*inputs, 0.125, config=kernel.FALLBACK_CONFIG)
+
+    monkeypatch.setattr(triton.knobs.runtime, "jit_post_compile_hook", count)
+    launch(1000, 1000, 2)
+    assert len(compiled) <= 1
+    compiled.clear()
+    for seq_q, seq_kv, heads in [(1, 333, 1), (777, 1025, 3), (1024, 16, 2), (17, 4096, 1)]:
+        launch(seq_q, seq_kv, heads)
+    torch.cuda.synchronize()
+    assert compiled == [], f"the kernel compiled again for new lengths: {compiled}"
