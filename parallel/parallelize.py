@@ -27,6 +27,7 @@ from torch.autograd import forward_ad
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from parallel.block_jvp import BlockJVP
 from parallel.context_parallel import apply_cp
 from parallel.fsdp import apply_fsdp
 
@@ -107,7 +108,7 @@ class ParallelConfig:
     ac: ACMode = "none"
     """Activation checkpointing per block: none, full recomputation, or save matmul/attention outputs."""
     compile: bool = False
-    """torch.compile(fullgraph=True) each block's forward."""
+    """torch.compile(fullgraph=True) each block's forward, and its JVP for the tangent pass (block_jvp.py)."""
     reshard_after_forward: bool = True
     """Free all-gathered block parameters after forward (ZeRO-3) rather than keeping them to backward."""
 
@@ -160,18 +161,19 @@ def apply_ac(model: nn.Module, mode: ACMode) -> nn.Module:
     return model
 
 
-def _compiled_without_tangents(forward, backend: str):
-    """forward compiled for plain inputs; the eager forward for inputs carrying forward-AD tangents.
+def _compiled_block(block: nn.Module, forward, backend: str):
+    """forward compiled for plain inputs; for inputs carrying forward-AD tangents, the block's JVP graph.
 
     A function compiled with inductor and called on dual tensors sees their primals only: the
     tangents are dropped without an error (tiny Cosmos net, torch 2.13: output tangent 81 % off in
-    float32, 98 % in float64; the aot_eager backend keeps them).
-    The sharded sCM tangent pass feeds dual tensors to each block (parallel/fsdp.py `dual_jvp`), and
-    a compiled torch.func.jvp cannot run there either (Dynamo refuses a functorch jvp inside an active
-    forward-AD level: "Nested forward mode AD is not supported"), so dual calls run eagerly: exact,
-    uncompiled. Guarded by tests/parallel/test_compile.py.
+    float32, 98 % in float64; the aot_eager backend keeps them). And inside the sharded sCM tangent
+    pass (parallel/fsdp.py `dual_jvp`, an active forward-AD level) a compiled torch.func.jvp cannot
+    run ("Nested forward mode AD is not supported"). Dual calls therefore go to `BlockJVP`: the first
+    one with new shapes runs the eager block, the next plain call compiles the block's JVP graph, and
+    later dual calls run that. Guarded by tests/parallel/test_compile.py.
     """
     compiled = torch.compile(forward, fullgraph=True, backend=backend)
+    tangents = BlockJVP(block, forward, backend)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -179,16 +181,22 @@ def _compiled_without_tangents(forward, backend: str):
             isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None
             for a in (*args, *kwargs.values())
         )
-        return forward(*args, **kwargs) if carries_tangent else compiled(*args, **kwargs)
+        if carries_tangent:
+            return forward(*args, **kwargs) if kwargs else tangents.dual_call(args)
+        out = compiled(*args, **kwargs)
+        if tangents.wanted and not kwargs:
+            tangents.plain_call_seen(args)
+        return out
 
+    run.block_jvp = tangents  # what the tests inspect: compiled graphs and pending signatures
     return run
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
     """torch.compile(fullgraph=True) each block's forward (its module hooks, e.g. FSDP's, stay eager);
-    calls carrying forward-mode tangents run the eager forward (`_compiled_without_tangents`)."""
+    calls carrying forward-mode tangents run the block's compiled JVP graph (`_compiled_block`)."""
     for block in model.blocks:
-        block.forward = _compiled_without_tangents(block.forward, backend)
+        block.forward = _compiled_block(block, block.forward, backend)
     return model
 
 

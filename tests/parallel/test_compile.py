@@ -1,17 +1,22 @@
 """Per-block compile (parallel.parallelize.apply_compile) keeps forward-mode tangents exact.
 
 A block compiled with inductor and called on dual tensors sees the primals only (the tangents are
-dropped without an error; aot_eager keeps them); apply_compile now runs such calls eagerly. Single process, CPU:
-the tangent of the whole net through per-block compiled blocks (dual numbers, as the sharded sCM
-tangent pass feeds them) equals torch.func.jvp of the eager net; primal outputs and gradients are
-unchanged.
+dropped without an error; aot_eager keeps them); apply_compile sends such calls to the block's
+compiled JVP graph (parallel/block_jvp.py), or to the eager block until a plain call has compiled it.
+Single process, CPU: the tangent of the whole net through per-block compiled blocks (dual numbers, as
+the sharded sCM tangent pass feeds them) equals torch.func.jvp of the eager net, before and after the
+JVP graphs exist and after the weights change; primal outputs and gradients are unchanged.
 """
 
 import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.fx.experimental.proxy_tensor import make_fx
 
+from parallel.block_jvp import prune_zero_products
 from parallel.fsdp import dual_jvp
 from parallel.parallelize import apply_ac, apply_compile
 from tests.parallel.parallel_harness import tiny_batch, tiny_model
@@ -61,3 +66,129 @@ def test_without_the_guard_compiled_blocks_drop_tangents():
         _, want_tangent = torch.func.jvp(lambda x, t: eager(x, t, context), (x, t), (tx, tt))
         _, got_tangent = dual_jvp(lambda x, t: bare(x, t, context), (x, t), (tx, tt))
     assert (got_tangent - want_tangent).norm() > 0.1 * want_tangent.norm()
+
+
+def _matmuls(graph: torch.fx.GraphModule) -> int:
+    ops = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+    return sum(1 for node in graph.graph.nodes if node.op == "call_function" and node.target in ops)
+
+
+@pytest.mark.parametrize("family, backend", [("cosmos", "aot_eager"), ("wan", "inductor")])
+def test_dual_calls_run_the_compiled_block_jvp_after_a_plain_call(family, backend):
+    eager = tiny_model(family)
+    compiled = apply_compile(copy.deepcopy(eager), backend=backend)
+    caches = [block.forward.block_jvp for block in compiled.blocks]
+    x, t, context, tx, tt = _inputs(family)
+
+    def check():
+        with torch.no_grad():
+            want, want_tangent = torch.func.jvp(lambda x, t: eager(x, t, context), (x, t), (tx, tt))
+            got, got_tangent = dual_jvp(lambda x, t: compiled(x, t, context), (x, t), (tx, tt))
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-9, atol=1e-11)
+        assert want_tangent.abs().mean() > 1e-3
+
+    check()  # no graph yet: the eager blocks, and each block records what it was asked for
+    assert all(len(c.wanted) == 1 and not c.compiled for c in caches)
+    compiled(x, t, context).sum().backward()  # a plain call (with grad, as the student's) compiles them
+    assert all(not c.wanted and len(c.compiled) == 1 for c in caches)
+
+    runs = []
+    for c in caches:
+        ((signature, run),) = c.compiled.items()
+        c.compiled[signature] = lambda *a, run=run: runs.append(1) or run(*a)
+    check()
+    assert len(runs) == len(caches), "the dual calls did not run the compiled JVP graphs"
+    # Parameters are graph inputs read at call time, not constants: new weights, new tangents.
+    with torch.no_grad():
+        for model in (eager, compiled):
+            for p in model.parameters():
+                p.mul_(1.25).add_(0.01)
+    check()
+    assert len(runs) == 2 * len(caches)
+
+
+def test_a_block_whose_jvp_cannot_be_traced_stays_eager_and_exact(monkeypatch):
+    """A tracing failure (seen: context-parallel blocks, a forward-AD view assert in make_fx) is
+    reported once per signature and leaves the block's dual calls on the eager forward."""
+    from parallel import block_jvp
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this block")
+
+    monkeypatch.setattr(block_jvp, "trace_block_jvp", refuse)
+    eager = tiny_model("cosmos")
+    compiled = apply_compile(copy.deepcopy(eager), backend="aot_eager")
+    x, t, context, tx, tt = _inputs("cosmos")
+    with torch.no_grad():
+        want, want_tangent = torch.func.jvp(lambda x, t: eager(x, t, context), (x, t), (tx, tt))
+        dual_jvp(lambda x, t: compiled(x, t, context), (x, t), (tx, tt))
+        with pytest.warns(UserWarning, match="cannot trace this block"):
+            compiled(x, t, context)
+        got, got_tangent = dual_jvp(lambda x, t: compiled(x, t, context), (x, t), (tx, tt))
+    assert all(list(b.forward.block_jvp.compiled.values()) == [block_jvp.EAGER] for b in compiled.blocks)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("family", ["cosmos", "wan"])
+def test_block_jvp_graph_has_one_tangent_matmul_per_matmul_on_a_tangent(family):
+    """Pruning the zero tangents of the weights leaves exactly one tangent matmul for each forward
+    matmul that depends on an input carrying a tangent (not the text's key and value projections)."""
+    model = tiny_model(family)
+    compiled = apply_compile(copy.deepcopy(model), backend="aot_eager")
+    x, t, context, tx, tt = _inputs(family)
+    with torch.no_grad():
+        dual_jvp(lambda x, t: compiled(x, t, context), (x, t), (tx, tt))
+        compiled(x, t, context)
+    cache = compiled.blocks[0].forward.block_jvp
+    (((_, inputs_signature), jvp_graph),) = cache.compiled.items()
+    carries = [entry[-1] for entry in inputs_signature]
+    inputs = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.extend(args))
+    with torch.no_grad():
+        model(x, t, context)
+    forward_graph = make_fx(model.blocks[0])(*inputs)
+    placeholders = [n for n in forward_graph.graph.nodes if n.op == "placeholder"]
+    on_tangent = {n for n, c in zip(placeholders, carries, strict=True) if c}
+    for node in forward_graph.graph.nodes:
+        if any(a in on_tangent for a in node.all_input_nodes):
+            on_tangent.add(node)
+    matmuls = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default)
+    tangent_matmuls = sum(1 for n in on_tangent if n.op == "call_function" and n.target in matmuls)
+    assert 0 < tangent_matmuls < _matmuls(forward_graph)  # some act on the text only
+    assert _matmuls(jvp_graph) == _matmuls(forward_graph) + tangent_matmuls
+    # Attention's tangent comes from the fused op (the Triton kernel on CUDA), not a decomposition.
+    assert any(str(n.target) == "rcmfn.attention_fwd_jvp.default" for n in jvp_graph.graph.nodes)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    rows=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_prune_zero_products_keeps_the_values(widths, rows, seed):
+    """The JVP graph of a random MLP (weights without tangent) gives the same float64 values pruned
+    as unpruned, with exactly one tangent matmul per layer."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = zip(widths[:-1], widths[1:], strict=True)
+    weights = [torch.randn(a, b, generator=g, dtype=torch.float64) for a, b in pairs]
+    x, tx = (torch.randn(rows, widths[0], generator=g, dtype=torch.float64) for _ in range(2))
+
+    def mlp(x, *ws):
+        for w in ws:
+            x = torch.tanh(x @ w) * x.sum()
+        return x
+
+    def jvp(x, tx, *ws):
+        return torch.func.jvp(lambda x: mlp(x, *ws), (x,), (tx,))
+
+    graph = make_fx(jvp)(x, tx, *weights)
+    want = graph(x, tx, *weights)
+    pruned = prune_zero_products(graph)
+    got = pruned(x, tx, *weights)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(got[1], torch.func.jvp(lambda x: mlp(x, *weights), (x,), (tx,))[1])
+    assert _matmuls(pruned) == 2 * len(weights)

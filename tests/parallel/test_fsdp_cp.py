@@ -4,6 +4,8 @@ Each case spawns a gloo group on the CPU; rank 0 writes its results and the test
 the single-process rcmfn path (functional_call + torch.func.jvp) on the same weights, data and draws.
 """
 
+import contextlib
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -14,9 +16,11 @@ from tests.parallel.parallel_harness import assert_same_run, free_port, init_glo
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic (tangent_warmup 1, F = 2)
 # name: (world, ParallelDims kwargs, activation checkpointing, families). One spawned group per world
-# size runs all of its cases (process start-up dominates the cost on a 2-core CPU).
+# size runs all of its cases (process start-up dominates the cost on a 2-core CPU). "_compile": blocks
+# compiled per block with inductor, the tangent pass through their compiled JVP graphs (block_jvp.py).
 CASES = {
     "fsdp2": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
+    "fsdp2_compile": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
     "cp2": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos")),
     "fsdp2_ac_full": (2, {"dp_shard": 2}, "full", ("wan",)),
     "cp2_ac_mm_only": (2, {"dp_shard": 1, "cp": 2}, "mm_only", ("cosmos",)),
@@ -29,13 +33,36 @@ def _worker(rank, world, port, out):
     results = {}
     for case, (case_world, dims_kwargs, ac, families) in CASES.items():
         if case_world == world:
-            dims, pcfg = ParallelDims(world_size=world, **dims_kwargs), ParallelConfig(reduce_dtype=None, ac=ac)
-            results[case] = {family: train(family, STEPS, dims, pcfg=pcfg) for family in families}
+            dims = ParallelDims(world_size=world, **dims_kwargs)
+            pcfg = ParallelConfig(reduce_dtype=None, ac=ac, compile=case.endswith("_compile"))
+            results[case] = {}
+            for family in families:
+                with _counting_compiled_jvp_runs() as runs:
+                    results[case][family] = train(family, STEPS, dims, pcfg=pcfg)
+                results[case][family]["compiled_jvp_runs"] = len(runs)
     if world == 2:
         results["mean_gradient"] = _mean_gradient(rank)
     if rank == 0:
         torch.save(results, out)
     torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _counting_compiled_jvp_runs():
+    """Count the calls of compiled block-JVP graphs (parallel/block_jvp.py) made inside the block."""
+    from parallel import block_jvp
+
+    runs, trace = [], block_jvp.trace_block_jvp
+
+    def counted(*args, **kwargs):
+        graph = trace(*args, **kwargs)
+        return lambda *inputs: runs.append(1) or graph(*inputs)
+
+    block_jvp.trace_block_jvp = counted
+    try:
+        yield runs
+    finally:
+        block_jvp.trace_block_jvp = trace
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +88,9 @@ def test_sharded_run_equals_single_process(case, sharded, reference):
         assert [m["phase"] for m in got["metrics"]] == ["student", "student", "critic", "student", "critic"]
         assert_same_run(got, want, f"{case} {family}")
         torch.testing.assert_close(got["tangent"], want["tangent"], rtol=1e-9, atol=1e-11)
+        # Compiled: after the first tangent pass the student tangent passes ran the blocks' compiled
+        # JVP graphs. Uncompiled: none were built.
+        assert (got["compiled_jvp_runs"] > 0) == case.endswith("_compile"), (case, family)
 
 
 def _mean_gradient(rank: int) -> dict:

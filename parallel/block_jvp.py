@@ -1,0 +1,233 @@
+"""A compiled tangent for a block called on dual tensors: its JVP as an inductor-compiled aten graph.
+
+Why (docs/scale.md): the sharded sCM tangent pass feeds forward-AD dual tensors to each block. Inside
+that active forward-AD level an inductor-compiled block drops the tangents, and neither
+`torch.func.jvp` (eager or compiled) nor `make_fx` of it can run ("Nested forward mode AD is not
+supported"). What does run there is a plain aten graph: the block's JVP traced by `make_fx` over
+`torch.func.jvp` *outside* any level, its products with zero tangents removed, compiled by inductor's
+`compile_fx`, and called on the unpacked primals and tangents.
+
+Life cycle, per block (`BlockJVP`): a dual call with a signature (shapes, dtypes, which inputs carry a
+tangent) that has no graph yet runs the eager block and records the signature; the next plain call
+with the same shapes (the step's student forward, outside any level) traces and compiles the graph;
+later dual calls with that signature run it. Parameters and buffers are graph inputs read from the
+module at call time, never constants baked into the graph (FSDP swaps in freshly gathered ones).
+"""
+
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.autograd import forward_ad
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils.stateless import _reparametrize_module
+
+aten = torch.ops.aten
+EAGER = "eager"  # a signature whose JVP could not be traced: its dual calls run the eager block
+
+# Where make_fx's trace of torch.func.jvp materialises the zero tangent of a tensor without one (a
+# weight): products with it are zero and sums with it are the other operand.
+_ZERO_SOURCES = {aten.zeros.default, aten._efficientzerotensor.default, aten.zeros_like.default, aten.new_zeros.default}
+_ZERO_PRESERVING = {
+    aten.expand.default,
+    aten.t.default,
+    aten.permute.default,
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.alias.default,
+    aten.clone.default,
+    aten._to_copy.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.transpose.int,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.neg.default,
+}
+_PRODUCTS = {aten.mm.default, aten.bmm.default, aten.mul.Tensor, aten.matmul.default}
+
+
+def prune_zero_products(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace products with a materialised zero by zeros, and x + 0 by x; drop what becomes dead.
+
+    Exact: a product with a zero factor is zero (finite inputs), a sum with zero is the other term.
+    """
+    graph = gm.graph
+    zero = set()
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        operands = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        if node.target in _ZERO_SOURCES:
+            zero.add(node)
+        elif node.target in _ZERO_PRESERVING and operands and operands[0] in zero:
+            zero.add(node)
+        elif node.target in _PRODUCTS and any(a in zero for a in operands):
+            value = node.meta["val"]
+            with graph.inserting_before(node):
+                zeros = graph.call_function(
+                    aten.zeros.default, (list(value.shape),), {"dtype": value.dtype, "device": value.device}
+                )
+            zeros.meta["val"] = value
+            zero.add(zeros)
+            node.replace_all_uses_with(zeros)
+            graph.erase_node(node)
+        elif node.target in (aten.add.Tensor, aten.sub.Tensor) and len(node.args) == 2 and not node.kwargs:
+            _fold_zero_sum(graph, node, zero)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _fold_zero_sum(graph: torch.fx.Graph, node: torch.fx.Node, zero: set) -> None:
+    """a + 0 -> a, 0 + b -> b, a - 0 -> a where the result has the kept operand's shape and dtype."""
+    first, second = node.args
+    value = node.meta["val"]
+    candidates = [(first, second)] if node.target == aten.sub.Tensor else [(first, second), (second, first)]
+    for keep, drop in candidates:
+        if drop in zero and isinstance(keep, torch.fx.Node):
+            kept = keep.meta["val"]
+            if kept.shape == value.shape and kept.dtype == value.dtype:
+                node.replace_all_uses_with(keep)
+                graph.erase_node(node)
+                return
+    if first in zero and second in zero:
+        zero.add(node)
+
+
+def _signature(module: nn.Module, primals: list, tangents: list) -> tuple:
+    """What a compiled graph is specialised to: parameters' and inputs' shapes, strides, dtypes and
+    devices, and the strides of the inputs' tangents (None: the input carries none)."""
+    state = [(n, tuple(t.shape), t.stride(), t.dtype, t.device) for n, t in _state(module).items()]
+    inputs = [
+        (tuple(p.shape), p.stride(), p.dtype, p.device, None if t is None else t.stride())
+        if isinstance(p, torch.Tensor)
+        else ("const", p)
+        for p, t in zip(primals, tangents, strict=True)
+    ]
+    return tuple(state), tuple(inputs)
+
+
+def _tangent_strides(signature: tuple) -> list:
+    """Per input: the stride of its tangent, None where it has none (or is not a tensor)."""
+    return [None if entry[0] == "const" else entry[-1] for entry in signature[1]]
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+def trace_block_jvp(
+    module: nn.Module, forward: Callable, primals: list, tangent_strides: list, backend: str = "inductor"
+) -> Callable:
+    """Compile the JVP of `forward` (the module's own forward) in the inputs whose `tangent_strides`
+    entry is not None (the tangents' layout: inductor's graph checks every input's strides).
+
+    Returns `run(*state, *tensor_primals, *tangents) -> (out, out_tangent)`; the graph takes the
+    module's parameters and buffers (in `_state` order) as inputs. backend "inductor" compiles the
+    graph; any other (the tests' "aot_eager") runs the traced aten graph as it is.
+    """
+    from torch._inductor.compile_fx import compile_fx
+
+    names = list(_state(module))
+    tensor_at = [i for i, p in enumerate(primals) if isinstance(p, torch.Tensor)]
+    tangent_at = [i for i in tensor_at if tangent_strides[i] is not None]
+
+    def block_jvp(*flat):
+        state, rest = flat[: len(names)], flat[len(names) :]
+        tensors, tangents = rest[: len(tensor_at)], rest[len(tensor_at) :]
+        args = list(primals)
+        for i, t in zip(tensor_at, tensors, strict=True):
+            args[i] = t
+
+        def along(*differentiated):
+            called = list(args)
+            for i, d in zip(tangent_at, differentiated, strict=True):
+                called[i] = d
+            return forward(*called)
+
+        with _reparametrize_module(module, dict(zip(names, state, strict=True))):
+            return torch.func.jvp(along, tuple(args[i] for i in tangent_at), tuple(tangents))
+
+    example = [
+        *(t.detach() for t in _state(module).values()),
+        *(primals[i].detach() for i in tensor_at),
+        *(
+            torch.empty_strided(primals[i].shape, tangent_strides[i], dtype=primals[i].dtype, device=primals[i].device)
+            for i in tangent_at
+        ),
+    ]
+    with torch.no_grad():
+        graph = prune_zero_products(make_fx(block_jvp, tracing_mode="fake")(*example))
+        return compile_fx(graph, example) if backend == "inductor" else graph
+
+
+class BlockJVP:
+    """Per-block cache of compiled JVP graphs, filled on plain calls for signatures dual calls asked for."""
+
+    def __init__(self, module: nn.Module, forward: Callable, backend: str = "inductor"):
+        self.module, self.forward, self.backend = module, forward, backend
+        self.compiled: dict[tuple, Callable] = {}
+        self.wanted: set[tuple] = set()
+
+    def dual_call(self, args: tuple) -> torch.Tensor:
+        """The block on dual inputs: the compiled JVP if there is one for them, else the eager block.
+
+        With grad enabled the eager block runs: the compiled graph's outputs carry no autograd history
+        (the sCM tangent pass runs without grad)."""
+        if torch.is_grad_enabled():
+            return self.forward(*args)
+        unpacked = [forward_ad.unpack_dual(a) if isinstance(a, torch.Tensor) else (a, None) for a in args]
+        primals = [p for p, _ in unpacked]
+        signature = _signature(self.module, primals, [t for _, t in unpacked])
+        try:
+            run = self.compiled.get(signature)
+        except TypeError:  # an unhashable non-tensor input: no graph can be keyed on it
+            return self.forward(*args)
+        if run is None:
+            self.wanted.add(signature)
+        if run is None or run is EAGER:
+            return self.forward(*args)
+        state = [t.detach() for t in _state(self.module).values()]
+        tensors = [p for p in primals if isinstance(p, torch.Tensor)]
+        tangents = [t for _, t in unpacked if t is not None]
+        out, out_tangent = run(*state, *tensors, *tangents)
+        return forward_ad.make_dual(out, out_tangent)
+
+    def plain_call_seen(self, args: tuple) -> None:
+        """Compile the graphs dual calls asked for whose shapes match this plain call's inputs."""
+        for signature in [s for s in self.wanted if self._matches(s, args)]:
+            strides = _tangent_strides(signature)
+            try:
+                graph = trace_block_jvp(self.module, self.forward, list(args), strides, self.backend)
+            except Exception as error:  # noqa: BLE001 -- any tracing failure: stay exact, stay eager
+                # Seen: make_fx of a context-parallel block (all-to-all views) trips an internal
+                # forward-AD view assert in torch 2.13. The eager block is exact, only slower.
+                warnings.warn(
+                    f"{type(self.module).__name__}: its JVP could not be traced for compilation "
+                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); dual calls stay eager",
+                    stacklevel=2,
+                )
+                graph = EAGER
+            self.compiled[signature] = graph
+            self.wanted.discard(signature)
+
+    def _matches(self, signature: tuple, args: tuple) -> bool:
+        """The plain call's inputs are those of the signature (its tangents' layout taken from it)."""
+        strides = _tangent_strides(signature)
+        if len(strides) != len(args):
+            return False
+        fake_tangents = [None if st is None else _Strided(st) for st in strides]
+        return _signature(self.module, list(args), fake_tangents) == signature
+
+
+class _Strided:
+    """Stands for a tangent of the given strides in `_signature` (plain calls have no tangents)."""
+
+    def __init__(self, strides: tuple):
+        self.strides = strides
+
+    def stride(self) -> tuple:
+        return self.strides
