@@ -4,7 +4,8 @@ STYLE example 6 (torchtitan `models/llama3/parallelize.py`): one function per te
 `parallelize` that states the order. The order matters:
   1. apply_cp       swaps self-attention for Ulysses and hooks the token split/gather onto the blocks;
   2. apply_ac       wraps each block's forward in (selective) activation checkpointing;
-  3. apply_compile  compiles each block's forward (the AC'd one), fullgraph, hooks stay eager;
+  3. apply_compile  compiles each block's forward (the AC'd one), fullgraph, hooks stay eager, and
+                    its JVP for dual-number (tangent) calls (parallel/block_jvp.py);
   4. apply_fsdp     shards each block, then the root; its hooks run around the compiled forward.
 Every step leaves parameter names unchanged (no wrapper modules), so checkpoints, the EMA and the
 export key maps see the model's own names whatever is switched on.
