@@ -3,7 +3,9 @@
 Times one network step at the training shape (default: Wan2.1 1.3B, 480p latents 16x21x60x104,
 512 text tokens; cosmos2b: Cosmos-Predict2 2B at 1024 px, latents 16x1x128x128, 512 T5 tokens;
 bf16, batch 1, random weights): plain forward, compiled forward, eager jvp, compiled jvp (both
-under no_grad, as rCM's tangent pass) and forward+backward. Reports the median time of warm runs,
+under no_grad, as rCM's tangent pass), forward+backward, and the sharded trainer's tangent pass with
+`--compile` (dual numbers through per-block compiled JVP graphs, parallel/block_jvp.py; one GPU,
+no sharding). Reports the median time of warm runs,
 the first-call (compile) time, peak CUDA memory and TFLOP/s from the formula printed beside the
 table. The `*-tiny` configs run on CPU as smoke tests. `add_models(subparsers)` adds the same thing
 as the `models` subcommand of `entrypoints.bench`.
@@ -22,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.parallelize import apply_ac
+from parallel.fsdp import dual_jvp
+from parallel.parallelize import apply_ac, apply_compile
 from rcmfn.models import cosmos, wan
 from rcmfn.models.registry import MODELS, cast_params
 
@@ -56,7 +59,7 @@ CONFIGS: dict[str, BenchCase] = {
     "cosmos-tiny": BenchCase("cosmos", cosmos.CONFIGS["cosmos-tiny"], (16, 2, 8, 12), 12, 24, 1.0),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ROWS = ("forward", "compiled forward", "eager jvp", "compiled jvp", "forward+backward")
+ROWS = ("forward", "compiled forward", "eager jvp", "compiled jvp", "forward+backward", "block-compiled dual jvp")
 FLOP_FORMULA = (
     "fwd = 2 x (weights applied per token x L + per text token x Lc) + N (4 L^2 D + 4 L Lc D); "
     "jvp = 2 x linear + 3 x attention terms; fwd+bwd = 3 x fwd"
@@ -92,6 +95,27 @@ def _build(case: BenchCase, dev: torch.device, dtype: torch.dtype, seed: int):
         return model, wan.velocity_net(model)
     model = cosmos.random_cosmos(case.config, dev, dtype, seed)
     return model, cosmos.velocity_net(model)
+
+
+def _block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tangents):
+    """The sharded trainer's `--compile` tangent pass on one device: a separate copy of the network
+    with per-block compile; its first call runs the eager dual pass, the plain forward that compiles
+    each block's JVP graph, and the first compiled dual pass (all in the row's first-call time)."""
+    model, _ = _build(case, dev, dtype, seed)
+    apply_compile(model)
+    primed = []
+
+    def dual_pass():
+        return dual_jvp(lambda x, t: model(x, t, context), (x, timestep), tangents)
+
+    def step():
+        if not primed:
+            dual_pass()
+            model(x, timestep, context)
+            primed.append(True)
+        return dual_pass()
+
+    return step
 
 
 def _tokens(case: BenchCase) -> int:
@@ -189,6 +213,9 @@ def bench_models(
     compiled_forward = torch.compile(forward, fullgraph=True)
     compiled_jvp = torch.compile(jvp, fullgraph=True)
     steps = {
+        "block-compiled dual jvp": _block_compiled_dual_jvp(case, dev, act, seed, x, timestep, context, tangents)
+        if "block-compiled dual jvp" in rows
+        else None,
         "forward": lambda: forward(params, x, timestep),
         "compiled forward": lambda: compiled_forward(params, x, timestep),
         "eager jvp": lambda: jvp(params, x, timestep, *tangents),
