@@ -19,16 +19,13 @@ Random draws need no broadcast: the loop derives them from (seed, iteration) and
 group share their data-parallel rank, hence their seed and their batch (SPEC-rcm §14).
 """
 
-import functools
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.autograd import forward_ad
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from rcmfn.models.cosmos.model import Attention as CosmosAttention
-from rcmfn.models.cosmos.model import CosmosDiT, apply_rope
+from rcmfn.models.cosmos.model import CosmosDiT
 from rcmfn.models.wan.model import WanModel
 
 _lib = torch.library.Library("rcmfn", "FRAGMENT")
@@ -199,21 +196,6 @@ def ulysses_attention(attention_fn, group: dist.ProcessGroup):
     return attend
 
 
-def _cosmos_self_attention(module: CosmosAttention, x, context, rope, attention_fn):
-    """CosmosAttention.forward with the attention call replaced (the class takes no attention_fn).
-
-    Kept line for line with rcmfn/models/cosmos/model.py `Attention.forward`; a divergence shows up in
-    tests/parallel (CP output == single-process output).
-    """
-    heads = (module.num_heads, -1)
-    q = module.q_norm(module.q_proj(x).unflatten(-1, heads))
-    k = module.k_norm(module.k_proj(context).unflatten(-1, heads))
-    v = module.v_proj(context).unflatten(-1, heads)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return module.output_proj(attention_fn(q, k, v).flatten(-2))
-
-
 def token_dim(model: nn.Module) -> int:
     """The dimension of a block's input x that holds the tokens CP cuts (Wan [B, L, D], Cosmos [B, T', S, D])."""
     if isinstance(model, WanModel):
@@ -254,14 +236,13 @@ def apply_cp(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
     """
     dim, size, rank = token_dim(model), group.size(), group.rank()
     blocks = list(model.blocks)
+    # One Ulysses wrapper per distinct attention function, shared by the blocks: a compiled block
+    # guards on the identity of the function it calls, and a wrapper per block made Dynamo compile
+    # every block anew (recompile limit 8, fullgraph: a hard failure with --compile under CP).
+    ulysses = {}
     for block in blocks:
-        if isinstance(model, WanModel):
-            block.self_attn.attention_fn = ulysses_attention(block.self_attn.attention_fn, group)
-        else:
-            from ops import attention
-
-            ulysses = ulysses_attention(attention, group)
-            block.self_attn.forward = functools.partial(_cosmos_self_attention, block.self_attn, attention_fn=ulysses)
+        base = block.self_attn.attention_fn
+        block.self_attn.attention_fn = ulysses.setdefault(base, ulysses_attention(base, group))
 
     def cut_inputs(first: bool):
         def hook(module, args):

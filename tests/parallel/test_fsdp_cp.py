@@ -22,6 +22,7 @@ CASES = {
     "fsdp2": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
     "fsdp2_compile": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
     "cp2": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos")),
+    "cp2_compile": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos")),
     "fsdp2_ac_full": (2, {"dp_shard": 2}, "full", ("wan",)),
     "cp2_ac_mm_only": (2, {"dp_shard": 1, "cp": 2}, "mm_only", ("cosmos",)),
     "fsdp2_cp2": (4, {"dp_shard": 2, "cp": 2}, "none", ("wan", "cosmos")),
@@ -37,6 +38,7 @@ def _worker(rank, world, port, out):
             pcfg = ParallelConfig(reduce_dtype=None, ac=ac, compile=case.endswith("_compile"))
             results[case] = {}
             for family in families:
+                torch._dynamo.reset()  # each case is a run of its own (Dynamo's recompile limit counts per process)
                 with _counting_compiled_jvp_runs() as runs:
                     results[case][family] = train(family, STEPS, dims, pcfg=pcfg)
                 results[case][family]["compiled_jvp_runs"] = len(runs)
@@ -89,7 +91,8 @@ def test_sharded_run_equals_single_process(case, sharded, reference):
         assert_same_run(got, want, f"{case} {family}")
         torch.testing.assert_close(got["tangent"], want["tangent"], rtol=1e-9, atol=1e-11)
         # Compiled: after the first tangent pass the student tangent passes ran the blocks' compiled
-        # JVP graphs. Uncompiled: none were built.
+        # JVP graphs (Cosmos under CP: not every block's -- one trace trips a forward-AD view assert in
+        # make_fx, torch 2.13, and that block's dual calls stay eager, exact). Uncompiled: none built.
         assert (got["compiled_jvp_runs"] > 0) == case.endswith("_compile"), (case, family)
 
 

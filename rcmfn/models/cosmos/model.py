@@ -161,6 +161,8 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(dim, dim, bias=False)
         self.q_norm = RMSNorm(head_dim, qk_norm_eps)
         self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        # (B, S, H, D) attention; context parallelism swaps in its Ulysses wrapper (parallel/).
+        self.attention_fn = attention
 
     def forward(self, x: Tensor, context: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
         heads = (self.num_heads, -1)
@@ -169,7 +171,7 @@ class Attention(nn.Module):
         v = self.v_proj(context).unflatten(-1, heads)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.output_proj(attention(q, k, v).flatten(-2))
+        return self.output_proj(self.attention_fn(q, k, v).flatten(-2))
 
 
 class MLP(nn.Module):
