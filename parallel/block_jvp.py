@@ -7,7 +7,7 @@ supported"). What does run there is a plain aten graph: the block's JVP traced b
 `torch.func.jvp` *outside* any level, its products with zero tangents removed, compiled by inductor's
 `compile_fx`, and called on the unpacked primals and tangents.
 
-Life cycle, per block (`BlockJVP`): a dual call with a signature (shapes, dtypes, which inputs carry a
+Life cycle, per block (`BlockJVP`): a dual call with a signature (shapes, strides, dtypes, which inputs carry a
 tangent) that has no graph yet runs the eager block and records the signature; the next plain call
 with the same shapes (the step's student forward, outside any level) traces and compiles the graph;
 later dual calls with that signature run it. Parameters and buffers are graph inputs read from the
@@ -97,22 +97,20 @@ def _fold_zero_sum(graph: torch.fx.Graph, node: torch.fx.Node, zero: set) -> Non
         zero.add(node)
 
 
-def _signature(module: nn.Module, primals: list, tangents: list) -> tuple:
-    """What a compiled graph is specialised to: parameters' and inputs' shapes, strides, dtypes and
-    devices, and the strides of the inputs' tangents (None: the input carries none)."""
+def _primal_signature(module: nn.Module, primals: list) -> tuple:
+    """Parameters' and inputs' shapes, strides, dtypes and devices (non-tensor inputs by value)."""
     state = [(n, tuple(t.shape), t.stride(), t.dtype, t.device) for n, t in _state(module).items()]
     inputs = [
-        (tuple(p.shape), p.stride(), p.dtype, p.device, None if t is None else t.stride())
-        if isinstance(p, torch.Tensor)
-        else ("const", p)
-        for p, t in zip(primals, tangents, strict=True)
+        (tuple(p.shape), p.stride(), p.dtype, p.device) if isinstance(p, torch.Tensor) else ("const", p)
+        for p in primals
     ]
     return tuple(state), tuple(inputs)
 
 
-def _tangent_strides(signature: tuple) -> list:
-    """Per input: the stride of its tangent, None where it has none (or is not a tensor)."""
-    return [None if entry[0] == "const" else entry[-1] for entry in signature[1]]
+def _signature(module: nn.Module, primals: list, tangents: list) -> tuple:
+    """What a compiled graph is specialised to: the primal signature and, per input, its tangent's
+    strides (None: the input carries no tangent)."""
+    return _primal_signature(module, primals), tuple(None if t is None else t.stride() for t in tangents)
 
 
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -199,9 +197,8 @@ class BlockJVP:
     def plain_call_seen(self, args: tuple) -> None:
         """Compile the graphs dual calls asked for whose shapes match this plain call's inputs."""
         for signature in [s for s in self.wanted if self._matches(s, args)]:
-            strides = _tangent_strides(signature)
             try:
-                graph = trace_block_jvp(self.module, self.forward, list(args), strides, self.backend)
+                graph = trace_block_jvp(self.module, self.forward, list(args), list(signature[1]), self.backend)
             except Exception as error:  # noqa: BLE001 -- any tracing failure: stay exact, stay eager
                 # Seen: make_fx of a context-parallel block (all-to-all views) trips an internal
                 # forward-AD view assert in torch 2.13. The eager block is exact, only slower.
@@ -215,19 +212,5 @@ class BlockJVP:
             self.wanted.discard(signature)
 
     def _matches(self, signature: tuple, args: tuple) -> bool:
-        """The plain call's inputs are those of the signature (its tangents' layout taken from it)."""
-        strides = _tangent_strides(signature)
-        if len(strides) != len(args):
-            return False
-        fake_tangents = [None if st is None else _Strided(st) for st in strides]
-        return _signature(self.module, list(args), fake_tangents) == signature
-
-
-class _Strided:
-    """Stands for a tangent of the given strides in `_signature` (plain calls have no tangents)."""
-
-    def __init__(self, strides: tuple):
-        self.strides = strides
-
-    def stride(self) -> tuple:
-        return self.strides
+        """The plain call's inputs are those the signature was recorded for."""
+        return len(signature[1]) == len(args) and _primal_signature(self.module, list(args)) == signature[0]

@@ -242,7 +242,9 @@ def apply_cp(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
     ulysses = {}
     for block in blocks:
         base = block.self_attn.attention_fn
-        block.self_attn.attention_fn = ulysses.setdefault(base, ulysses_attention(base, group))
+        if base not in ulysses:
+            ulysses[base] = ulysses_attention(base, group)
+        block.self_attn.attention_fn = ulysses[base]
 
     def cut_inputs(first: bool):
         def hook(module, args):

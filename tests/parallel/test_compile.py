@@ -142,8 +142,8 @@ def test_block_jvp_graph_has_one_tangent_matmul_per_matmul_on_a_tangent(family):
         dual_jvp(lambda x, t: compiled(x, t, context), (x, t), (tx, tt))
         compiled(x, t, context)
     cache = compiled.blocks[0].forward.block_jvp
-    (((_, inputs_signature), jvp_graph),) = cache.compiled.items()
-    carries = [entry[-1] for entry in inputs_signature]
+    (((_, tangent_strides), jvp_graph),) = cache.compiled.items()
+    carries = [strides is not None for strides in tangent_strides]
     inputs = []
     model.blocks[0].register_forward_pre_hook(lambda module, args: inputs.extend(args))
     with torch.no_grad():
