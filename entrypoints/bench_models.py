@@ -299,6 +299,8 @@ def run_models(args: argparse.Namespace) -> dict:
     if args.commit:
         result["commit"] = args.commit
     print_table(result)
+    if args.compile_times:  # where a slow first call spends its time (Dynamo, AOT, inductor phases)
+        print(torch._dynamo.utils.compile_times(repr="str", aggregate=True))
     return result
 
 
@@ -315,6 +317,7 @@ def add_models(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
+    p.add_argument("--compile-times", action="store_true", help="print the compiler's time per phase at the end")
     p.set_defaults(run=run_models)
 
 
