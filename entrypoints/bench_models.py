@@ -59,7 +59,15 @@ CONFIGS: dict[str, BenchCase] = {
     "cosmos-tiny": BenchCase("cosmos", cosmos.CONFIGS["cosmos-tiny"], (16, 2, 8, 12), 12, 24, 1.0),
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ROWS = ("forward", "compiled forward", "eager jvp", "compiled jvp", "forward+backward", "block-compiled dual jvp")
+ROWS = (
+    "forward",
+    "compiled forward",
+    "eager jvp",
+    "compiled jvp",
+    "forward+backward",
+    "block-compiled forward",
+    "block-compiled dual jvp",
+)
 FLOP_FORMULA = (
     "fwd = 2 x (weights applied per token x L + per text token x Lc) + N (4 L^2 D + 4 L Lc D); "
     "jvp = 2 x linear + 3 x attention terms; fwd+bwd = 3 x fwd"
@@ -95,6 +103,14 @@ def _build(case: BenchCase, dev: torch.device, dtype: torch.dtype, seed: int):
         return model, wan.velocity_net(model)
     model = cosmos.random_cosmos(case.config, dev, dtype, seed)
     return model, cosmos.velocity_net(model)
+
+
+def _block_compiled_forward(case, dev, dtype, seed, x, timestep, context):
+    """The sharded trainer's `--compile` student forward on one device: a separate copy of the network
+    whose blocks are compiled one by one (`parallel.parallelize.apply_compile`)."""
+    model, _ = _build(case, dev, dtype, seed)
+    apply_compile(model)
+    return lambda: model(x, timestep, context)
 
 
 def _block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tangents):
@@ -213,6 +229,9 @@ def bench_models(
     compiled_forward = torch.compile(forward, fullgraph=True)
     compiled_jvp = torch.compile(jvp, fullgraph=True)
     steps = {
+        "block-compiled forward": _block_compiled_forward(case, dev, act, seed, x, timestep, context)
+        if "block-compiled forward" in rows
+        else None,
         "block-compiled dual jvp": _block_compiled_dual_jvp(case, dev, act, seed, x, timestep, context, tangents)
         if "block-compiled dual jvp" in rows
         else None,

@@ -67,8 +67,20 @@ def _empty_rng(device) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device=device)
 
 
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself if it is contiguous (B, S, H, D) starting on a 16-byte boundary, else a dense copy.
+
+    The fused backends are called below SDPA's own checks, so they get the one layout the models
+    produce. Seen on an H200 (torch 2.11): a view at an odd offset (a slice of a wider head dim) made
+    the memory-efficient backward fault with "misaligned address", and for transposed views of
+    (B, H, S, D) storage the bf16/fp16 gradients disagreed with F.scaled_dot_product_attention's."""
+    if x.is_contiguous() and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
+
+
 def _cuda_forward(q, k, v, scale: float):
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    qt, kt, vt = (_dense(x).transpose(1, 2) for x in (q, k, v))
     backend = _sdpa_backend(qt, kt, vt, scale)
     batch, seq_q, heads, _ = q.shape
     if backend == SDPBackend.FLASH_ATTENTION:
@@ -85,7 +97,7 @@ def _cuda_forward(q, k, v, scale: float):
 
 
 def _cuda_backward(grad_out, q, k, v, out, lse, scale: float):
-    qt, kt, vt, ot, dot = (x.transpose(1, 2) for x in (q, k, v, out, grad_out))
+    qt, kt, vt, ot, dot = (_dense(x).transpose(1, 2) for x in (q, k, v, out, grad_out))
     backend = _sdpa_backend(qt, kt, vt, scale)
     seq_q, seq_kv = q.shape[1], k.shape[1]
     rng = _empty_rng(q.device)

@@ -7,7 +7,7 @@ derivative is attention's, in `ops`; everything here is differentiable by `torch
 
 Units for `parallel/` (applied from outside, nothing here imports torch.distributed):
 `model.blocks` (a ModuleList of `Block`, each one activation-checkpoint / FSDP / compile unit, called
-positionally as `block(x, emb, lora, context, rope_cos, rope_sin)`, so it can be replaced in place
+positionally as `block(x, silu_emb, lora, context, rope_cos, rope_sin)`, so it can be replaced in place
 by a wrapper with `model.blocks.register_module(str(i), wrapped)`) and `model.final_layer`.
 """
 
@@ -134,7 +134,10 @@ class RMSNorm(nn.Module):
 class Modulation(nn.Module):
     """adaLN-LoRA modulation: Up(Down(SiLU(e))) + a[..., :n D], split in n (shift, scale[, gate]).
 
-    SPEC-models §2.2 steps 5 and 7. Runs in the dtype of e (float32 under high-precision time).
+    SPEC-models §2.2 steps 5 and 7. Takes SiLU(e), computed once by `CosmosDiT.forward` for all 85
+    modulations of the 2B net: computed in each one, inductor fused the copies into one reduction
+    kernel with 63 outputs that ptxas did not finish compiling in 7 minutes (torch 2.11, H200).
+    Runs in the dtype of e (float32 under high-precision time).
     """
 
     def __init__(self, dim: int, lora_dim: int, chunks: int):
@@ -143,8 +146,8 @@ class Modulation(nn.Module):
         self.down = nn.Linear(dim, lora_dim, bias=False)
         self.up = nn.Linear(lora_dim, chunks * dim, bias=False)
 
-    def forward(self, emb: Tensor, lora: Tensor) -> tuple[Tensor, ...]:
-        m = linear_in(linear_in(F.silu(emb), self.down), self.up)
+    def forward(self, silu_emb: Tensor, lora: Tensor) -> tuple[Tensor, ...]:
+        m = linear_in(linear_in(silu_emb, self.down), self.up)
         return (m + lora[..., : m.shape[-1]]).chunk(self.chunks, dim=-1)
 
 
@@ -199,17 +202,18 @@ class Block(nn.Module):
         self.adaln_modulation_cross_attn = Modulation(D, cfg.adaln_lora_dim, 3)
         self.adaln_modulation_mlp = Modulation(D, cfg.adaln_lora_dim, 3)
 
-    def forward(self, x, emb, lora, context, rope_cos, rope_sin) -> Tensor:
-        """x [B, T', S, D]; emb [B, Tt, 1, D]; lora [B, Tt, 1, 3D] (Tt = 1 or T'); context [B, Lc, Dc]."""
+    def forward(self, x, silu_emb, lora, context, rope_cos, rope_sin) -> Tensor:
+        """x [B, T', S, D]; silu_emb = SiLU(e) [B, Tt, 1, D]; lora [B, Tt, 1, 3D] (Tt = 1 or T');
+        context [B, Lc, Dc]."""
         B, T, S, D = x.shape
-        shift, scale, gate = self.adaln_modulation_self_attn(emb, lora)
+        shift, scale, gate = self.adaln_modulation_self_attn(silu_emb, lora)
         h = modulate(x, shift, scale).reshape(B, T * S, D)
         y = self.self_attn(h, h, (rope_cos, rope_sin))
         x = gated_add(x, gate, y.reshape(B, T, S, D))
-        shift, scale, gate = self.adaln_modulation_cross_attn(emb, lora)
+        shift, scale, gate = self.adaln_modulation_cross_attn(silu_emb, lora)
         y = self.cross_attn(modulate(x, shift, scale).reshape(B, T * S, D), context, None)
         x = gated_add(x, gate, y.reshape(B, T, S, D))
-        shift, scale, gate = self.adaln_modulation_mlp(emb, lora)
+        shift, scale, gate = self.adaln_modulation_mlp(silu_emb, lora)
         return gated_add(x, gate, self.mlp(modulate(x, shift, scale)))
 
 
@@ -221,8 +225,8 @@ class FinalLayer(nn.Module):
         self.adaln_modulation = Modulation(cfg.dim, cfg.adaln_lora_dim, 2)
         self.linear = nn.Linear(cfg.dim, cfg.patch_volume * cfg.out_channels, bias=False)
 
-    def forward(self, x: Tensor, emb: Tensor, lora: Tensor) -> Tensor:
-        shift, scale = self.adaln_modulation(emb, lora)
+    def forward(self, x: Tensor, silu_emb: Tensor, lora: Tensor) -> Tensor:
+        shift, scale = self.adaln_modulation(silu_emb, lora)
         return self.linear(modulate(x, shift, scale))
 
 
@@ -335,12 +339,12 @@ class CosmosDiT(nn.Module):
         time_dtype = torch.promote_types(dtype, torch.float32) if cfg.high_precision_time else dtype
         s = timestep_sinusoid(timestep.reshape(B, -1), cfg.dim).to(time_dtype)[:, :, None, :]  # [B, Tt, 1, D]
         lora = self.t_embedder(s)
-        emb = self.t_embedding_norm(s)
+        silu_emb = F.silu(self.t_embedding_norm(s))
 
         context = context.to(dtype)
         for block in self.blocks:
-            tokens = block(tokens, emb, lora, context, rope_cos, rope_sin)
-        return unpatchify(self.final_layer(tokens, emb, lora), grid, p_t, p)
+            tokens = block(tokens, silu_emb, lora, context, rope_cos, rope_sin)
+        return unpatchify(self.final_layer(tokens, silu_emb, lora), grid, p_t, p)
 
 
 def build_cosmos(config: CosmosConfig, dtype: torch.dtype | None = None) -> CosmosDiT:
