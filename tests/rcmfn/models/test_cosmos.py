@@ -367,6 +367,22 @@ def test_jvp_through_ops_attention_matches_reference_attention(monkeypatch):
     torch.testing.assert_close(tangent, ref_tangent, rtol=1e-10, atol=1e-10)
 
 
+def test_time_embedding_silu_is_computed_once_whatever_the_depth():
+    """The traced forward has as many SiLUs with 1 block as with 3: the modulations share SiLU(e).
+
+    One per modulation (85 in the 2B net) made inductor fuse the copies into a single 63-output
+    kernel that ptxas did not finish compiling (H200, torch 2.11; docs/benchmarks.md)."""
+
+    def silu_count(num_blocks):
+        net = tiny_model("t2i", num_blocks=num_blocks)
+        x, t, context, kwargs = make_inputs("t2i")
+        f = velocity_fn(net, context, kwargs)
+        graph = torch.fx.experimental.proxy_tensor.make_fx(f)(params_of(net), x, t).graph
+        return sum(node.target is torch.ops.aten.silu.default for node in graph.nodes)
+
+    assert silu_count(1) == silu_count(3) <= 2  # the time MLP's and the modulations' shared one
+
+
 @pytest.mark.slow
 def test_compiled_forward_and_jvp_match_eager_without_graph_breaks():
     """torch.compile(fullgraph=True) of the forward and of the jvp (float64, one block) == eager."""
