@@ -41,16 +41,19 @@ def test_models_benchmark_smoke_on_cpu(tmp_path, config, tokens):
     assert forward == linear + attention and jvp == 2 * linear + 3 * attention and backward == 3 * forward
 
 
-def test_block_compiled_dual_jvp_row_runs_on_cpu(tmp_path):
-    """The sharded trainer's compiled tangent pass as a row: primes its graphs, then times them."""
+def test_block_compiled_rows_run_on_cpu(tmp_path):
+    """The trainers' `--compile` forward and the sharded trainer's compiled tangent pass as rows (the
+    latter primes its graphs, then times them)."""
     out = tmp_path / "models.json"
-    rows = ["block-compiled dual jvp"]
+    rows = ["block-compiled forward", "block-compiled dual jvp"]
     main(["models", "--config", "wan-tiny", "--dtype", "fp32", "--warmup", "1", "--iters", "1"]
          + ["--rows", *rows, "--device", "cpu", "--json", str(out)])  # fmt: skip
     result = json.loads(out.read_text())
-    (row,) = result["rows"]
-    assert row["what"] == rows[0] and row["ms"] > 0 and row["first_call_s"] > 0
-    assert row["flops"] == 2 * result["linear_flops"] + 3 * result["attention_flops"]
+    forward, jvp = result["rows"]
+    assert [forward["what"], jvp["what"]] == rows
+    assert all(row["ms"] > 0 and row["first_call_s"] > 0 for row in (forward, jvp))
+    assert forward["flops"] == result["linear_flops"] + result["attention_flops"]
+    assert jvp["flops"] == 2 * result["linear_flops"] + 3 * result["attention_flops"]
 
 
 def test_model_flops_match_a_hand_count():
