@@ -12,6 +12,11 @@ demo *args:
 bench what="attention" *args:
     python -m entrypoints.bench {{what}} {{args}}
 
+# On a CUDA machine: the ops suite at full size, then the models' and parallel/'s GPU tests.
+gpu-check out="out":
+    bash scripts/gpu_ops.sh {{out}} tests
+    python -m pytest -q -m gpu tests/rcmfn tests/parallel
+
 # Lint and format check.
 lint:
     ruff check .
