@@ -105,20 +105,24 @@ def _build(case: BenchCase, dev: torch.device, dtype: torch.dtype, seed: int):
     return model, cosmos.velocity_net(model)
 
 
-def _block_compiled_forward(case, dev, dtype, seed, x, timestep, context):
-    """The sharded trainer's `--compile` student forward on one device: a separate copy of the network
-    whose blocks are compiled one by one (`parallel.parallelize.apply_compile`)."""
+def _block_compiled_model(case, dev, dtype, seed):
+    """A separate copy of the network whose blocks are compiled one by one, as `--compile` does in the
+    trainers (`parallel.parallelize.apply_compile`)."""
     model, _ = _build(case, dev, dtype, seed)
-    apply_compile(model)
+    return apply_compile(model)
+
+
+def _block_compiled_forward(case, dev, dtype, seed, x, timestep, context):
+    """The trainers' `--compile` student forward on one device."""
+    model = _block_compiled_model(case, dev, dtype, seed)
     return lambda: model(x, timestep, context)
 
 
 def _block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tangents):
-    """The sharded trainer's `--compile` tangent pass on one device: a separate copy of the network
-    with per-block compile; its first call runs the eager dual pass, the plain forward that compiles
-    each block's JVP graph, and the first compiled dual pass (all in the row's first-call time)."""
-    model, _ = _build(case, dev, dtype, seed)
-    apply_compile(model)
+    """The sharded trainer's `--compile` tangent pass on one device; its first call runs the eager dual
+    pass, the plain forward that compiles each block's JVP graph, and the first compiled dual pass (all
+    in the row's first-call time)."""
+    model = _block_compiled_model(case, dev, dtype, seed)
     primed = []
 
     def dual_pass():

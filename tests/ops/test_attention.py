@@ -228,14 +228,19 @@ def test_forward_ad_matches_func_jvp(impl):
     torch.testing.assert_close(fw_tout, tout, rtol=0, atol=0)
 
 
+def float64_grads(q, k, v, grad):
+    """Gradients of math attention in float64: the yardstick for ours and SDPA's."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    return torch.autograd.grad(reference.attention_reference(*leaves), leaves, grad.double())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_backward_matches_float64_reference(dtype):
     """Reverse-mode gradients (through attention_fwd/attention_bwd) match float64 autograd."""
     q, k, v, *_ = make_inputs((2, LENGTHS[-1], 2, HEAD_DIMS[-1]), LENGTHS[-2], dtype, "bhsd", 13)
     grad = torch.randn(q.shape, device=DEVICE, dtype=dtype)
     ours = torch.autograd.grad(attention(q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), (q, k, v), grad)
-    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    ref = torch.autograd.grad(reference.attention_reference(*ref_in), ref_in, grad.double())
+    ref = float64_grads(q, k, v, grad)
     for a, b in zip(ours, ref, strict=True):
         assert a.shape == b.shape and rel_err(a, b) < BOUND[dtype]
 
@@ -444,12 +449,6 @@ def test_unknown_impl_raises_value_error():
     q = torch.randn(1, 3, 1, 16)
     with pytest.raises(ValueError, match="impl"):
         attention(q, q, q, impl="flash")
-
-
-def float64_grads(q, k, v, grad):
-    """Gradients of math attention in float64: the yardstick for ours and SDPA's."""
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    return torch.autograd.grad(reference.attention_reference(*leaves), leaves, grad.double())
 
 
 @gpu
