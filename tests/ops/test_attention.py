@@ -45,6 +45,12 @@ def unit_roundoff(dtype):
     return torch.finfo(dtype).eps / 2
 
 
+def online_softmax_rounding(seq_kv):
+    """Relative rounding a flash kernel adds over math attention: its float32 accumulators are rescaled
+    once per key block, each rescale one float32 rounding (blocks of 16 keys, the smallest config)."""
+    return -(-seq_kv // 16) * unit_roundoff(torch.float32)
+
+
 def math_attention(q, k, v, scale=None):
     """Plain math attention computed entirely in the inputs' dtype: PyTorch's own error baseline."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -129,7 +135,7 @@ def test_jvp_matches_float64_reference(impl, shape, layout, dtype_index, seed):
         assert rel_err(out, ref_out) < BOUND[dtype] and rel_err(tout, ref_tout) < BOUND[dtype]
         return
     base_out, base_tout = torch.func.jvp(math_attention, tuple(inputs[:3]), tuple(inputs[3:]))
-    slack = 4 * unit_roundoff(dtype)
+    slack = 4 * unit_roundoff(dtype) + online_softmax_rounding(seq_kv)
     for ours, base, ref in ((out, base_out, ref_out), (tout, base_tout, ref_tout)):
         err = rel_err(ours, ref)
         assert err < BOUND[dtype], (err, dtype)
@@ -462,7 +468,9 @@ def test_primal_forward_and_backward_match_sdpa_on_gpu(dtype, seq_q, seq_kv, lay
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     out = attention(*leaves)
     ours = torch.autograd.grad(out, leaves, grad)
-    sdpa_in = [x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    # Public SDPA gets dense copies: on torch 2.11 its cuDNN backward faults with "misaligned address"
+    # on views at odd offsets (the op copies such views for the same reason, see op._dense).
+    sdpa_in = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
     sdpa_out = torch.nn.functional.scaled_dot_product_attention(*sdpa_in)
     theirs = torch.autograd.grad(sdpa_out, sdpa_in, grad.transpose(1, 2))
     torch.testing.assert_close(out, sdpa_out.transpose(1, 2))
