@@ -472,7 +472,7 @@ def test_primal_forward_and_backward_match_sdpa_on_gpu(dtype, seq_q, seq_kv, lay
     # on views at odd offsets (the op copies such views for the same reason, see op._dense).
     sdpa_in = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
     sdpa_out = torch.nn.functional.scaled_dot_product_attention(*sdpa_in)
-    theirs = torch.autograd.grad(sdpa_out, sdpa_in, grad.transpose(1, 2))
+    theirs = torch.autograd.grad(sdpa_out, sdpa_in, grad.transpose(1, 2).contiguous())
     torch.testing.assert_close(out, sdpa_out.transpose(1, 2))
     exact = float64_grads(q, k, v, grad)
     for name, a, b, want in zip("qkv", ours, theirs, exact, strict=True):
