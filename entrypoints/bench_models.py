@@ -5,10 +5,10 @@ Times one network step at the training shape (default: Wan2.1 1.3B, 480p latents
 bf16, batch 1, random weights): plain forward, compiled forward, eager jvp, compiled jvp (both
 under no_grad, as rCM's tangent pass), forward+backward, and the sharded trainer's tangent pass with
 `--compile` (dual numbers through per-block compiled JVP graphs, parallel/block_jvp.py; one GPU,
-no sharding). Reports the median time of warm runs,
-the first-call (compile) time, peak CUDA memory and TFLOP/s from the formula printed beside the
-table. The `*-tiny` configs run on CPU as smoke tests. `add_models(subparsers)` adds the same thing
-as the `models` subcommand of `entrypoints.bench`.
+no sharding). Reports the median time of warm runs, the first-call (compile) time, peak CUDA memory
+of the warm runs and of the first call, and TFLOP/s from the formula printed beside the table. The
+`*-tiny` configs run on CPU as smoke tests. `add_models(subparsers)` adds the same thing as the
+`models` subcommand of `entrypoints.bench`.
 
 size budget: one benchmark, its FLOP count for both model families and its table and CLI.
 """
@@ -162,13 +162,19 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_row(fn, device: torch.device, warmup: int, iters: int) -> dict:
-    """First-call seconds (compile included), median ms of `iters` warm calls, peak memory (CUDA)."""
-    if device.type == "cuda":
+    """First-call seconds (compile included), median ms of `iters` warm calls, and peak CUDA memory of
+    the warm calls and of the first call apart: a first call can compile, autotune or (the dual jvp)
+    run an eager pass, and its peak says nothing about the steady state."""
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     fn()
     _sync(device)
     first_s = time.perf_counter() - start
+    first_peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(max(warmup - 1, 0)):
         fn()
     times = []
@@ -178,8 +184,8 @@ def _time_row(fn, device: torch.device, warmup: int, iters: int) -> dict:
         fn()
         _sync(device)
         times.append(1e3 * (time.perf_counter() - start))
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return dict(first_call_s=first_s, ms=statistics.median(times), peak_gib=peak)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+    return dict(first_call_s=first_s, ms=statistics.median(times), peak_gib=peak, first_call_peak_gib=first_peak)
 
 
 def bench_models(
@@ -260,7 +266,13 @@ def bench_models(
             with grad_mode:
                 row = _time_row(step, dev, warmup, iters)
         except torch.cuda.OutOfMemoryError as error:  # recorded in the table, never silently skipped
-            row = dict(first_call_s=None, ms=None, peak_gib=None, error=f"OOM: {str(error).splitlines()[0]}")
+            row = dict(
+                first_call_s=None,
+                ms=None,
+                peak_gib=None,
+                first_call_peak_gib=None,
+                error=f"OOM: {str(error).splitlines()[0]}",
+            )
         del step
         kind = "jvp" if "jvp" in name else "backward" if "backward" in name else "forward"
         row.update(what=name, flops=flops[kind], tflops=flops[kind] / row["ms"] * 1e-9 if row["ms"] else None)
@@ -293,8 +305,8 @@ def print_table(result: dict) -> None:
     shape = f"{result['latent']} + {result['text_len']} text tokens"
     print(f"{result['model']} {shape}, {result['dtype']}, {result['device']}, commit {result['commit']}")
     print(f"FLOPs: {result['flop_formula']}")
-    print("| what | ms | first call s | peak GiB | TFLOP/s |")
-    print("|---|---|---|---|---|")
+    print("| what | ms | first call s | peak GiB | first-call peak GiB | TFLOP/s |")
+    print("|---|---|---|---|---|---|")
     fmt = lambda value, spec: "-" if value is None else format(value, spec)
     for r in result["rows"]:
         what = r["what"] + (f" ({r['error']})" if "error" in r else "")
@@ -302,6 +314,7 @@ def print_table(result: dict) -> None:
             fmt(r["ms"], ".1f"),
             fmt(r["first_call_s"], ".1f"),
             fmt(r["peak_gib"], ".2f"),
+            fmt(r.get("first_call_peak_gib"), ".2f"),
             fmt(r["tflops"], ".3g"),
         ]
         print(f"| {what} | {' | '.join(cells)} |")
