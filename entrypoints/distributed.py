@@ -85,7 +85,10 @@ def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
     """Rank 0's full teacher state dict (CPU, release dtype), from the checkpoint or random."""
     d = cfg.distributed
     if not d.random_init:
-        return build_model(spec, d.teacher, d.teacher_layout, strict=True)[0].state_dict()
+        module, report = build_model(spec, d.teacher, d.teacher_layout, strict=d.strict, seed=cfg.seed)
+        if not report.ok or report.initialised:
+            print(f"non-strict teacher load (--distributed.no-strict):\n{report.describe()}", flush=True)
+        return module.state_dict()
     torch.manual_seed(cfg.seed)
     module = build_model(spec, None, dtype=torch.bfloat16)[0]
     return (

@@ -15,6 +15,8 @@ class DistributedConfig:
     """teacher checkpoint (.safetensors, sharded folder, .pt); student and fake score start from it"""
     teacher_layout: str = "official"
     """key layout of the teacher checkpoint (a key of the model's key maps, e.g. official, diffusers)"""
+    strict: bool = True
+    """teacher keys and shapes must match the network; off: print mismatches, fresh-init what the file lacks"""
     random_init: bool = False
     """random teacher weights instead of a checkpoint (benchmarks only)"""
     batch_size: int = 1

@@ -50,6 +50,8 @@ class SampleConfig:
     """student weights when no run folder is given: a training checkpoint folder (iter-N) or an exported .safetensors"""
     layout: str = "official"
     """key layout of an exported --checkpoint / --teacher (official, diffusers); training checkpoints use ours"""
+    strict: bool = True
+    """checkpoint keys and shapes must match the network; off: print mismatches, fresh-init what a file lacks"""
     weights: Literal["ema", "student"] = "ema"
     """which weights of a training checkpoint to sample"""
     teacher: Path | None = None
@@ -225,14 +227,19 @@ def velocity_net(spec: ModelSpec, module: torch.nn.Module):
 
 
 def load_denoiser(spec: ModelSpec, path: Path, ours: bool, cfg: SampleConfig, device: torch.device):
-    """(denoise, params) of the network in `path`, strictly loaded (errors list every key problem)."""
+    """(denoise, params) of the network in `path`; strict loads raise listing every key problem,
+    non-strict ones (--no-strict) print them and fresh-initialise what the file lacks."""
     if spec.family not in ("wan", "cosmos"):
         raise ValueError(f"sampling supports the wan and cosmos families; got {spec.family!r}")
     if not ours and cfg.layout not in spec.key_maps:
         raise ValueError(f"unknown --layout {cfg.layout!r}; valid: {sorted(spec.key_maps)}")
     with torch.device("meta"):
         module = spec.build(spec.config)
-    load_into_meta_module(module, path, IDENTITY if ours else spec.key_maps[cfg.layout], DTYPES[cfg.dtype], device)
+    key_map = IDENTITY if ours else spec.key_maps[cfg.layout]
+    fresh = None if cfg.strict else torch.Generator().manual_seed(0)
+    report = load_into_meta_module(module, path, key_map, DTYPES[cfg.dtype], device, cfg.strict, fresh)
+    if not report.ok or report.initialised:
+        print(f"non-strict load (--no-strict):\n{report.describe()}", flush=True)
     params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     return trigflow_denoiser(velocity_net(spec, module.eval()), net_dtype=DTYPES[cfg.dtype]), params
 

@@ -58,6 +58,7 @@ class LoadReport:
     duplicated: tuple[str, ...] = ()  # our names that two file keys map to
     dropped: tuple[str, ...] = ()
     not_materialised: tuple[str, ...] = ()  # tensors still on meta (e.g. buffers)
+    initialised: tuple[str, ...] = ()  # ours, given a fresh init after a non-strict load
 
     @property
     def ok(self) -> bool:
@@ -73,6 +74,7 @@ class LoadReport:
             ("mis-shaped (name: file shape vs module shape)", shapes),
             ("duplicated (two file keys map to one name)", self.duplicated),
             ("not materialised (still on the meta device)", self.not_materialised),
+            ("initialised fresh (not loadable from the file; non-strict load)", self.initialised),
         ]:
             if names:
                 more = f" ... and {len(names) - 20} more" if len(names) > 20 else ""
@@ -171,13 +173,15 @@ def load_into_meta_module(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     strict: bool = True,
+    fresh: torch.Generator | None = None,
 ) -> LoadReport:
     """Materialise a module built under torch.device('meta') from a checkpoint, tensor by tensor.
 
     SPEC-models §2.7, §3.5. Every name and shape is checked before any data is read; with `strict`
     any missing, unexpected, mis-shaped or duplicated key raises CheckpointMismatchError listing
-    them, otherwise the report says what was skipped. `dtype=None` keeps the file's dtype; a lower
-    precision dtype leaves the module's `fp32_patterns` in float32. Returns the LoadReport.
+    them, otherwise the report says what was skipped, and with a `fresh` generator the tensors the
+    file could not fill get `initialise_fresh_` (the report's `initialised`). `dtype=None` keeps the
+    file's dtype; a lower precision dtype leaves the module's `fp32_patterns` in float32.
     """
     expected = {name: tuple(t.shape) for name, t in module.state_dict(keep_vars=True).items()}
     plan: dict[str, _Entry] = {}
@@ -215,7 +219,40 @@ def load_into_meta_module(
     report = dataclasses.replace(report, not_materialised=on_meta)
     if strict and on_meta:
         raise CheckpointMismatchError(report.describe())
+    if on_meta and fresh is not None:
+        initialise_fresh_(module, on_meta, dtype, device, fresh)
+        report = dataclasses.replace(report, not_materialised=(), initialised=on_meta)
     return report
+
+
+@torch.no_grad()
+def initialise_fresh_(
+    module: nn.Module,
+    names: tuple[str, ...],
+    dtype: torch.dtype | None,
+    device: torch.device | str,
+    generator: torch.Generator,
+) -> None:
+    """Materialise the meta tensors `names` (ours) with a fresh init that needs no knowledge of the
+    family: biases 0, other 1-D weights 1 (norm scales), tensors of two or more dims N(0, 1/fan_in)
+    with fan_in = numel / shape[0], anything else 0. dtype as `load_into_meta_module` would give
+    (None: the dtype most loaded tensors have). For non-strict loads: the run can start, and the
+    report names what is new.
+    """
+    fp32 = tuple(getattr(module, FP32_PATTERNS_ATTR, ()))
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if dtype is None:
+        loaded = [t.dtype for t in state.values() if not t.is_meta and t.is_floating_point()]
+        dtype = max(set(loaded), key=loaded.count) if loaded else torch.float32
+    for name in names:
+        shape = tuple(state[name].shape)
+        value = torch.zeros(shape)
+        if len(shape) >= 2:
+            fan_in = max(1, value.numel() // shape[0])
+            value = torch.randn(shape, generator=generator) / fan_in**0.5
+        elif len(shape) == 1 and name.endswith("weight"):
+            value = torch.ones(shape)
+        _assign(module, name, value.to(device=device, dtype=_target_dtype(name, torch.float32, dtype, fp32)))
 
 
 def export_checkpoint(params: Mapping[str, Tensor], path: str | os.PathLike, key_map: KeyMap) -> None:

@@ -87,11 +87,14 @@ def build_model(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     strict: bool = True,
+    seed: int = 0,
     **options,
 ) -> tuple[nn.Module, LoadReport | None]:
     """Build `spec`'s network: from a checkpoint (streamed into a meta module) or randomly initialised.
 
-    Returns (module, load report or None). `options` go to `spec.build` (e.g. sinusoid_dtype).
+    Returns (module, load report or None). `options` go to `spec.build` (e.g. sinusoid_dtype). With
+    `strict` off, key problems do not raise: tensors the file lacks or mis-shapes get
+    `initialise_fresh_` (drawn with `seed`), and the report's `initialised` names them.
     """
     if checkpoint is None:
         with torch.device(device):
@@ -101,5 +104,6 @@ def build_model(
         raise ValueError(f"unknown layout {layout!r} for {spec.family}; valid: {sorted(spec.key_maps)}")
     with torch.device("meta"):
         module = spec.build(spec.config, **options)
-    report = load_into_meta_module(module, checkpoint, spec.key_maps[layout], dtype, device, strict)
+    fresh = None if strict else torch.Generator().manual_seed(seed)
+    report = load_into_meta_module(module, checkpoint, spec.key_maps[layout], dtype, device, strict, fresh)
     return module, report

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from entrypoints.distill import DistillConfig
 from entrypoints.distill import run as distill
-from entrypoints.sample import SampleConfig, main, sample_model, sample_toy, velocity_net
+from entrypoints.sample import SampleConfig, load_denoiser, main, sample_model, sample_toy, velocity_net
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
 from rcmfn.models import cosmos
@@ -51,8 +51,8 @@ TINY_COSMOS = dataclasses.replace(
     get_spec("cosmos2b"), config=cosmos.CONFIGS["cosmos-tiny"], latent_shape=(16, 1, 4, 6), text_len=16, text_dim=24
 )
 FLAGS = """--batch --checkpoint --device --dtype --fps --frames --guidance --height --help --layout --mid-times
---model --negative-prompt --output --prompt-file --prompts --run --seeds --shift --sigma-max --steps --teacher
---teacher-steps --text-encoder --vae --weights --width""".split()
+--model --negative-prompt --no-strict --output --prompt-file --prompts --run --seeds --shift --sigma-max --steps
+--strict --teacher --teacher-steps --text-encoder --vae --weights --width""".split()
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +293,25 @@ def test_bad_inputs_are_reported_clearly(wan_files, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="missing"):
         sample_model(wan_config(wan_files, tmp_path / "out", teacher=bad_teacher), TINY_WAN)
     assert not (tmp_path / "out" / "latents.safetensors").exists()
+
+
+def test_no_strict_loads_a_student_with_junk_and_a_missing_key_and_says_so(tmp_path, capsys):
+    """A file with an unknown tensor and without one bias: the default refuses it naming both;
+    --no-strict loads every tensor it has, starts the bias at 0 and prints the report."""
+    weights = random_weights(WanModel(WAN_TINY), seed=4)
+    missing = "blocks.0.ffn.0.bias"
+    kept = {name: tensor for name, tensor in weights.items() if name != missing}
+    path = tmp_path / "student.safetensors"
+    export_checkpoint(kept | {"blocks.0.lora_A.weight": torch.ones(2, 2)}, path, TINY_WAN.key_maps["official"])
+    cfg = SampleConfig(model="wan1.3b", dtype="float32", device="cpu")
+    with pytest.raises(CheckpointMismatchError, match=f"(?s)missing.*{missing}.*unexpected.*lora_A"):
+        load_denoiser(TINY_WAN, path, False, cfg, torch.device("cpu"))
+    loose = dataclasses.replace(cfg, strict=False)
+    _, params = load_denoiser(TINY_WAN, path, False, loose, torch.device("cpu"))
+    assert torch.equal(params[missing], torch.zeros_like(weights[missing]))
+    assert all(torch.equal(params[name], tensor) for name, tensor in kept.items())
+    printed = capsys.readouterr().out
+    assert "non-strict load" in printed and "lora_A" in printed and "initialised fresh" in printed
 
 
 def test_config_validation_names_the_field():

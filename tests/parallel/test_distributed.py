@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from entrypoints.distributed import ScaleConfig, check_before_gpu
+from entrypoints.distributed import ScaleConfig, check_before_gpu, model_spec, teacher_weights
 from entrypoints.distributed_config import DistributedConfig
 from parallel import checkpoint
+from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
+from rcmfn.models.registry import build_model
 from rcmfn.shards import ShardWriter, write_negative_embedding
 from tests.parallel.parallel_harness import free_port
 
@@ -82,6 +84,25 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     (folder / "meta.json").write_text(json.dumps({"config": {"model": "cosmos2b", "method": "dmd"}}))
     with pytest.raises(ValueError, match="written by another configuration"):
         check_before_gpu(cfg, world_size=1)
+
+
+def test_teacher_with_a_missing_key_fails_strict_and_loads_non_strict(tmp_path, capsys):
+    """Strict (the default) raises naming the missing key; --distributed.no-strict prints the report and
+    gives a full state dict, the missing norm weight freshly initialised to 1."""
+    spec = model_spec(_config(tmp_path))
+    state = build_model(spec, None)[0].state_dict()
+    missing = next(name for name, tensor in state.items() if tensor.dim() == 1 and name.endswith("weight"))
+    kept = {name: tensor for name, tensor in state.items() if name != missing}
+    teacher = tmp_path / "teacher.safetensors"
+    export_checkpoint(kept, teacher, spec.key_maps["official"])
+    cfg = _config(tmp_path, random_init=False, teacher=teacher)
+    with pytest.raises(CheckpointMismatchError, match=missing):
+        teacher_weights(cfg, spec)
+    loose = _config(tmp_path, random_init=False, teacher=teacher, strict=False)
+    weights = teacher_weights(loose, spec)
+    assert set(weights) == set(state) and torch.equal(weights[missing], torch.ones_like(state[missing]))
+    assert all(torch.equal(weights[name], tensor) for name, tensor in kept.items())
+    assert f"1 initialised fresh (not loadable from the file; non-strict load): {missing}" in capsys.readouterr().out
 
 
 def _torchrun(tmp_path, iterations: int, nproc: int = 2, extra=()) -> subprocess.Popen:

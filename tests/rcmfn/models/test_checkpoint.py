@@ -18,6 +18,7 @@ from rcmfn.models.checkpoint import (
     CheckpointMismatchError,
     KeyMap,
     export_checkpoint,
+    initialise_fresh_,
     iter_checkpoint_tensors,
     load_into_meta_module,
 )
@@ -227,3 +228,33 @@ def test_round_trip_preserves_any_shape_and_dtype(tmp_path_factory, shapes, dtyp
     assert set(back) == set(state)
     for name, tensor in state.items():
         assert back[name].dtype == dtype and torch.equal(back[name], tensor)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 40), min_size=0, max_size=3).map(tuple),
+    leaf=st.sampled_from(["weight", "bias", "table"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, None]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_fresh_init_follows_its_rule_for_any_shape(shape, leaf, dtype, seed):
+    """Biases 0, other 1-D weights 1, >= 2-D tensors N(0, 1/fan_in) (drawn from the generator), else 0
+    (here the 1-D `scale`); fp32 patterns stay float32 under bf16; named tensors leave the meta device."""
+    with torch.device("meta"):
+        module = Small()
+        module.inp.register_parameter(leaf, nn.Parameter(torch.empty(shape)))
+    name = f"inp.{leaf}"
+    g = torch.Generator().manual_seed(seed)
+    initialise_fresh_(module, (name, "scale"), dtype, "cpu", g)
+    value = module.get_parameter(name)
+    assert not value.is_meta and value.shape == shape
+    assert value.dtype == (dtype or torch.float32) and module.scale.dtype == torch.float32
+    if len(shape) >= 2:
+        fan_in = max(1, value.numel() // shape[0])
+        expected = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) / fan_in**0.5
+        assert torch.equal(value, expected.to(value.dtype))
+    elif len(shape) == 1 and leaf == "weight":
+        assert torch.equal(value, torch.ones_like(value))
+    else:
+        assert torch.equal(value, torch.zeros_like(value))
+    assert torch.equal(module.scale, torch.zeros(2))

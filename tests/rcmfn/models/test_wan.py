@@ -226,6 +226,27 @@ def test_mismatched_checkpoint_raises_naming_the_keys(tmp_path):
     assert [m[0] for m in report.mismatched] == ["blocks.0.norm3.weight"]
 
 
+def test_non_strict_build_initialises_what_the_file_lacks_and_runs(tmp_path):
+    """build_model(strict=False): every fitting tensor loads unchanged, the missing bias starts at 0 and
+    the mis-shaped norm weight at 1, the report names both, and the network runs."""
+    params = random_params(WAN_TINY)
+    del params["blocks.1.ffn.2.bias"]
+    params["blocks.0.norm3.weight"] = torch.ones(31, dtype=torch.float64)
+    params["blocks.0.extra.weight"] = torch.ones(2)
+    export_checkpoint(params, tmp_path / "bad.safetensors", key_maps(WAN_TINY)["official"])
+    net, report = build_model(TINY_SPEC, tmp_path / "bad.safetensors", strict=False, seed=3)
+    assert report.initialised == ("blocks.0.norm3.weight", "blocks.1.ffn.2.bias")
+    assert "2 initialised fresh" in report.describe() and not report.not_materialised
+    state = net.state_dict()
+    assert not any(t.is_meta for t in state.values()) and {t.dtype for t in state.values()} == {torch.float64}
+    assert torch.equal(state["blocks.1.ffn.2.bias"], torch.zeros(WAN_TINY.dim, dtype=torch.float64))
+    assert torch.equal(state["blocks.0.norm3.weight"], torch.ones(WAN_TINY.dim, dtype=torch.float64))
+    for name in set(state) - set(report.initialised):
+        assert torch.equal(state[name], params[name]), name
+    out = velocity_net(net)(state, *inputs())
+    assert torch.isfinite(out).all()
+
+
 def test_bfloat16_load_keeps_time_and_modulation_in_float32(tmp_path):
     params = random_params(WAN_TINY, dtype=torch.float32)
     export_checkpoint(params, tmp_path / "m.safetensors", key_maps(WAN_TINY)["official"])
