@@ -19,7 +19,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch._guards import TracingContext, tracing
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.autograd import forward_ad
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 
@@ -159,7 +162,13 @@ def trace_block_jvp(
     ]
     with torch.no_grad():
         graph = prune_zero_products(make_fx(block_jvp, tracing_mode="fake")(*example))
-        return compile_fx(graph, example) if backend == "inductor" else graph
+        if backend != "inductor":
+            return graph
+        # Inductor caches a compiled graph only under a tracing context whose fake mode has a shape env
+        # (it bypasses its cache with "No shape env" otherwise): without one, each of a network's
+        # identical blocks compiled its JVP graph from scratch.
+        with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
+            return compile_fx(graph, example)
 
 
 class BlockJVP:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from parallel.block_jvp import prune_zero_products
@@ -106,6 +107,22 @@ def test_dual_calls_run_the_compiled_block_jvp_after_a_plain_call(family, backen
                 p.mul_(1.25).add_(0.01)
     check()
     assert len(runs) == 2 * len(caches)
+
+
+def test_identical_blocks_get_their_jvp_graph_from_inductors_cache():
+    """Every block after the first loads its compiled JVP graph from inductor's FX graph cache (same
+    shapes, parameters as graph inputs). Without a tracing context the cache was bypassed ("No shape
+    env") and each of a network's blocks compiled from scratch (30 for Wan 1.3B)."""
+    model = apply_compile(tiny_model("wan"), backend="inductor")
+    x, t, context, tx, tt = _inputs("wan")
+    with torch.no_grad():
+        dual_jvp(lambda x, t: model(x, t, context), (x, t), (tx, tt))
+        counters.clear()
+        model(x, t, context)  # compiles the block forwards and the blocks' JVP graphs
+    assert len(model.blocks) >= 2 and all(len(b.forward.block_jvp.compiled) == 1 for b in model.blocks)
+    assert counters["inductor"]["fxgraph_cache_bypass"] == 0
+    # Dynamo serves every block's forward from one compilation; of the JVP graphs only the first can miss.
+    assert counters["inductor"]["fxgraph_cache_hit"] >= len(model.blocks) - 1
 
 
 def test_a_block_whose_jvp_cannot_be_traced_stays_eager_and_exact(monkeypatch):
