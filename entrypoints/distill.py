@@ -116,9 +116,14 @@ def prepare_output(path: Path) -> None:
 
 
 def fingerprint(cfg: DistillConfig) -> dict:
-    """The settings a checkpoint must share with the run that resumes it (not the run length)."""
+    """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
+    the teacher is checked or the student exported: those change no trained value)."""
     skip = {"output", "iterations", "save_every", "log_every", "resume", "progress", "compile"}
-    return json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k not in skip}, default=str))
+    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    if "distributed" in settings:
+        skip_distributed = {"strict", "export_layouts"}
+        settings["distributed"] = {k: v for k, v in settings["distributed"].items() if k not in skip_distributed}
+    return json.loads(json.dumps(settings, default=str))
 
 
 def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor") -> Networks:

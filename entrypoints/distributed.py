@@ -15,6 +15,7 @@ import torch.distributed as dist
 import tyro
 
 from entrypoints.distill import DistillConfig, fingerprint, loop_config, prepare_output
+from entrypoints.distributed_config import export_name
 from entrypoints.presets import get_preset
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
@@ -51,6 +52,11 @@ def check_before_gpu(cfg, world_size: int):
         raise ValueError(
             f"teacher checkpoint {d.teacher} not found (pass --distributed.teacher, or --distributed.random-init)"
         )
+    layouts = {"--distributed.export-layouts": d.export_layouts if d.export else ()}
+    layouts["--distributed.teacher-layout"] = () if d.random_init else (d.teacher_layout,)
+    for flag, names in layouts.items():
+        if unknown := [name for name in names if name not in spec.key_maps]:
+            raise ValueError(f"{flag}: unknown key layout {unknown} for {cfg.model}; valid: {sorted(spec.key_maps)}")
     if d.data is None:
         raise ValueError("no training data: pass --distributed.data <shard folder>")
     manifest = read_manifest(d.data)
@@ -179,8 +185,8 @@ def run_distributed(cfg) -> dict:
         "world": asdict(dims),
     }
     if rank == 0:
-        if d.export:
-            export_checkpoint(ema, cfg.output / "student_ema.safetensors", spec.key_maps["official"])
+        for layout in d.export_layouts if d.export else ():
+            export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
         (cfg.output / "metrics.json").write_text(json.dumps(summary, indent=1))
         log.close()
     dist.destroy_process_group()

@@ -36,7 +36,9 @@ class DistributedConfig:
     save_at_end: bool = True
     """write a checkpoint after the last iteration (off for benchmarks)"""
     export: bool = True
-    """write the EMA student as <output>/student_ema.safetensors (official key layout) at the end"""
+    """write the EMA student at the end, in each of --distributed.export-layouts"""
+    export_layouts: tuple[str, ...] = ("official",)
+    """key layouts of that export: official -> student_ema.safetensors, another -> student_ema.<layout>.safetensors"""
     tiny: bool = False
     """swap the architecture for the family's tiny test config (CPU smoke tests)"""
 
@@ -45,3 +47,8 @@ class DistributedConfig:
             raise ValueError(
                 f"batch_size and keep_checkpoints must be >= 1; got {self.batch_size}, {self.keep_checkpoints}"
             )
+
+
+def export_name(layout: str) -> str:
+    """File name of the EMA student's export in a key layout (the official one keeps the plain name)."""
+    return "student_ema.safetensors" if layout == "official" else f"student_ema.{layout}.safetensors"

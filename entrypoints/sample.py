@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
 from entrypoints import toy as toy_world
+from entrypoints.distributed_config import export_name
 from entrypoints.presets import MODELS as PRESETS
 from rcmfn import codecs, media
 from rcmfn.models import cosmos, gmm, wan
@@ -114,7 +115,7 @@ class SampleConfig:
             raise ValueError("seeds must not be empty")
 
 
-EXPORT = "student_ema.safetensors"  # entrypoints.distributed's final EMA export, official key layout
+EXPORT = export_name("official")  # entrypoints.distributed's final EMA export, official key layout
 
 
 def student_weights(cfg: SampleConfig) -> tuple[Path, bool]:

@@ -1,5 +1,6 @@
 """entrypoints.distill on a tiny toy: every method trains, resume is bit-for-bit, bad input fails clearly."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entrypoints.distill import DistillConfig, run
+from entrypoints.distill import DistillConfig, fingerprint, run
 from entrypoints.toy import ToyConfig
 from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.warm_start import WarmStartConfig
@@ -135,3 +136,18 @@ def test_compiled_student_and_tangent_train_like_eager(tmp_path):
         results.append(state.student)
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_fingerprint_ignores_how_the_teacher_is_checked_and_the_student_exported():
+    """--distributed.no-strict and --distributed.export-layouts change no trained value: a run may
+    resume with other values (older checkpoints lack both keys, so they still match); a teacher or a
+    seed may not change."""
+    base = DistillConfig(model="cosmos2b")
+    export_only = dataclasses.replace(
+        base, distributed=dataclasses.replace(base.distributed, strict=False, export_layouts=("diffusers",))
+    )
+    assert fingerprint(export_only) == fingerprint(base)
+    assert "strict" not in fingerprint(base)["distributed"]
+    other_teacher = dataclasses.replace(base, distributed=dataclasses.replace(base.distributed, teacher=Path("t.pt")))
+    assert fingerprint(other_teacher) != fingerprint(base)
+    assert fingerprint(dataclasses.replace(base, seed=base.seed + 1)) != fingerprint(base)

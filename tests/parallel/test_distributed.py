@@ -60,6 +60,17 @@ def test_bad_configuration_fails_before_any_gpu_work(tmp_path, change, world, me
         check_before_gpu(_config(tmp_path, **change), world_size=world)
 
 
+def test_unknown_key_layouts_fail_before_any_gpu_work(tmp_path):
+    teacher = tmp_path / "teacher.safetensors"
+    teacher.write_bytes(b"")  # only its existence is checked here
+    unknown = r"export-layouts: unknown key layout \['comfy'\] for cosmos2b; valid: \['diffusers', 'official',"
+    with pytest.raises(ValueError, match=unknown):
+        check_before_gpu(_config(tmp_path, export_layouts=("official", "comfy")), world_size=1)
+    with pytest.raises(ValueError, match=r"teacher-layout: unknown key layout \['comfy'\]"):
+        check_before_gpu(_config(tmp_path, random_init=False, teacher=teacher, teacher_layout="comfy"), world_size=1)
+    check_before_gpu(_config(tmp_path, export_layouts=("comfy",), export=False), world_size=1)  # no export: unused
+
+
 def test_cp_must_divide_the_tokens(tmp_path):
     data = _shards(tmp_path / "odd", latent=(16, 1, 2, 6))  # Cosmos: 1 x 3 tokens per frame
     with pytest.raises(ValueError, match=r"divide the tokens per frame H'W' \(3\)"):
@@ -161,7 +172,8 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     assert summary["stopped_by_signal"], output[-3000:]
     assert stopped is not None and checkpoint.read_meta(stopped)["iteration"] == summary["iteration"]
 
-    proc = _torchrun(tmp_path, iterations=summary["iteration"] + 2, extra=["--distributed.cp", "2"])
+    layouts = ["--distributed.export-layouts", "official", "diffusers"]
+    proc = _torchrun(tmp_path, iterations=summary["iteration"] + 2, extra=["--distributed.cp", "2", *layouts])
     output = proc.communicate(timeout=180)[0].decode()
     assert proc.returncode == 0, output[-3000:]
     resumed = [m["iteration"] for m in _lines(run)][-2:]
@@ -174,3 +186,10 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
 
     exported = load_file(run / "student_ema.safetensors")
     assert exported and all(t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in exported.values())
+    # The same tensors in the diffusers layout, under the names that layout gives them.
+    key_maps = model_spec(_config(tmp_path, data=tmp_path / "data")).key_maps
+    as_ours = lambda state, layout: {key_maps[layout].to_ours(k): v for k, v in state.items()}
+    diffusers = load_file(run / "student_ema.diffusers.safetensors")
+    ours = as_ours(exported, "official")
+    assert set(diffusers) == {key_maps["diffusers"].from_ours(n) for n in ours}
+    assert all(torch.equal(v, ours[k]) for k, v in as_ours(diffusers, "diffusers").items())
