@@ -5,6 +5,7 @@ Reading order: the config below, `run()` (build, resume, loop, evaluate), then r
 
 import json
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -105,12 +106,12 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
 
 
 def prepare_output(path: Path) -> None:
-    """Create the run folder and prove it is writable before any work starts."""
+    """Create the run folder and prove it is writable before any work starts. The probe file has a
+    unique name: every rank of a torchrun job probes the same folder at once."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
     except OSError as err:
         raise ValueError(f"output folder {path} is not writable: {err}") from err
 

@@ -151,3 +151,16 @@ def test_resume_fingerprint_ignores_how_the_teacher_is_checked_and_the_student_e
     other_teacher = dataclasses.replace(base, distributed=dataclasses.replace(base.distributed, teacher=Path("t.pt")))
     assert fingerprint(other_teacher) != fingerprint(base)
     assert fingerprint(dataclasses.replace(base, seed=base.seed + 1)) != fingerprint(base)
+
+
+def test_output_folder_probe_survives_ranks_probing_at_once(tmp_path):
+    """Every torchrun rank calls prepare_output on the same folder at once; a shared probe name made
+    one rank's unlink fail after another's ("No such file or directory")."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from entrypoints.distill import prepare_output
+
+    folder = tmp_path / "run"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: prepare_output(folder), range(400)))
+    assert folder.is_dir() and not list(folder.iterdir())
