@@ -46,6 +46,23 @@ def interpreter_ready() -> bool:
 TRITON_RUNS_HERE = TRITON and (ON_GPU or interpreter_ready())
 
 
+def interpreter_defect() -> str:
+    """Why this Triton's interpreter cannot run the kernel here ("" if it can). Seen with triton 3.6 and
+    numpy 2.4: the interpreter turns a runtime loop bound into a Python int with int() of a one-element
+    array, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted"); triton 3.9 squeezes
+    the array first. GPU runs compile the kernel and are not affected."""
+    if not TRITON:
+        return ""
+    import numpy
+    import triton
+
+    old_triton = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 9)
+    strict_numpy = tuple(int(x) for x in numpy.__version__.split(".")[:2]) >= (2, 4)
+    if old_triton and strict_numpy:
+        return f"triton {triton.__version__}'s interpreter fails on numpy {numpy.__version__} (int() of an array)"
+    return ""
+
+
 @pytest.fixture(params=["reference", "triton"], scope="session")
 def impl(request):
     """The `impl` argument of ops.attention under test; "triton" skips where it cannot run."""
