@@ -70,10 +70,10 @@ def _empty_rng(device) -> torch.Tensor:
 def _dense(x: torch.Tensor) -> torch.Tensor:
     """x itself if it is contiguous (B, S, H, D) starting on a 16-byte boundary, else a dense copy.
 
-    The fused backends are called below SDPA's own checks, so they get the one layout the models
-    produce. Seen on an H200 (torch 2.11): a view at an odd offset (a slice of a wider head dim) made
-    the memory-efficient backward fault with "misaligned address", and for transposed views of
-    (B, H, S, D) storage the bf16/fp16 gradients disagreed with F.scaled_dot_product_attention's."""
+    The fused backends (the one SDPA would pick, cuDNN included) are called below SDPA's own checks,
+    so they get the one layout the models produce. Seen on an H200 (torch 2.11): public SDPA's cuDNN
+    backward faulted with "misaligned address" when its incoming gradient was a view at an odd offset
+    (a slice of a wider head dim), which also broke the CUDA context for everything after it."""
     if x.is_contiguous() and x.data_ptr() % 16 == 0:
         return x
     return x.clone(memory_format=torch.contiguous_format)
