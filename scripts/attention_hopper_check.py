@@ -6,6 +6,7 @@ replays) of SDPA's forward, the portable kernel and the Hopper kernel on the ben
 """
 
 import argparse
+import functools
 
 import torch
 import triton.testing
@@ -61,25 +62,31 @@ def check():
         errs_p = [rel(a, r) for a, r in zip(portable, ref, strict=True)]
         nan = any(torch.isnan(t).any().item() for t in ours)
         worst = max(worst, *errs)
-        print(f"{(batch, seq_q, seq_kv, heads, head_dim, str(dtype)[6:], kvt)}: hopper O/tO/LSE "
-              f"{errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e} portable {errs_p[0]:.1e}/{errs_p[1]:.1e}/{errs_p[2]:.1e}"
-              f"{' NaN!' if nan else ''}", flush=True)
+        print(
+            f"{(batch, seq_q, seq_kv, heads, head_dim, str(dtype)[6:], kvt)}: hopper O/tO/LSE "
+            f"{errs[0]:.1e}/{errs[1]:.1e}/{errs[2]:.1e} portable {errs_p[0]:.1e}/{errs_p[1]:.1e}/{errs_p[2]:.1e}"
+            f"{' NaN!' if nan else ''}",
+            flush=True,
+        )
     print(f"worst hopper error {worst:.1e}")
 
 
+def bench(fn, *args, **kwargs):
+    return triton.testing.do_bench_cudagraph(functools.partial(fn, *args, **kwargs), rep=200, return_mode="median")
+
+
 def time_shapes(configs):
-    bench = lambda fn: triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
     for batch, seq_q, seq_kv, heads, head_dim, kvt in SHAPES:
         x = inputs(batch, seq_q, seq_kv, heads, head_dim, torch.bfloat16, kvt)
         scale = head_dim**-0.5
-        sdpa_in = [t.transpose(1, 2) for t in x[:3]]
-        sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(*sdpa_in))
+        sdpa = bench(torch.nn.functional.scaled_dot_product_attention, *[t.transpose(1, 2) for t in x[:3]])
         outs = poisoned(x[0])
-        portable = bench(lambda: kernel.attention_fwd_jvp(*x, scale, outputs=outs))
+        portable = bench(kernel.attention_fwd_jvp, *x, scale, outputs=outs)
         flops = (12 if kvt else 8) * batch * heads * seq_q * seq_kv * head_dim
-        line = f"{(batch, seq_q, seq_kv, heads, head_dim, kvt)}: sdpa {sdpa:.3f} portable {portable:.3f} ({portable / sdpa:.2f}x)"
+        line = f"{(batch, seq_q, seq_kv, heads, head_dim, kvt)}: sdpa {sdpa:.3f}"
+        line += f" portable {portable:.3f} ({portable / sdpa:.2f}x)"
         for config in configs.get(head_dim, [None]):
-            ms = bench(lambda: hopper.attention_fwd_jvp_hopper(*x, scale, outs, config))
+            ms = bench(hopper.attention_fwd_jvp_hopper, *x, scale, outs, config)
             line += f" | hopper{config or ''} {ms:.3f} ms {flops / ms * 1e-9:.0f} TF/s {ms / sdpa:.2f}x"
         print(line, flush=True)
 
@@ -87,7 +94,7 @@ def time_shapes(configs):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time", action="store_true")
-    parser.add_argument("--configs", nargs="*", default=[], help="D:BLOCK_N,consumer regs,loader regs to time besides the default")
+    parser.add_argument("--configs", nargs="*", default=[], help="D:BLOCK_N,regs,loader regs,ping-pong")
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     check()

@@ -1,18 +1,23 @@
 """Hopper (sm_90) path of the fused attention forward + JVP, written in Gluon.
 
-Same math and outputs as `kernel.py` (see its docstring, SPEC-rcm §9.1); what changes is the schedule,
-which Gluon lets us state and the portable kernel cannot:
+Same math and outputs as `kernel.py` (see its docstring, SPEC-rcm §9.1); what changes is the
+schedule, which Gluon lets us state and the portable kernel cannot. Each program takes 128 query rows
+of one (batch, head) and has three partitions (`gl.warp_specialize`):
 
-- Key and value tiles arrive by TMA (one thread issues each copy; no address registers) into a
-  two-stage ring, with a separate barrier for the K pair (K, tK) and the V pair (V, tV), so the score
-  products of a block can start before its values have landed.
-- The matmuls are asynchronous warpgroup MMAs, issued early and waited on late. In each key block:
-  the three score products (S = Q K^T, dS = tQ K^T + Q tK^T) are issued together; the softmax waits
-  for S only, and rescales the accumulators while dS is still on the tensor cores; P~V is issued
-  before waiting for dS, so H~ = P~ * dS is formed while P~V runs; the last two products (P~ tV,
-  H~ V) run while the next block's loads are issued and its scores start.
-- Stage reuse needs both warpgroups done with a tile: one CTA barrier per key block, after the wait
-  that retires the previous block's products, then the next copy into the freed stage.
+- a producer warp (24 registers) that copies Q, tQ once and then the K pairs (K, tK) and V pairs
+  (V, tV) of each key block by TMA into a two-stage ring, each pair behind its own barrier, as soon
+  as both consumers have freed the stage (K pairs after a block's score products, V pairs after its
+  value products);
+- two consumer warpgroups of 64 rows each (240 registers each). Per key block j, a consumer issues
+  the value products of block j (P~ V, P~ tV, H~ V), retires them, issues the score products of
+  block j + 1 (S = Q K^T, dS = tQ K^T + Q tK^T), and then computes the softmax of block j + 1,
+  whose exponentials run while its dS products are still on the tensor cores. The two warpgroups
+  take turns to issue (a pair of mbarriers), so one's softmax overlaps the other's products.
+
+Register budget: retiring the value products before issuing the next scores keeps the in-flight
+accumulators within 240 registers. With both in flight (the accumulators, P~ and H~, and the new S
+and dS tiles), ptxas "serialises" every warpgroup MMA (its warning C7512) and the kernel ran 1.3x
+slower than the portable one; `scripts/attention_registers.py --hopper` checks this offline.
 
 Scope: bf16 and fp16, head dims 64 and 128, tensors whose (B, S, H, D) layout has unit head-dim
 stride, heads packed (stride D) and batches stacked (batch stride = S x sequence stride), which a
@@ -32,11 +37,12 @@ try:  # Gluon is experimental; versions without it (or without its Hopper module
         mbarrier,
         tma,
         warpgroup_mma,
-        warpgroup_mma_init,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # Renamed between triton 3.6 and 3.9 (same arguments).
+    _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed triton
     HAVE_GLUON = False
@@ -63,8 +69,8 @@ if HAVE_GLUON:
         the consumers free its stages (K, tK after a block's score products; V, tV after its last)."""
         mbarrier.expect(q_bar, 4 * q_desc.block_type.nbytes)
         for half in gl.static_range(2):
-            tma.async_copy_global_to_shared(q_desc, [q_row + half * ROWS, col], q_bar, q_smem.index(half))
-            tma.async_copy_global_to_shared(tq_desc, [q_row + half * ROWS, col], q_bar, tq_smem.index(half))
+            _tma_load(q_desc, [q_row + half * ROWS, col], q_bar, q_smem.index(half))
+            _tma_load(tq_desc, [q_row + half * ROWS, col], q_bar, tq_smem.index(half))
         pairs: gl.constexpr = 2 if KV_TANGENT else 1
         for block in range(num_blocks):
             stage = block % NUM_STAGES
@@ -72,14 +78,14 @@ if HAVE_GLUON:
             row = kv_row0 + block * BLOCK_N
             mbarrier.wait(k_empty.index(stage), free)
             mbarrier.expect(k_ready.index(stage), pairs * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [row, col], k_ready.index(stage), k_smem.index(stage))
+            _tma_load(k_desc, [row, col], k_ready.index(stage), k_smem.index(stage))
             if KV_TANGENT:
-                tma.async_copy_global_to_shared(tk_desc, [row, col], k_ready.index(stage), tk_smem.index(stage))
+                _tma_load(tk_desc, [row, col], k_ready.index(stage), tk_smem.index(stage))
             mbarrier.wait(v_empty.index(stage), free)
             mbarrier.expect(v_ready.index(stage), pairs * v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [row, col], v_ready.index(stage), v_smem.index(stage))
+            _tma_load(v_desc, [row, col], v_ready.index(stage), v_smem.index(stage))
             if KV_TANGENT:
-                tma.async_copy_global_to_shared(tv_desc, [row, col], v_ready.index(stage), tv_smem.index(stage))
+                _tma_load(tv_desc, [row, col], v_ready.index(stage), tv_smem.index(stage))
 
     @gluon.jit
     def _issue_scores(q, tq, k_smem, tk_smem, block, s_layout: gl.constexpr, ROWS: gl.constexpr,
@@ -166,7 +172,9 @@ if HAVE_GLUON:
             # Retire the value products before the next scores are issued: the accumulators, P~ and
             # H~ and the new score tiles do not all fit in registers while in flight (ptxas would
             # serialise every warpgroup MMA).
-            acc_o, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t, p_in, h_in))
+            retired = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t, p_in, h_in))
+            acc_o = retired[0]
+            acc_t = retired[1]
             mbarrier.arrive(v_empty.index(stage))
             mbarrier.wait(k_ready.index(nxt % NUM_STAGES), (nxt // NUM_STAGES) & 1)
             s, ds = _issue_scores(q, tq, k_smem, tk_smem, nxt, s_layout, ROWS, BLOCK_N, NUM_STAGES, KV_TANGENT)
@@ -197,7 +205,9 @@ if HAVE_GLUON:
         acc_t = warpgroup_mma(h_in, v_smem.index(stage), acc_t, is_async=True)
         if PINGPONG:
             mbarrier.arrive(their_turn)
-        acc_o, acc_t = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t, p_in, h_in))
+        retired = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t, p_in, h_in))
+        acc_o = retired[0]
+        acc_t = retired[1]
 
         # Epilogue: O = O~/l, tO = T~/l - mu O, LSE = (m + log2 l) ln 2.
         inv_l = gl.convert_layout(1.0 / l_i, o_rows)
@@ -296,7 +306,7 @@ def supports(q, k, v, tq, tk, tv) -> bool:
     """Whether the Hopper kernel takes these inputs (else the portable kernel does)."""
     if not HAVE_GLUON or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    if q.dtype not in DTYPES or q.shape[-1] not in HEAD_DIMS:
+    if q.dtype not in DTYPES or q.shape[-1] not in HEAD_DIMS or q.numel() == 0 or k.numel() == 0:
         return False
     tensors = [x for x in (q, k, v, tq, tk, tv) if x is not None]
     return all(x.dtype == q.dtype and _matrix_view_ok(x) for x in tensors)
@@ -305,16 +315,18 @@ def supports(q, k, v, tq, tk, tv) -> bool:
 def _descriptor(x: torch.Tensor, block_rows: int):
     batch, seq, heads, head_dim = x.shape
     layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], getattr(gl, str(x.dtype)[6:]))
-    return TensorDescriptor(
-        x, [batch * seq, heads * head_dim], [x.stride(1), 1], [block_rows, head_dim], layout
-    )
+    return TensorDescriptor(x, [batch * seq, heads * head_dim], [x.stride(1), 1], [block_rows, head_dim], layout)
 
 
-def attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale: float, outputs, config=None):
-    """Launch the Hopper kernel into contiguous `outputs` (O, tO, LSE); tk, tv None: the
-    four-matmul variant. `config` = (BLOCK_N, consumer registers, loader registers, ping-pong) overrides the
-    default (sweeps)."""
+def attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None):
+    """(O, tO, LSE) as `kernel.attention_fwd_jvp` returns them, for inputs `supports` accepts; tk, tv
+    None: the four-matmul variant. `outputs` optionally gives contiguous (O, tO, LSE) to write into;
+    `config` = (BLOCK_N, consumer registers, producer registers, ping-pong) overrides the default."""
     batch, seq_q, heads, head_dim = q.shape
+    if outputs is None:
+        out = torch.empty((batch, seq_q, heads, head_dim), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, heads, seq_q), dtype=torch.float32, device=q.device)
+        outputs = (out, torch.empty_like(out), lse)
     block_n, consumer_regs, loader_regs, pingpong = config or CONFIGS[head_dim]
     kv_tangent = tk is not None
     if not kv_tangent:

@@ -18,8 +18,9 @@ them as opaque (no graph breaks under `torch.compile(fullgraph=True)`):
 - `rcmfn::attention_bwd(do, q, k, v, o, lse, scale) -> (dq, dk, dv)`: the primal backward, through
   the same SDPA backend's backward (reference formulas on CPU).
 - `rcmfn::attention_fwd_jvp(q, k, v, tq, tk, tv, scale, impl) -> (o, t_o, lse)`: the fused forward +
-  tangent (SPEC-rcm §9), Triton on CUDA (`kernel.py`). Reverse mode flows through `o` only; `t_o` is
-  non-differentiable (tangents are targets, SPEC-rcm §8.2).
+  tangent (SPEC-rcm §9), Triton on CUDA: `hopper.py` (Gluon, warp-specialised) on sm_90 for bf16 and
+  fp16 at head dims 64 and 128 in the models' layouts, `kernel.py` otherwise. Reverse mode flows
+  through `o` only; `t_o` is non-differentiable (tangents are targets, SPEC-rcm §8.2).
 
 `impl` selects the fused kernel: "auto" (Triton on CUDA, reference on CPU), "triton" (the Triton
 kernel on any device; on CPU it needs `TRITON_INTERPRET=1` set before triton is first imported, which
@@ -246,8 +247,11 @@ def attention_fwd_jvp(
     if (tk is None) != (tv is None):
         raise ValueError("tk and tv must both be tensors or both be None")
     if _use_triton(impl, q):
-        from ops.attention import kernel  # Triton is imported on first use, never at import time.
+        # Triton is imported on first use, never at import time.
+        from ops.attention import hopper, kernel
 
+        if hopper.supports(q, k, v, tq, tk, tv):
+            return hopper.attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale)
         return kernel.attention_fwd_jvp(q, k, v, tq, tk, tv, scale)
     return reference.attention_jvp_reference(q, k, v, tq, tk, tv, scale)
 
