@@ -92,16 +92,19 @@ def bench_attention_shape(name, batch, seq_q, seq_kv, heads, head_dim, dtype, re
         extra_mib = _peak_extra_mib(jvp)
     from ops.attention import hopper, kernel
 
-    if hopper.supports(q, k, v, tq, tk, tv):
+    if hopper.preferred(q, k, v, tq, tk, tv):
         rows[-1]["config"] = f"Hopper kernel, BLOCK_N {hopper.CONFIGS[head_dim][0]}"
     else:
         rows[-1]["config"] = "portable kernel, " + kernel.tuned_config(seq_q, seq_kv, head_dim, dtype)
     with torch.no_grad():  # a tangent in q alone: the models' cross-attention (their text has none)
         jvp_q = lambda: torch.func.jvp(lambda q: attention(q, k, v), (q,), (tq,))
         add("ours fused fwd+jvp, no K/V tangent", jvp_q, 2 * fwd_flops, "8BHSqSkvD", graph=True)
-        # The portable Triton kernel alone, where the Hopper one took the rows above: what it gains.
+        # Both Triton kernels alone, whichever the op took above (hopper.MIN_KEYS).
+        scale = q.shape[-1] ** -0.5
         if hopper.supports(q, k, v, tq, tk, tv):
-            portable = lambda: kernel.attention_fwd_jvp(q, k, v, tq, tk, tv, q.shape[-1] ** -0.5)
+            on_hopper = lambda: hopper.attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale)
+            add("Hopper kernel fused fwd+jvp", on_hopper, 3 * fwd_flops, "12BHSqSkvD", graph=True)
+            portable = lambda: kernel.attention_fwd_jvp(q, k, v, tq, tk, tv, scale)
             add("portable kernel fused fwd+jvp", portable, 3 * fwd_flops, "12BHSqSkvD", graph=True)
     sdpa_leaves = [x.detach().requires_grad_() for x in (qt, kt, vt)]
     sdpa_out = torch.nn.functional.scaled_dot_product_attention(*sdpa_leaves)

@@ -15,7 +15,7 @@ import triton.testing
 from torch.autograd import forward_ad
 
 from ops import attention
-from ops.attention import kernel
+from ops.attention import hopper, kernel
 
 
 def _host_us(fn, calls: int = 100) -> float:
@@ -57,6 +57,8 @@ def main():
         "kernel.attention_fwd_jvp (autotuner)": lambda: kernel.attention_fwd_jvp(q, k, v, tq, tk, tv, scale),
         "kernel launch, fixed config": lambda: kernel._launch((q, k, v, tq, tk, tv), outputs, scale, (128, 64, 8, 2)),
     }
+    if hopper.supports(q, k, v, tq, tk, tv):
+        paths["hopper.attention_fwd_jvp_hopper"] = lambda: hopper.attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale)
     print(f"shape {args.shape} bf16, {torch.cuda.get_device_name()}, tuned config: {config}")
     print("| path | host us / call | do_bench ms | CUDA graph ms |")
     print("|---|---|---|---|")

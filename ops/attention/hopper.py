@@ -55,6 +55,11 @@ ROWS = 64
 # accumulators and the S and dS tiles fill a consumer's registers at D = 128.
 CONFIGS = {64: (128, 240, 24, True), 128: (64, 240, 24, True)}
 NUM_STAGES = 2
+# The shortest key length at which `ops.attention` takes this kernel. In isolation it is faster from
+# 4,096 keys on (0.65 vs 0.78 ms at (1, 4096, 16, 128)), but inside Cosmos 2B's tangent pass (4,096
+# keys) the pass was 26 % slower with it, for a reason not yet found; Wan 1.3B's pass (32,760 keys)
+# was 15 % faster. Between the two lengths nothing was measured.
+MIN_KEYS = 16384
 
 
 if HAVE_GLUON:
@@ -290,26 +295,44 @@ if HAVE_GLUON:
     # fmt: on
 
 
-def _matrix_view_ok(x: torch.Tensor) -> bool:
-    """Whether (B, S, H, D) `x` is a (B*S, H*D) matrix with 16-byte aligned rows, as TMA needs."""
+def _row_stride(x: torch.Tensor) -> int:
+    """Elements between consecutive rows of the (B*S, H*D) matrix view of (B, S, H, D) `x` (a size-one
+    dimension's stride is arbitrary in PyTorch, so it is read off the next dimension that has one)."""
     batch, seq, heads, head_dim = x.shape
+    if seq > 1:
+        return x.stride(1)
+    return x.stride(0) if batch > 1 else heads * head_dim
+
+
+def _matrix_view_ok(x: torch.Tensor) -> bool:
+    """Whether (B, S, H, D) `x` is a (B*S, H*D) matrix with unit column stride and distinct,
+    16-byte aligned rows, as a TMA descriptor needs."""
+    batch, seq, heads, head_dim = x.shape
+    row = _row_stride(x)
     return (
         x.stride(3) == 1
-        and x.stride(2) == head_dim
-        and (batch == 1 or x.stride(0) == seq * x.stride(1))
-        and (x.stride(1) * x.element_size()) % 16 == 0
+        and (heads == 1 or x.stride(2) == head_dim)
+        and row >= heads * head_dim
+        and (batch == 1 or seq == 1 or x.stride(0) == seq * row)
+        and (row * x.element_size()) % 16 == 0
         and x.data_ptr() % 16 == 0
     )
 
 
 def supports(q, k, v, tq, tk, tv) -> bool:
-    """Whether the Hopper kernel takes these inputs (else the portable kernel does)."""
+    """Whether the Hopper kernel can take these inputs."""
     if not HAVE_GLUON or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
     if q.dtype not in DTYPES or q.shape[-1] not in HEAD_DIMS or q.numel() == 0 or k.numel() == 0:
         return False
     tensors = [x for x in (q, k, v, tq, tk, tv) if x is not None]
     return all(x.dtype == q.dtype and _matrix_view_ok(x) for x in tensors)
+
+
+def preferred(q, k, v, tq, tk, tv) -> bool:
+    """Whether `ops.attention`'s fused op runs this kernel rather than the portable one: inputs it
+    supports, with at least MIN_KEYS keys (docs/benchmarks.md, Attention, says why)."""
+    return k.shape[1] >= MIN_KEYS and supports(q, k, v, tq, tk, tv)
 
 
 def _descriptor(x: torch.Tensor, block_rows: int):

@@ -19,7 +19,8 @@ them as opaque (no graph breaks under `torch.compile(fullgraph=True)`):
   the same SDPA backend's backward (reference formulas on CPU).
 - `rcmfn::attention_fwd_jvp(q, k, v, tq, tk, tv, scale, impl) -> (o, t_o, lse)`: the fused forward +
   tangent (SPEC-rcm §9), Triton on CUDA: `hopper.py` (Gluon, warp-specialised) on sm_90 for bf16 and
-  fp16 at head dims 64 and 128 in the models' layouts, `kernel.py` otherwise. Reverse mode flows
+  fp16 at head dims 64 and 128 in the models' layouts with at least `hopper.MIN_KEYS` keys,
+  `kernel.py` otherwise. Reverse mode flows
   through `o` only; `t_o` is non-differentiable (tangents are targets, SPEC-rcm §8.2).
 
 `impl` selects the fused kernel: "auto" (Triton on CUDA, reference on CPU), "triton" (the Triton
@@ -250,7 +251,7 @@ def attention_fwd_jvp(
         # Triton is imported on first use, never at import time.
         from ops.attention import hopper, kernel
 
-        if hopper.supports(q, k, v, tq, tk, tv):
+        if hopper.preferred(q, k, v, tq, tk, tv):
             return hopper.attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale)
         return kernel.attention_fwd_jvp(q, k, v, tq, tk, tv, scale)
     return reference.attention_jvp_reference(q, k, v, tq, tk, tv, scale)

@@ -31,7 +31,8 @@ def in_layout(layout, batch, seq, heads, head_dim, dtype=torch.float32, gen=None
 
     "contiguous"; "fused_qkv" (a slice of a (B, S, 3, H, D) projection: rows 3HD apart);
     "bhsd" (transposed (B, H, S, D) storage); "sliced" (a slice of a wider head dim);
-    "batch_gap" (a slice of a longer sequence, so batches are not stacked).
+    "batch_gap" (a slice of a longer sequence, so batches are not stacked); "expanded" (one row
+    broadcast along the sequence, stride 0).
     """
     shapes = {
         "contiguous": (batch, seq, heads, head_dim),
@@ -39,6 +40,7 @@ def in_layout(layout, batch, seq, heads, head_dim, dtype=torch.float32, gen=None
         "bhsd": (batch, heads, seq, head_dim),
         "sliced": (batch, seq, heads, head_dim + 16),
         "batch_gap": (batch, seq + 8, heads, head_dim),
+        "expanded": (batch, 1, heads, head_dim),
     }
     views = {
         "contiguous": lambda t: t,
@@ -46,12 +48,13 @@ def in_layout(layout, batch, seq, heads, head_dim, dtype=torch.float32, gen=None
         "bhsd": lambda t: t.transpose(1, 2),
         "sliced": lambda t: t[..., 16:],
         "batch_gap": lambda t: t[:, 4 : 4 + seq],
+        "expanded": lambda t: t.expand(batch, seq, heads, head_dim),
     }
     base = torch.randn(shapes[layout], generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
     return views[layout](base)
 
 
-LAYOUTS = ["contiguous", "fused_qkv", "bhsd", "sliced", "batch_gap"]
+LAYOUTS = ["contiguous", "fused_qkv", "bhsd", "sliced", "batch_gap", "expanded"]
 
 
 @settings(max_examples=40, deadline=None)
@@ -71,15 +74,16 @@ def test_matrix_view_rule_matches_the_storage(layout, batch, seq, heads, head_di
     if x.data_ptr() % 16:  # the rule also asks for 16-byte aligned storage, as TMA does
         assert not hopper._matrix_view_ok(x)
         return
-    matrix = x.as_strided((batch * seq, heads * head_dim), (x.stride(1), 1))
+    row = hopper._row_stride(x)
+    matrix = x.as_strided((batch * seq, heads * head_dim), (row, 1))
     reads_back = torch.equal(matrix.reshape(batch, seq, heads, head_dim), x)
-    row_aligned = x.stride(1) * x.element_size() % 16 == 0
+    row_aligned = row * x.element_size() % 16 == 0
     # The rule is a stride test; it must never accept a tensor the matrix view misreads.
     if hopper._matrix_view_ok(x):
-        assert reads_back and row_aligned
+        assert reads_back and row_aligned and row >= heads * head_dim
     if layout in ("contiguous", "fused_qkv") and row_aligned:
         assert hopper._matrix_view_ok(x)
-    if layout == "bhsd" and heads > 1 and seq > 1:
+    if layout in ("bhsd", "expanded") and heads > 1 and seq > 1:
         assert not hopper._matrix_view_ok(x)
 
 
@@ -164,25 +168,26 @@ def test_one_key_without_kv_tangent_leaves_only_rounding(dtype):
 
 
 @hopper_gpu
-def test_ops_attention_takes_the_hopper_kernel_under_eager_and_compiled_jvp(monkeypatch):
-    """`ops.attention` under torch.func.jvp launches the Hopper kernel for the models' layout, and the
-    compiled tangents equal the eager ones and float64's within bounds."""
+def test_ops_attention_takes_the_hopper_kernel_for_long_keys_only(monkeypatch):
+    """`ops.attention` under torch.func.jvp launches the Hopper kernel from hopper.MIN_KEYS keys on
+    (the portable one below), and its compiled tangents equal the eager ones and float64's."""
     launches = []
     original = hopper.attention_fwd_jvp_hopper
 
     def counting(*args, **kwargs):
-        launches.append(args[0].shape)
+        launches.append(args[1].shape[1])
         return original(*args, **kwargs)
 
     monkeypatch.setattr(hopper, "attention_fwd_jvp_hopper", counting)
     gen = torch.Generator().manual_seed(7)
-    primals = [in_layout("fused_qkv", 2, 777, 4, 128, torch.bfloat16, gen) for _ in range(3)]
-    tangents = [in_layout("contiguous", 2, 777, 4, 128, torch.bfloat16, gen) for _ in range(3)]
     jvp = functools.partial(torch.func.jvp, attention)
-    out, tout = jvp(tuple(primals), tuple(tangents))
-    assert len(launches) == 1
-    compiled_out, compiled_tout = torch.compile(jvp, fullgraph=True)(tuple(primals), tuple(tangents))
-    assert len(launches) == 2
-    ref_out, ref_tout, _ = float64_outputs(*primals, *tangents, 128**-0.5)
-    assert rel_err(out, ref_out) < 5e-3 and rel_err(tout, ref_tout) < 5e-3
-    assert torch.equal(compiled_out, out) and torch.equal(compiled_tout, tout)
+    for seq_kv in (777, hopper.MIN_KEYS):
+        q, tq = (in_layout("fused_qkv", 1, 200, 2, 64, torch.bfloat16, gen) for _ in range(2))
+        k, v, tk, tv = (in_layout("contiguous", 1, seq_kv, 2, 64, torch.bfloat16, gen) for _ in range(4))
+        launches.clear()
+        out, tout = jvp((q, k, v), (tq, tk, tv))
+        assert launches == ([seq_kv] if seq_kv >= hopper.MIN_KEYS else [])
+        compiled_out, compiled_tout = torch.compile(jvp, fullgraph=True)((q, k, v), (tq, tk, tv))
+        ref_out, ref_tout, _ = float64_outputs(q, k, v, tq, tk, tv, 64**-0.5)
+        assert rel_err(out, ref_out) < 5e-3 and rel_err(tout, ref_tout) < 5e-3
+        assert torch.equal(compiled_out, out) and torch.equal(compiled_tout, tout)
