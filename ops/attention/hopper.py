@@ -127,8 +127,8 @@ if HAVE_GLUON:
 
         Each step issues the value products of block j, retires them, and issues the score products
         of block j + 1; the exponentials of block j + 1 run while its dS products are on the tensor
-        cores. With PINGPONG the two warpgroups take turns
-        to issue their bursts, so one's softmax overlaps the other's products."""
+        cores. With PINGPONG the two warpgroups take turns to issue, so one's softmax overlaps the
+        other's products."""
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -336,9 +336,10 @@ def preferred(q, k, v, tq, tk, tv) -> bool:
 
 
 def _descriptor(x: torch.Tensor, block_rows: int):
+    """TMA descriptor of `x`'s (B*S, H*D) matrix view, in tiles of (block_rows, D)."""
     batch, seq, heads, head_dim = x.shape
     layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], getattr(gl, str(x.dtype)[6:]))
-    return TensorDescriptor(x, [batch * seq, heads * head_dim], [x.stride(1), 1], [block_rows, head_dim], layout)
+    return TensorDescriptor(x, [batch * seq, heads * head_dim], [_row_stride(x), 1], [block_rows, head_dim], layout)
 
 
 def attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale: float, outputs=None, config=None):
