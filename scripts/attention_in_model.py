@@ -1,0 +1,100 @@
+"""The fused attention kernels inside a network's tangent pass (GPU): time and kernel profile of each.
+
+`python -m scripts.attention_in_model [--config cosmos2b] [--iters 5]` runs the trainers' `--compile`
+tangent pass (block-compiled dual jvp, as `entrypoints.bench_models` does) twice in one process: with
+`ops.attention` taking the Hopper kernel at every supported length (`hopper.MIN_KEYS = 0`) and with the
+portable kernel only (`MIN_KEYS` above any length). For each it prints the median wall time, then a
+`torch.profiler` summary of one pass: total device time, the attention kernels' device time and call
+count, and the largest other kernels. Wall time well above device time means the GPU waited (host-bound
+or synchronised); the attention rows say whether the kernel itself is slower in context than alone.
+Written to find why Cosmos 2B's pass was slower with the Hopper kernel (docs/benchmarks.md,
+Attention); `*-tiny` configs run it on a CPU as a smoke test (no Triton kernels there).
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from entrypoints import bench_models
+from ops.attention import hopper
+
+KERNEL_NAMES = ("_fwd_jvp_hopper_kernel", "_attention_fwd_jvp_kernel")
+
+
+def tangent_pass(config: str, seed: int = 0):
+    """The block-compiled dual jvp step of `config` at its benchmark shape, on the default device."""
+    case = bench_models.CONFIGS[config]
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(1, *case.latent, generator=gen, device=dev).to(dtype)
+    timestep = case.timestep_scale * torch.rand(1, generator=gen, device=dev)
+    context = torch.randn(1, case.text_len, case.text_dim, generator=gen, device=dev).to(dtype)
+    tangents = (torch.randn_like(x), torch.randn_like(timestep))
+    return dev, bench_models._block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tangents)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure(step, dev, iters: int) -> dict:
+    """Median wall ms of `iters` passes after the compiling first call, and one profiled pass."""
+    start = time.perf_counter()
+    step()
+    sync(dev)
+    first_s = time.perf_counter() - start
+    times = []
+    for _ in range(iters):
+        sync(dev)
+        start = time.perf_counter()
+        step()
+        sync(dev)
+        times.append(1e3 * (time.perf_counter() - start))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(dev)
+    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    device_ms = sum(e.self_device_time_total for e in kernels) / 1e3
+    attention = [e for e in kernels if any(name in e.key for name in KERNEL_NAMES)]
+    others = sorted((e for e in kernels if e not in attention), key=lambda e: -e.self_device_time_total)
+    return dict(
+        first_s=first_s, ms=statistics.median(times), device_ms=device_ms, attention=attention, others=others[:8]
+    )
+
+
+def report(label: str, result: dict) -> None:
+    print(f"\n{label}: first call {result['first_s']:.1f} s, pass {result['ms']:.1f} ms (median), ", end="")
+    print(f"device time {result['device_ms']:.1f} ms in one profiled pass")
+    print("| kernel | calls | device ms | us per call |")
+    print("|---|---|---|---|")
+    for e in [*result["attention"], *result["others"]]:
+        total = e.self_device_time_total
+        print(f"| {e.key[:70]} | {e.count} | {total / 1e3:.2f} | {total / max(e.count, 1):.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(bench_models.CONFIGS), default="cosmos2b")
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    default_min_keys = hopper.MIN_KEYS
+    try:
+        for label, min_keys in (("Hopper kernel at every length", 0), ("portable kernel only", 1 << 62)):
+            hopper.MIN_KEYS = min_keys
+            dev, step = tangent_pass(args.config)
+            report(f"{args.config}, {label}", measure(step, dev, args.iters))
+            del step
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        hopper.MIN_KEYS = default_min_keys
+
+
+if __name__ == "__main__":
+    main()
