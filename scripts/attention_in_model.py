@@ -12,8 +12,6 @@ Attention); `*-tiny` configs run it on a CPU as a smoke test (no Triton kernels 
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -37,39 +35,22 @@ def tangent_pass(config: str, seed: int = 0):
     return dev, bench_models._block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tangents)
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def measure(step, dev, iters: int) -> dict:
-    """Median wall ms of `iters` passes after the compiling first call, and one profiled pass."""
-    start = time.perf_counter()
-    step()
-    sync(dev)
-    first_s = time.perf_counter() - start
-    times = []
-    for _ in range(iters):
-        sync(dev)
-        start = time.perf_counter()
-        step()
-        sync(dev)
-        times.append(1e3 * (time.perf_counter() - start))
+    """`bench_models`' timing of the pass (first call compiles) and one profiled pass."""
+    timing = bench_models._time_row(step, dev, warmup=1, iters=iters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=activities) as prof:
         step()
-        sync(dev)
+        bench_models._sync(dev)
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     device_ms = sum(e.self_device_time_total for e in kernels) / 1e3
     attention = [e for e in kernels if any(name in e.key for name in KERNEL_NAMES)]
     others = sorted((e for e in kernels if e not in attention), key=lambda e: -e.self_device_time_total)
-    return dict(
-        first_s=first_s, ms=statistics.median(times), device_ms=device_ms, attention=attention, others=others[:8]
-    )
+    return dict(**timing, device_ms=device_ms, attention=attention, others=others[:8])
 
 
 def report(label: str, result: dict) -> None:
-    print(f"\n{label}: first call {result['first_s']:.1f} s, pass {result['ms']:.1f} ms (median), ", end="")
+    print(f"\n{label}: first call {result['first_call_s']:.1f} s, pass {result['ms']:.1f} ms (median), ", end="")
     print(f"device time {result['device_ms']:.1f} ms in one profiled pass")
     print("| kernel | calls | device ms | us per call |")
     print("|---|---|---|---|")

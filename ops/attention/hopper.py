@@ -106,6 +106,15 @@ if HAVE_GLUON:
         return s, ds
 
     @gluon.jit
+    def _issue_values(acc_o, acc_t, p_in, h_in, v_smem, tv_smem, stage, KV_TANGENT: gl.constexpr):
+        """Issue O~ += P~ V and T~ += P~ tV + H~ V for the key block in `stage` (in flight on return)."""
+        acc_o = warpgroup_mma(p_in, v_smem.index(stage), acc_o, is_async=True)
+        if KV_TANGENT:
+            acc_t = warpgroup_mma(p_in, tv_smem.index(stage), acc_t, is_async=True)
+        acc_t = warpgroup_mma(h_in, v_smem.index(stage), acc_t, is_async=True)
+        return acc_o, acc_t
+
+    @gluon.jit
     def _softmax(s, m_i, l_i, valid, qk_scale_log2, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
         """P~ of one key block (the first `valid` keys count) against the running max; returns it
         with the new max, the rescale factor alpha and the updated row sums."""
@@ -170,10 +179,7 @@ if HAVE_GLUON:
             mbarrier.wait(v_ready.index(stage), (block // NUM_STAGES) & 1)
             if PINGPONG:
                 mbarrier.wait(my_turn, nxt & 1)
-            acc_o = warpgroup_mma(p_in, v_smem.index(stage), acc_o, is_async=True)
-            if KV_TANGENT:
-                acc_t = warpgroup_mma(p_in, tv_smem.index(stage), acc_t, is_async=True)
-            acc_t = warpgroup_mma(h_in, v_smem.index(stage), acc_t, is_async=True)
+            acc_o, acc_t = _issue_values(acc_o, acc_t, p_in, h_in, v_smem, tv_smem, stage, KV_TANGENT)
             # Retire the value products before the next scores are issued: the accumulators, P~ and
             # H~ and the new score tiles do not all fit in registers while in flight (ptxas would
             # serialise every warpgroup MMA).
@@ -204,10 +210,7 @@ if HAVE_GLUON:
         mbarrier.wait(v_ready.index(stage), (last // NUM_STAGES) & 1)
         if PINGPONG:
             mbarrier.wait(my_turn, num_blocks & 1)
-        acc_o = warpgroup_mma(p_in, v_smem.index(stage), acc_o, is_async=True)
-        if KV_TANGENT:
-            acc_t = warpgroup_mma(p_in, tv_smem.index(stage), acc_t, is_async=True)
-        acc_t = warpgroup_mma(h_in, v_smem.index(stage), acc_t, is_async=True)
+        acc_o, acc_t = _issue_values(acc_o, acc_t, p_in, h_in, v_smem, tv_smem, stage, KV_TANGENT)
         if PINGPONG:
             mbarrier.arrive(their_turn)
         retired = warpgroup_mma_wait(num_outstanding=0, deps=(acc_o, acc_t, p_in, h_in))
