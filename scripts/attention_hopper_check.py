@@ -2,7 +2,8 @@
 
 `python -m scripts.attention_hopper_check [--time]`: relative errors of O, tO and LSE on ragged and
 model shapes (outputs poisoned with NaN first), then with --time the device times (CUDA-graph
-replays) of SDPA's forward, the portable kernel and the Hopper kernel on the benchmark shapes.
+replays) of SDPA's forward, the portable kernel and the Hopper kernel on the benchmark shapes (or on
+`--shapes B,Sq,Skv,H,D,kv-tangent ...`).
 """
 
 import argparse
@@ -75,8 +76,8 @@ def bench(fn, *args, **kwargs):
     return triton.testing.do_bench_cudagraph(functools.partial(fn, *args, **kwargs), rep=200, return_mode="median")
 
 
-def time_shapes(configs):
-    for batch, seq_q, seq_kv, heads, head_dim, kvt in SHAPES:
+def time_shapes(configs, shapes=SHAPES):
+    for batch, seq_q, seq_kv, heads, head_dim, kvt in shapes:
         x = inputs(batch, seq_q, seq_kv, heads, head_dim, torch.bfloat16, kvt)
         scale = head_dim**-0.5
         sdpa = bench(torch.nn.functional.scaled_dot_product_attention, *[t.transpose(1, 2) for t in x[:3]])
@@ -95,15 +96,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time", action="store_true")
     parser.add_argument("--configs", nargs="*", default=[], help="D:BLOCK_N,regs,loader regs,ping-pong")
+    parser.add_argument("--shapes", nargs="*", default=[], help="B,Sq,Skv,H,D,kv-tangent(0/1) to time")
+    parser.add_argument("--no-check", action="store_true", help="skip the float64 check")
     args = parser.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
-    check()
+    if not args.no_check:
+        check()
     if args.time:
         configs = {64: [None], 128: [None]}
         for text in args.configs:
             head_dim, cfg = text.split(":")
             configs[int(head_dim)].append(tuple(int(v) for v in cfg.split(",")))
-        time_shapes(configs)
+        shapes = [tuple(int(v) for v in text.split(",")) for text in args.shapes] or SHAPES
+        time_shapes(configs, [(*shape[:5], bool(shape[5])) for shape in shapes])
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The fused attention kernels inside a network's tangent pass (GPU): time and kernel profile of each.
 
-`python -m scripts.attention_in_model [--config cosmos2b] [--iters 5]` runs the trainers' `--compile`
-tangent pass (block-compiled dual jvp, as `entrypoints.bench_models` does) twice in one process: with
-`ops.attention` taking the Hopper kernel at every supported length (`hopper.MIN_KEYS = 0`) and with the
-portable kernel only (`MIN_KEYS` above any length). For each it prints the median wall time, then a
-`torch.profiler` summary of one pass: total device time, the attention kernels' device time and call
-count, and the largest other kernels. Wall time well above device time means the GPU waited (host-bound
-or synchronised); the attention rows say whether the kernel itself is slower in context than alone.
-Written to find why Cosmos 2B's pass was slower with the Hopper kernel (docs/benchmarks.md,
+`python -m scripts.attention_in_model [--config cosmos2b] [--iters 5] [--kernels K ...] [--trace-dir D]`
+runs the trainers' `--compile` tangent pass (block-compiled dual jvp under no_grad, as
+`entrypoints.bench_models` times it) once per entry of `--kernels`, in one process: `hopper` (the
+Hopper kernel at every supported length, `hopper.MIN_KEYS = 0`), `default` (the shipped threshold) or
+`portable` (the portable kernel only). Repeating entries shows the run-to-run spread. For each it
+prints the median wall time, then a `torch.profiler` summary of one pass: total device time, the
+attention kernels' device time and call count, and the largest other kernels; `--trace-dir` keeps
+each profiled pass as a gzipped Chrome trace. Wall time well above device time means the GPU waited
+(host-bound or synchronised); the attention rows say whether a kernel is slower in context than alone.
+Written to find why Cosmos 2B's pass once timed slower with the Hopper kernel (docs/benchmarks.md,
 Attention); `*-tiny` configs run it on a CPU as a smoke test (no Triton kernels there).
 """
 
@@ -20,6 +22,12 @@ from entrypoints import bench_models
 from ops.attention import hopper
 
 KERNEL_NAMES = ("_fwd_jvp_hopper_kernel", "_attention_fwd_jvp_kernel")
+# hopper.MIN_KEYS for each pass, and its label
+MIN_KEYS = {
+    "hopper": (0, "Hopper kernel at every length"),
+    "default": (hopper.MIN_KEYS, f"Hopper kernel from {hopper.MIN_KEYS} keys (the default)"),
+    "portable": (1 << 62, "portable kernel only"),
+}
 
 
 def tangent_pass(config: str, seed: int = 0):
@@ -35,13 +43,18 @@ def tangent_pass(config: str, seed: int = 0):
     return dev, bench_models._block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tangents)
 
 
-def measure(step, dev, iters: int) -> dict:
-    """`bench_models`' timing of the pass (first call compiles) and one profiled pass."""
-    timing = bench_models._time_row(step, dev, warmup=1, iters=iters)
+def measure(step, dev, iters: int, trace: str | None = None) -> dict:
+    """`bench_models`' timing of the pass (first call compiles) and one profiled pass (its Chrome
+    trace written to `trace` if given), without autograd history as `bench_models` times it (with
+    history the block-compiled pass runs its blocks eagerly)."""
+    with torch.no_grad():
+        timing = bench_models._time_row(step, dev, warmup=1, iters=iters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with torch.no_grad(), profile(activities=activities) as prof:
         step()
         bench_models._sync(dev)
+    if trace:
+        prof.export_chrome_trace(trace)
     kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
     device_ms = sum(e.self_device_time_total for e in kernels) / 1e3
     attention = [e for e in kernels if any(name in e.key for name in KERNEL_NAMES)]
@@ -63,13 +76,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(bench_models.CONFIGS), default="cosmos2b")
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--trace-dir", help="write each profiled pass's Chrome trace here")
+    parser.add_argument(
+        "--kernels", nargs="+", choices=sorted(MIN_KEYS), default=["hopper", "portable"],
+        help="passes to run, in order (repeat one to see the run-to-run spread)",
+    )  # fmt: skip
     args = parser.parse_args()
     default_min_keys = hopper.MIN_KEYS
     try:
-        for label, min_keys in (("Hopper kernel at every length", 0), ("portable kernel only", 1 << 62)):
-            hopper.MIN_KEYS = min_keys
+        for run, name in enumerate(args.kernels):
+            hopper.MIN_KEYS, label = MIN_KEYS[name]
             dev, step = tangent_pass(args.config)
-            report(f"{args.config}, {label}", measure(step, dev, args.iters))
+            trace = f"{args.trace_dir}/{args.config}-{run}-{name}.json.gz" if args.trace_dir else None
+            report(f"{args.config}, {label}", measure(step, dev, args.iters, trace))
             del step
             if dev.type == "cuda":
                 torch.cuda.empty_cache()

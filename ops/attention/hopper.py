@@ -26,6 +26,8 @@ the portable kernel. Rows past a sequence's end read the next batch's rows (or z
 tensor): their scores are masked to -inf for keys, and query rows there are never stored.
 """
 
+import functools
+
 import torch
 import triton
 
@@ -55,11 +57,10 @@ ROWS = 64
 # accumulators and the S and dS tiles fill a consumer's registers at D = 128.
 CONFIGS = {64: (128, 240, 24, True), 128: (64, 240, 24, True)}
 NUM_STAGES = 2
-# The shortest key length at which `ops.attention` takes this kernel. In isolation it is faster from
-# 4,096 keys on (0.65 vs 0.78 ms at (1, 4096, 16, 128)), but inside Cosmos 2B's tangent pass (4,096
-# keys) the pass was 26 % slower with it, for a reason not yet found; Wan 1.3B's pass (32,760 keys)
-# was 15 % faster. Between the two lengths nothing was measured.
-MIN_KEYS = 16384
+# The shortest key length at which `ops.attention` takes this kernel. Alone it is faster than the
+# portable kernel from 1,024 keys (H200, (1, S, 16, 128): 0.045 vs 0.055 ms at 1,024, 0.645 vs 0.778 ms
+# at 4,096) but not at 512 keys with 16 heads (cross-attention to a caption: 0.090 vs 0.086 ms).
+MIN_KEYS = 1024
 
 
 if HAVE_GLUON:
@@ -322,9 +323,14 @@ def _matrix_view_ok(x: torch.Tensor) -> bool:
     )
 
 
+@functools.cache
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
 def supports(q, k, v, tq, tk, tv) -> bool:
     """Whether the Hopper kernel can take these inputs."""
-    if not HAVE_GLUON or not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0):
+    if not HAVE_GLUON or not q.is_cuda or not _is_sm90(q.device.index):
         return False
     if q.dtype not in DTYPES or q.shape[-1] not in HEAD_DIMS or q.numel() == 0 or k.numel() == 0:
         return False
@@ -338,10 +344,17 @@ def preferred(q, k, v, tq, tk, tv) -> bool:
     return k.shape[1] >= MIN_KEYS and supports(q, k, v, tq, tk, tv)
 
 
+@functools.cache
+def _shared_layout(block_rows: int, head_dim: int, dtype: torch.dtype):
+    # Cached: building it costs about 6 us of Python per descriptor, six descriptors a call, and the
+    # op's host time shows in host-bound passes (docs/benchmarks.md, Attention).
+    return gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], getattr(gl, str(dtype)[6:]))
+
+
 def _descriptor(x: torch.Tensor, block_rows: int):
     """TMA descriptor of `x`'s (B*S, H*D) matrix view, in tiles of (block_rows, D)."""
     batch, seq, heads, head_dim = x.shape
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, head_dim], getattr(gl, str(x.dtype)[6:]))
+    layout = _shared_layout(block_rows, head_dim, x.dtype)
     return TensorDescriptor(x, [batch * seq, heads * head_dim], [_row_stride(x), 1], [block_rows, head_dim], layout)
 
 
