@@ -99,7 +99,7 @@ def bench_attention_shape(name, batch, seq_q, seq_kv, heads, head_dim, dtype, re
     with torch.no_grad():  # a tangent in q alone: the models' cross-attention (their text has none)
         jvp_q = lambda: torch.func.jvp(lambda q: attention(q, k, v), (q,), (tq,))
         add("ours fused fwd+jvp, no K/V tangent", jvp_q, 2 * fwd_flops, "8BHSqSkvD", graph=True)
-        # Both Triton kernels alone, whichever the op took above (hopper.MIN_KEYS).
+        # Both Triton kernels alone, whichever the op took above (hopper.min_keys).
         scale = q.shape[-1] ** -0.5
         if hopper.supports(q, k, v, tq, tk, tv):
             on_hopper = lambda: hopper.attention_fwd_jvp_hopper(q, k, v, tq, tk, tv, scale)

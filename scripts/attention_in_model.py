@@ -3,7 +3,7 @@
 `python -m scripts.attention_in_model [--config cosmos2b] [--iters 5] [--kernels K ...] [--trace-dir D]`
 runs the trainers' `--compile` tangent pass (block-compiled dual jvp under no_grad, as
 `entrypoints.bench_models` times it) once per entry of `--kernels`, in one process: `hopper` (the
-Hopper kernel at every supported length, `hopper.MIN_KEYS = 0`), `default` (the shipped threshold) or
+Hopper kernel at every supported length: both `hopper` thresholds 0), `default` (`hopper.min_keys`) or
 `portable` (the portable kernel only). Repeating entries shows the run-to-run spread. For each it
 prints the median wall time, then a `torch.profiler` summary of one pass: total device time, the
 attention kernels' device time and call count, and the largest other kernels; `--trace-dir` keeps
@@ -22,11 +22,11 @@ from entrypoints import bench_models
 from ops.attention import hopper
 
 KERNEL_NAMES = ("_fwd_jvp_hopper_kernel", "_attention_fwd_jvp_kernel")
-# hopper.MIN_KEYS for each pass, and its label
+# (hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT) for each pass, and its label
 MIN_KEYS = {
-    "hopper": (0, "Hopper kernel at every length"),
-    "default": (hopper.MIN_KEYS, f"Hopper kernel from {hopper.MIN_KEYS} keys (the default)"),
-    "portable": (1 << 62, "portable kernel only"),
+    "hopper": ((0, 0), "Hopper kernel at every length"),
+    "default": ((hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT), "Hopper kernel from hopper.min_keys (default)"),
+    "portable": ((1 << 62, 1 << 62), "portable kernel only"),
 }
 
 
@@ -82,10 +82,10 @@ def main():
         help="passes to run, in order (repeat one to see the run-to-run spread)",
     )  # fmt: skip
     args = parser.parse_args()
-    default_min_keys = hopper.MIN_KEYS
+    default_min_keys = hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT
     try:
         for run, name in enumerate(args.kernels):
-            hopper.MIN_KEYS, label = MIN_KEYS[name]
+            (hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT), label = MIN_KEYS[name]
             dev, step = tangent_pass(args.config)
             trace = f"{args.trace_dir}/{args.config}-{run}-{name}.json.gz" if args.trace_dir else None
             report(f"{args.config}, {label}", measure(step, dev, args.iters, trace))
@@ -93,7 +93,7 @@ def main():
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
-        hopper.MIN_KEYS = default_min_keys
+        hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT = default_min_keys
 
 
 if __name__ == "__main__":

@@ -57,10 +57,13 @@ ROWS = 64
 # accumulators and the S and dS tiles fill a consumer's registers at D = 128.
 CONFIGS = {64: (128, 240, 24, True), 128: (64, 240, 24, True)}
 NUM_STAGES = 2
-# The shortest key length at which `ops.attention` takes this kernel. Alone it is faster than the
-# portable kernel from 1,024 keys (H200, (1, S, 16, 128): 0.045 vs 0.055 ms at 1,024, 0.645 vs 0.778 ms
-# at 4,096) but not at 512 keys with 16 heads (cross-attention to a caption: 0.090 vs 0.086 ms).
-MIN_KEYS = 1024
+# The shortest key lengths at which `ops.attention` takes this kernel (`min_keys`). Alone, on the
+# H200 at 16 heads of 128, it is faster than the portable kernel at every length measured when keys
+# and values carry tangents (0.108 vs 0.117 ms at 512 keys, 0.645 vs 0.778 ms at 4,096), but not
+# at 512 keys without them (cross-attention to a caption: 0.090 vs 0.086 ms), where the loop is
+# too short to hide the pipeline's start; from 1,024 keys it is faster again (docs/benchmarks.md).
+MIN_KEYS = 0
+MIN_KEYS_NO_KV_TANGENT = 1024
 
 
 if HAVE_GLUON:
@@ -338,10 +341,16 @@ def supports(q, k, v, tq, tk, tv) -> bool:
     return all(x.dtype == q.dtype and _matrix_view_ok(x) for x in tensors)
 
 
+def min_keys(kv_tangent: bool) -> int:
+    """The shortest key length at which `ops.attention` takes this kernel (MIN_KEYS raised to
+    MIN_KEYS_NO_KV_TANGENT when keys and values carry no tangent)."""
+    return MIN_KEYS if kv_tangent else max(MIN_KEYS, MIN_KEYS_NO_KV_TANGENT)
+
+
 def preferred(q, k, v, tq, tk, tv) -> bool:
     """Whether `ops.attention`'s fused op runs this kernel rather than the portable one: inputs it
-    supports, with at least MIN_KEYS keys (docs/benchmarks.md, Attention, says why)."""
-    return k.shape[1] >= MIN_KEYS and supports(q, k, v, tq, tk, tv)
+    supports, with at least `min_keys` keys."""
+    return k.shape[1] >= min_keys(tk is not None) and supports(q, k, v, tq, tk, tv)
 
 
 @functools.cache

@@ -19,7 +19,7 @@ them as opaque (no graph breaks under `torch.compile(fullgraph=True)`):
   the same SDPA backend's backward (reference formulas on CPU).
 - `rcmfn::attention_fwd_jvp(q, k, v, tq, tk, tv, scale, impl) -> (o, t_o, lse)`: the fused forward +
   tangent (SPEC-rcm §9), Triton on CUDA: `hopper.py` (Gluon, warp-specialised) on sm_90 for bf16 and
-  fp16 at head dims 64 and 128 in the models' layouts with at least `hopper.MIN_KEYS` keys,
+  fp16 at head dims 64 and 128 in the models' layouts with at least `hopper.min_keys` keys,
   `kernel.py` otherwise. Reverse mode flows through `o` only; `t_o` is non-differentiable (tangents
   are targets, SPEC-rcm §8.2).
 

@@ -26,7 +26,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def in_layout(layout, batch, seq, heads, head_dim, dtype=torch.float32, gen=None):
+def in_layout(layout, batch, seq, heads, head_dim, dtype=torch.float32, gen=None, device=DEVICE):
     """A (B, S, H, D) tensor stored as the models' projections leave it, or in another layout.
 
     "contiguous"; "fused_qkv" (a slice of a (B, S, 3, H, D) projection: rows 3HD apart);
@@ -50,7 +50,7 @@ def in_layout(layout, batch, seq, heads, head_dim, dtype=torch.float32, gen=None
         "batch_gap": lambda t: t[:, 4 : 4 + seq],
         "expanded": lambda t: t.expand(batch, seq, heads, head_dim),
     }
-    base = torch.randn(shapes[layout], generator=gen, dtype=torch.float32).to(device=DEVICE, dtype=dtype)
+    base = torch.randn(shapes[layout], generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     return views[layout](base)
 
 
@@ -70,7 +70,8 @@ def test_matrix_view_rule_matches_the_storage(layout, batch, seq, heads, head_di
     """Accepted tensors are exactly those that a (B*S, H*D) matrix with unit column stride reads
     back element for element; the models' layouts are accepted."""
     gen = torch.Generator().manual_seed(seed)
-    x = in_layout(layout, batch, seq, heads, head_dim, torch.bfloat16, gen).cpu()
+    # Built on the CPU: copying a view across devices can densify it (an expanded one, for instance).
+    x = in_layout(layout, batch, seq, heads, head_dim, torch.bfloat16, gen, device="cpu")
     if x.data_ptr() % 16:  # the rule also asks for 16-byte aligned storage, as TMA does
         assert not hopper._matrix_view_ok(x)
         return
@@ -168,9 +169,11 @@ def test_one_key_without_kv_tangent_leaves_only_rounding(dtype):
 
 
 @hopper_gpu
-def test_ops_attention_takes_the_hopper_kernel_for_long_keys_only(monkeypatch):
-    """`ops.attention` under torch.func.jvp launches the Hopper kernel from hopper.MIN_KEYS keys on
-    (the portable one below), and its compiled tangents equal the eager ones and float64's."""
+def test_ops_attention_dispatch_follows_min_keys(monkeypatch):
+    """`ops.attention` under torch.func.jvp launches the Hopper kernel from `hopper.min_keys` keys
+    on (777 keys with K/V tangents: yes; without: no, until 1,024), and its compiled tangents equal
+    the eager ones and float64's."""
+    assert hopper.min_keys(True) <= 777 < hopper.min_keys(False) <= 1024
     launches = []
     original = hopper.attention_fwd_jvp_hopper
 
@@ -180,14 +183,18 @@ def test_ops_attention_takes_the_hopper_kernel_for_long_keys_only(monkeypatch):
 
     monkeypatch.setattr(hopper, "attention_fwd_jvp_hopper", counting)
     gen = torch.Generator().manual_seed(7)
-    jvp = functools.partial(torch.func.jvp, attention)
-    for seq_kv in (777, hopper.MIN_KEYS):
+    for seq_kv, kv_tangent in ((777, True), (777, False), (hopper.min_keys(False), False)):
         q, tq = (in_layout("fused_qkv", 1, 200, 2, 64, torch.bfloat16, gen) for _ in range(2))
         k, v, tk, tv = (in_layout("contiguous", 1, seq_kv, 2, 64, torch.bfloat16, gen) for _ in range(4))
+        if kv_tangent:
+            jvp = functools.partial(torch.func.jvp, attention, (q, k, v), (tq, tk, tv))
+        else:  # keys and values closed over: no tangent reaches them (zero in float64 below)
+            tk, tv = torch.zeros_like(k), torch.zeros_like(v)
+            jvp = functools.partial(torch.func.jvp, lambda q, k=k, v=v: attention(q, k, v), (q,), (tq,))
         launches.clear()
-        out, tout = jvp((q, k, v), (tq, tk, tv))
-        assert launches == ([seq_kv] if seq_kv >= hopper.MIN_KEYS else [])
-        compiled_out, compiled_tout = torch.compile(jvp, fullgraph=True)((q, k, v), (tq, tk, tv))
+        out, tout = jvp()
+        assert launches == ([seq_kv] if seq_kv >= hopper.min_keys(kv_tangent) else [])
+        compiled_out, compiled_tout = torch.compile(jvp, fullgraph=True)()
         ref_out, ref_tout, _ = float64_outputs(q, k, v, tq, tk, tv, 64**-0.5)
         assert rel_err(out, ref_out) < 5e-3 and rel_err(tout, ref_tout) < 5e-3
         assert torch.equal(compiled_out, out) and torch.equal(compiled_tout, tout)
