@@ -7,13 +7,15 @@ Hopper kernel at every supported length: both `hopper` thresholds 0), `default` 
 `portable` (the portable kernel only). Repeating entries shows the run-to-run spread. For each it
 prints the median wall time, then a `torch.profiler` summary of one pass: total device time, the
 attention kernels' device time and call count, and the largest other kernels; `--trace-dir` keeps
-each profiled pass as a gzipped Chrome trace. Wall time well above device time means the GPU waited
-(host-bound or synchronised); the attention rows say whether a kernel is slower in context than alone.
+each profiled pass as a gzipped Chrome trace and `--json` all of it as JSON. Wall time well above
+device time means the GPU waited (host-bound or synchronised); the attention rows say whether a kernel
+is slower in context than alone.
 Written to find why Cosmos 2B's pass once timed slower with the Hopper kernel (docs/benchmarks.md,
 Attention); `*-tiny` configs run it on a CPU as a smoke test (no Triton kernels there).
 """
 
 import argparse
+import json
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -55,16 +57,30 @@ def measure(step, dev, iters: int, trace: str | None = None) -> dict:
         bench_models._sync(dev)
     if trace:
         prof.export_chrome_trace(trace)
-    kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    events = prof.key_averages()
+    kernels = [e for e in events if e.device_type.name == "CUDA"]
     device_ms = sum(e.self_device_time_total for e in kernels) / 1e3
     attention = [e for e in kernels if any(name in e.key for name in KERNEL_NAMES)]
     others = sorted((e for e in kernels if e not in attention), key=lambda e: -e.self_device_time_total)
-    return dict(**timing, device_ms=device_ms, attention=attention, others=others[:8])
+    # The fused op's host time per call (the profiler's own cost included): the pass is host-bound
+    # where it exceeds the kernels' device time.
+    op = [e for e in events if e.key == "rcmfn::attention_fwd_jvp" and e.device_type.name == "CPU"]
+    op_host_us = op[0].cpu_time_total / op[0].count if op else None
+    return dict(**timing, device_ms=device_ms, op_host_us=op_host_us, attention=attention, others=others[:8])
+
+
+def as_json(result: dict) -> dict:
+    """`measure`'s result with its profiler rows as (kernel, calls, device ms)."""
+    rows = lambda events: [dict(kernel=e.key, calls=e.count, device_ms=e.self_device_time_total / 1e3) for e in events]
+    return {**result, "attention": rows(result["attention"]), "others": rows(result["others"])}
 
 
 def report(label: str, result: dict) -> None:
     print(f"\n{label}: first call {result['first_call_s']:.1f} s, pass {result['ms']:.1f} ms (median), ", end="")
-    print(f"device time {result['device_ms']:.1f} ms in one profiled pass")
+    print(f"device time {result['device_ms']:.1f} ms in one profiled pass", end="")
+    if result["op_host_us"] is not None:
+        print(f", host time {result['op_host_us']:.0f} us per rcmfn::attention_fwd_jvp call", end="")
+    print()
     print("| kernel | calls | device ms | us per call |")
     print("|---|---|---|---|")
     for e in [*result["attention"], *result["others"]]:
@@ -77,23 +93,32 @@ def main():
     parser.add_argument("--config", choices=sorted(bench_models.CONFIGS), default="cosmos2b")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--trace-dir", help="write each profiled pass's Chrome trace here")
+    parser.add_argument("--json", help="write every pass's timing and profile rows to this file")
     parser.add_argument(
         "--kernels", nargs="+", choices=sorted(MIN_KEYS), default=["hopper", "portable"],
         help="passes to run, in order (repeat one to see the run-to-run spread)",
     )  # fmt: skip
     args = parser.parse_args()
     default_min_keys = hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT
+    runs = []
     try:
         for run, name in enumerate(args.kernels):
             (hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT), label = MIN_KEYS[name]
             dev, step = tangent_pass(args.config)
             trace = f"{args.trace_dir}/{args.config}-{run}-{name}.json.gz" if args.trace_dir else None
-            report(f"{args.config}, {label}", measure(step, dev, args.iters, trace))
+            result = measure(step, dev, args.iters, trace)
+            report(f"{args.config}, {label}", result)
+            runs.append(dict(kernels=name, label=label, **as_json(result)))
             del step
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         hopper.MIN_KEYS, hopper.MIN_KEYS_NO_KV_TANGENT = default_min_keys
+    if args.json:
+        meta = dict(config=args.config, iters=args.iters, torch=torch.__version__, commit=bench_models._commit())
+        meta["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        with open(args.json, "w") as f:
+            json.dump(dict(**meta, runs=runs), f, indent=1)
 
 
 if __name__ == "__main__":
