@@ -43,6 +43,12 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def shutdown_gloo() -> None:
+    """End a worker's group once every rank is done (entrypoints/distributed.py says why the barrier)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def use(device: str | torch.device, dtype: torch.dtype) -> None:
     """Run the harness on another device / dtype (the GPU tests: CUDA, NCCL, float32)."""
     global DEVICE, DTYPE

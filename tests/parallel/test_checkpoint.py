@@ -23,6 +23,7 @@ from tests.parallel.parallel_harness import (
     init_gloo,
     loop_config,
     run_steps,
+    shutdown_gloo,
     snapshot,
 )
 
@@ -47,7 +48,7 @@ def _resume_worker(rank, world, port, run_dir, out):
     ]
     if rank == 0:
         torch.save({"straight": straight, "resumed": resumed, "meta": meta, "moments": moments}, out)
-    torch.distributed.destroy_process_group()
+    shutdown_gloo()
 
 
 def test_resumed_run_takes_the_same_next_steps(tmp_path):

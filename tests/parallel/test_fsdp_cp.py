@@ -12,7 +12,15 @@ import torch.multiprocessing as mp
 
 from parallel.fsdp import sharded_velocity_net
 from parallel.parallelize import ParallelConfig, ParallelDims
-from tests.parallel.parallel_harness import assert_same_run, free_port, init_gloo, tiny_batch, tiny_model, train
+from tests.parallel.parallel_harness import (
+    assert_same_run,
+    free_port,
+    init_gloo,
+    shutdown_gloo,
+    tiny_batch,
+    tiny_model,
+    train,
+)
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic (tangent_warmup 1, F = 2)
 # name: (world, ParallelDims kwargs, activation checkpointing, families). One spawned group per world
@@ -46,7 +54,7 @@ def _worker(rank, world, port, out):
         results["mean_gradient"] = _mean_gradient(rank)
     if rank == 0:
         torch.save(results, out)
-    torch.distributed.destroy_process_group()
+    shutdown_gloo()
 
 
 @contextlib.contextmanager
