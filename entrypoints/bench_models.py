@@ -138,6 +138,15 @@ def _block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tange
     return step
 
 
+def step_inputs(case: BenchCase, batch: int, dev: torch.device, dtype: torch.dtype, seed: int):
+    """Random (latents, timesteps, text, (latent tangent, timestep tangent)) at `case`'s shape."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    x = torch.randn(batch, *case.latent, generator=gen, device=dev).to(dtype)
+    timestep = case.timestep_scale * torch.rand(batch, generator=gen, device=dev)
+    context = torch.randn(batch, case.text_len, case.text_dim, generator=gen, device=dev).to(dtype)
+    return x, timestep, context, (torch.randn_like(x), torch.randn_like(timestep))
+
+
 def _tokens(case: BenchCase) -> int:
     _, frames, height, width = case.latent
     cfg = case.config
@@ -215,11 +224,7 @@ def bench_models(
     act = DTYPES[dtype]
     model, net = _build(case, dev, act, seed)
     params = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    x = torch.randn(batch, *case.latent, generator=gen, device=dev).to(act)
-    timestep = case.timestep_scale * torch.rand(batch, generator=gen, device=dev)
-    context = torch.randn(batch, case.text_len, case.text_dim, generator=gen, device=dev).to(act)
-    tangents = (torch.randn_like(x), torch.randn_like(timestep))
+    x, timestep, context, tangents = step_inputs(case, batch, dev, act, seed)
 
     def forward(p, x, t):
         return net(p, x, t, context)

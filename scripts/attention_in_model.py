@@ -37,18 +37,14 @@ def tangent_pass(config: str, seed: int = 0):
     case = bench_models.CONFIGS[config]
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    x = torch.randn(1, *case.latent, generator=gen, device=dev).to(dtype)
-    timestep = case.timestep_scale * torch.rand(1, generator=gen, device=dev)
-    context = torch.randn(1, case.text_len, case.text_dim, generator=gen, device=dev).to(dtype)
-    tangents = (torch.randn_like(x), torch.randn_like(timestep))
+    x, timestep, context, tangents = bench_models.step_inputs(case, 1, dev, dtype, seed)
     return dev, bench_models._block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tangents)
 
 
 def measure(step, dev, iters: int, trace: str | None = None) -> dict:
     """`bench_models`' timing of the pass (first call compiles) and one profiled pass (its Chrome
     trace written to `trace` if given), without autograd history as `bench_models` times it (with
-    history the block-compiled pass runs its blocks eagerly)."""
+    history the block-compiled pass runs its blocks eagerly). Kernel rows: (kernel, calls, device ms)."""
     with torch.no_grad():
         timing = bench_models._time_row(step, dev, warmup=1, iters=iters)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
@@ -58,21 +54,16 @@ def measure(step, dev, iters: int, trace: str | None = None) -> dict:
     if trace:
         prof.export_chrome_trace(trace)
     events = prof.key_averages()
-    kernels = [e for e in events if e.device_type.name == "CUDA"]
-    device_ms = sum(e.self_device_time_total for e in kernels) / 1e3
-    attention = [e for e in kernels if any(name in e.key for name in KERNEL_NAMES)]
-    others = sorted((e for e in kernels if e not in attention), key=lambda e: -e.self_device_time_total)
+    kernels = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
+    rows = [dict(kernel=e.key, calls=e.count, device_ms=e.self_device_time_total / 1e3) for e in kernels]
+    attention = [r for r in rows if any(name in r["kernel"] for name in KERNEL_NAMES)]
+    others = [r for r in rows if r not in attention][:8]
     # The fused op's host time per call (the profiler's own cost included): the pass is host-bound
     # where it exceeds the kernels' device time.
     op = [e for e in events if e.key == "rcmfn::attention_fwd_jvp" and e.device_type.name == "CPU"]
     op_host_us = op[0].cpu_time_total / op[0].count if op else None
-    return dict(**timing, device_ms=device_ms, op_host_us=op_host_us, attention=attention, others=others[:8])
-
-
-def as_json(result: dict) -> dict:
-    """`measure`'s result with its profiler rows as (kernel, calls, device ms)."""
-    rows = lambda events: [dict(kernel=e.key, calls=e.count, device_ms=e.self_device_time_total / 1e3) for e in events]
-    return {**result, "attention": rows(result["attention"]), "others": rows(result["others"])}
+    device_ms = sum(r["device_ms"] for r in rows)
+    return dict(**timing, device_ms=device_ms, op_host_us=op_host_us, attention=attention, others=others)
 
 
 def report(label: str, result: dict) -> None:
@@ -83,9 +74,9 @@ def report(label: str, result: dict) -> None:
     print()
     print("| kernel | calls | device ms | us per call |")
     print("|---|---|---|---|")
-    for e in [*result["attention"], *result["others"]]:
-        total = e.self_device_time_total
-        print(f"| {e.key[:70]} | {e.count} | {total / 1e3:.2f} | {total / max(e.count, 1):.1f} |")
+    for r in [*result["attention"], *result["others"]]:
+        per_call_us = 1e3 * r["device_ms"] / max(r["calls"], 1)
+        print(f"| {r['kernel'][:70]} | {r['calls']} | {r['device_ms']:.2f} | {per_call_us:.1f} |")
 
 
 def main():
@@ -108,7 +99,7 @@ def main():
             trace = f"{args.trace_dir}/{args.config}-{run}-{name}.json.gz" if args.trace_dir else None
             result = measure(step, dev, args.iters, trace)
             report(f"{args.config}, {label}", result)
-            runs.append(dict(kernels=name, label=label, **as_json(result)))
+            runs.append(dict(kernels=name, label=label, **result))
             del step
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
