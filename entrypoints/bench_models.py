@@ -26,6 +26,7 @@ import torch
 
 from parallel.fsdp import dual_jvp
 from parallel.parallelize import apply_ac, apply_compile
+from rcmfn.compile import compiled
 from rcmfn.models import cosmos, wan
 from rcmfn.models.registry import MODELS, cast_params
 
@@ -241,8 +242,8 @@ def bench_models(
         loss = model(x, timestep, context).float().square().mean()
         return torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
 
-    compiled_forward = torch.compile(forward, fullgraph=True)
-    compiled_jvp = torch.compile(jvp, fullgraph=True)
+    compiled_forward = compiled(forward)
+    compiled_jvp = compiled(jvp)
     # Each row's step is made just before the row runs and dropped after it, so that the block-compiled
     # rows' own copy of the network counts in their peak memory and in no other row's.
     make_step = {

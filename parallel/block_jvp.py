@@ -26,6 +26,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.nn.utils.stateless import _reparametrize_module
 
+from rcmfn.compile import compile_graph
+
 aten = torch.ops.aten
 EAGER = "eager"  # a signature whose JVP could not be traced: its dual calls run the eager block
 
@@ -130,8 +132,6 @@ def trace_block_jvp(
     module's parameters and buffers (in `_state` order) as inputs. backend "inductor" compiles the
     graph; any other (the tests' "aot_eager") runs the traced aten graph as it is.
     """
-    from torch._inductor.compile_fx import compile_fx
-
     names = list(_state(module))
     tensor_at = [i for i, p in enumerate(primals) if isinstance(p, torch.Tensor)]
     tangent_at = [i for i in tensor_at if tangent_strides[i] is not None]
@@ -168,7 +168,7 @@ def trace_block_jvp(
         # (it bypasses its cache with "No shape env" otherwise): without one, each of a network's
         # identical blocks compiled its JVP graph from scratch.
         with tracing(TracingContext(FakeTensorMode(shape_env=ShapeEnv()))):
-            return compile_fx(graph, example)
+            return compile_graph(graph, example)
 
 
 class BlockJVP:

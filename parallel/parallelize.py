@@ -31,6 +31,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from parallel.block_jvp import BlockJVP
 from parallel.context_parallel import apply_cp
 from parallel.fsdp import apply_fsdp
+from rcmfn.compile import compiled
 
 ACMode = Literal["none", "full", "mm_only"]
 
@@ -173,7 +174,7 @@ def _compiled_block(block: nn.Module, forward, backend: str):
     one with new shapes runs the eager block, the next plain call compiles the block's JVP graph, and
     later dual calls run that. Guarded by tests/parallel/test_compile.py.
     """
-    compiled = torch.compile(forward, fullgraph=True, backend=backend)
+    compiled_forward = compiled(forward, backend)
     tangents = BlockJVP(block, forward, backend)
 
     @functools.wraps(forward)
@@ -184,7 +185,7 @@ def _compiled_block(block: nn.Module, forward, backend: str):
         )
         if carries_tangent:
             return forward(*args, **kwargs) if kwargs else tangents.dual_call(args)
-        out = compiled(*args, **kwargs)
+        out = compiled_forward(*args, **kwargs)
         if tangents.wanted and not kwargs:
             tangents.plain_call_seen(args)
         return out
