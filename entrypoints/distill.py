@@ -5,6 +5,8 @@ Reading order: the config below, `run()` (build, resume, loop, evaluate), then r
 
 import json
 import math
+import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +20,10 @@ from tqdm.auto import tqdm
 from entrypoints import toy as toy_world
 from entrypoints.distributed_config import DistributedConfig
 from entrypoints.presets import MODELS, get_preset
+from rcmfn.compile import compiled
+from rcmfn.divergence import DivergenceError, check_finite_weights
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
+from rcmfn.metrics_log import MetricsLog
 from rcmfn.step import LossConfig
 from rcmfn.tangent import scm_tangent
 from rcmfn.time import LogNormal
@@ -65,6 +70,9 @@ class DistillConfig:
     """torch.compile(fullgraph=True) the student's forward and jvp"""
     progress: bool = True
     """show progress bars"""
+    max_bad_steps: int = 3
+    """stop with an error after this many consecutive skipped (non-finite gradient) or fully masked
+    (every sample's loss non-finite) steps of one network; a skipped step changes no weight"""
     cpu_threads: int = 1
     """torch intra-op CPU threads (the toy's tensors are too small to gain from more; 0 = torch default)"""
     toy: toy_world.ToyConfig = field(default_factory=toy_world.ToyConfig)
@@ -78,7 +86,7 @@ class DistillConfig:
             raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
         if self.method == "dmd" and self.tangent_warmup not in (None, 0):
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
-        for name in ("save_every", "log_every"):
+        for name in ("save_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
 
@@ -102,7 +110,8 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
         fake_lr=pick(cfg.fake_lr, preset.optim.fake_lr),
     )
     warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
-    return LoopConfig(loss, optim, warmup, pick(cfg.student_update_freq, preset.student_update_freq), cfg.seed)
+    freq = pick(cfg.student_update_freq, preset.student_update_freq)
+    return LoopConfig(loss, optim, warmup, freq, cfg.seed, max_bad_steps=cfg.max_bad_steps)
 
 
 def prepare_output(path: Path) -> None:
@@ -119,7 +128,7 @@ def prepare_output(path: Path) -> None:
 def fingerprint(cfg: DistillConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
     the teacher is checked or the student exported: those change no trained value)."""
-    skip = {"output", "iterations", "save_every", "log_every", "resume", "progress", "compile"}
+    skip = {"output", "iterations", "save_every", "log_every", "resume", "progress", "compile", "max_bad_steps"}
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}
@@ -133,8 +142,8 @@ def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor"
     tangent = lambda p, x, t, c, f: scm_tangent(nets.student, p, x, t, c, f, cfg.loss.tangent_method)  # noqa: E731
     return replace(
         nets,
-        student_tangent=torch.compile(tangent, fullgraph=True, backend=backend),
-        student=torch.compile(nets.student, fullgraph=True, backend=backend),
+        student_tangent=compiled(tangent, backend),
+        student=compiled(nets.student, backend),
     )
 
 
@@ -169,15 +178,19 @@ def run(cfg: DistillConfig) -> dict:
     batch_fn = toy_world.toy_batch_fn(world)
     bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
     start, first = time.perf_counter(), state.iteration
-    with open(cfg.output / "metrics.jsonl", "a") as log:
+    with MetricsLog(cfg.output / "metrics.jsonl", state.iteration) as log:
         while state.iteration < total:
             metrics = train_iteration(state, nets, batch_fn, lcfg)
             bar.update(1)
             rate = (state.iteration - first) / (time.perf_counter() - start)
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
             if metrics["iteration"] % cfg.log_every == 0:
-                log.write(json.dumps(metrics) + "\n")
+                log.write(metrics)
             if state.iteration % cfg.save_every == 0 or state.iteration == total:
+                check_finite_weights(
+                    {"student": state.student, "EMA": state.ema, "fake score": state.fake},
+                    f"checkpoint {state.iteration}",
+                )
                 save_checkpoint(cfg.output, state, config)
     bar.close()
     final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
@@ -189,7 +202,12 @@ def run(cfg: DistillConfig) -> dict:
 
 def main() -> None:
     cfg = tyro.cli(DistillConfig, description=__doc__.splitlines()[0] + f" Models: {', '.join(MODELS)}.")
-    final = run(cfg)
+    try:
+        final = run(cfg)
+    except DivergenceError as err:  # a named stop, not a crash: no traceback, exit status 1
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     if cfg.model != "toy":
         return
     print(toy_world.format_table(final["rows"]))

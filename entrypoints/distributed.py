@@ -21,7 +21,9 @@ from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
 from parallel.fsdp import init_sharded_state, materialize, sharded_networks
 from parallel.parallelize import ParallelConfig, ParallelDims, parallelize
+from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import train_iteration
+from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
 from rcmfn.models.cosmos.configs import TINY_T2I
 from rcmfn.models.cosmos.model import init_random_
@@ -150,7 +152,7 @@ def run_distributed(cfg) -> dict:
     )
     tokens = token_count(spec, manifest.latent_shape) * d.batch_size * dims.dp  # per iteration, all ranks
     times: dict[str, list[float]] = {"student": [], "critic": []}
-    log = open(cfg.output / "metrics.jsonl", "a") if rank == 0 else None
+    log = MetricsLog(cfg.output / "metrics.jsonl", state.iteration) if rank == 0 else None
     while state.iteration < total:
         start = time.perf_counter()
         metrics = train_iteration(state, nets, batch_fn, lcfg)
@@ -158,22 +160,25 @@ def run_distributed(cfg) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         times[metrics["phase"]].append(seconds)
-        opt = state.student_opt if metrics["phase"] == "student" else state.fake_opt
-        metrics |= {"grad_norm": opt.last_grad_norm, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        metrics |= {"seconds": seconds, "tokens_per_s": tokens / seconds}
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if log is not None and (metrics["iteration"] % cfg.log_every == 0 or state.iteration == total):
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
+            log.write(metrics)
             if cfg.progress:
                 print(
                     json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True
                 )
         stop = checkpoint.agree_to_stop(stop_requested(), device)
         if stop or state.iteration % cfg.save_every == 0 or (state.iteration == total and d.save_at_end):
+            check_finite_weights(
+                {"student": state.student, "EMA": state.ema, "fake score": state.fake}, f"checkpoint {state.iteration}"
+            )
             checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), d.keep_checkpoints)
         if stop:
             break
+    if d.export:
+        check_finite_weights({"EMA": state.ema}, "the EMA student's export")
     ema = {
         k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu", torch.bfloat16) for k, v in state.ema.items()
     }

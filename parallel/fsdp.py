@@ -26,7 +26,6 @@ from torch.autograd import forward_ad
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from rcmfn.loop import LoopConfig, Networks, TrainState
 from rcmfn.precond import Denoiser, trigflow_denoiser
@@ -132,32 +131,15 @@ def sharded_scm_tangent(
     return scm_tangent(denoise, params, x_t, t, cond, teacher_velocity, method, fd_step, jvp_fn=dual_jvp)
 
 
-class NormTrackingAdamW(torch.optim.AdamW):
-    """AdamW that records the global 2-norm of the gradients it steps with in `last_grad_norm`.
-
-    The loop sanitises gradients (nan_to_num) before `step`, so this is the norm actually applied;
-    DTensor (sharded) gradients are reduced over their mesh. SPEC-rcm §4.3 (no clipping; logged).
-    """
-
-    last_grad_norm: float = float("nan")
-
-    def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, foreach=False)
-            self.last_grad_norm = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-        return super().step(closure)
-
-
 def init_sharded_state(student: nn.Module, fake: nn.Module | None, cfg: LoopConfig) -> TrainState:
     """`rcmfn.loop.init_state` for FSDP modules: the state holds the modules' own sharded parameters
     (not copies: the optimiser must step what FSDP all-gathers), an fp32 EMA sharded like them, and a
-    NormTrackingAdamW per network."""
+    AdamW per network (the loop measures the raw gradient norm, rcmfn.divergence)."""
 
-    def adamw(params: TensorDict, lr: float) -> NormTrackingAdamW:
+    def adamw(params: TensorDict, lr: float) -> torch.optim.AdamW:
         o = cfg.optim
         leaves = list(params.values())
-        return NormTrackingAdamW(leaves, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        return torch.optim.AdamW(leaves, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
 
     student_params = TensorDict(own_parameters(student), batch_size=[])
     fake_params = None if fake is None else TensorDict(own_parameters(fake), batch_size=[])

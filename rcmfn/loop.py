@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
+from rcmfn.divergence import DivergenceError, GradientHealth, gradient_health
 from rcmfn.ema import ema_beta, ema_update
 from rcmfn.losses import tangent_warmup_ratio
 from rcmfn.precond import Denoiser
@@ -58,10 +59,14 @@ class LoopConfig:
     tangent_warmup: int = 0
     student_update_freq: int = 5
     seed: int = 0
+    max_bad_steps: int = 3
+    """Stop (DivergenceError) after this many consecutive skipped or fully masked steps of one network."""
 
     def __post_init__(self):
         if self.loss.method == "dmd" and self.tangent_warmup != 0:
             raise ValueError(f"method 'dmd' needs tangent_warmup = 0; got {self.tangent_warmup}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps must be >= 1; got {self.max_bad_steps}")
 
     @property
     def schedule(self) -> Schedule:
@@ -91,6 +96,8 @@ class TrainState:
     fake_opt: torch.optim.Optimizer | None = None
     student_steps: int = 0
     critic_steps: int = 0
+    bad_steps: dict[str, int] = field(default_factory=dict)
+    """Consecutive skipped or fully masked steps per network (not checkpointed: a resume starts at 0)."""
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # x0, cond, uncond
@@ -116,14 +123,40 @@ def init_state(student: TensorDict, fake: TensorDict | None, cfg: LoopConfig) ->
     )
 
 
-def _optimizer_step(opt: torch.optim.Optimizer, base_lr: float, step: int, cfg: OptimConfig) -> None:
-    for group in opt.param_groups:
-        group["lr"] = base_lr * lr_warmup_factor(step, cfg.lr_warmup_steps)
-        for p in group["params"]:
-            if p.grad is not None:  # force_finite, SPEC-rcm §4.3
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-    opt.step()
+def _optimizer_step(opt: torch.optim.Optimizer, base_lr: float, step: int, cfg: OptimConfig) -> GradientHealth:
+    """Step `opt` if its raw gradients are finite; skip the step otherwise (weights, optimiser state and
+    warm-up unchanged). Where the official trainer zeroes non-finite entries and steps anyway (SPEC-rcm
+    §4.3 force_finite), a non-finite gradient here is a skipped step that rcmfn.divergence counts."""
+    health = gradient_health(p.grad for group in opt.param_groups for p in group["params"])
+    if health.finite:
+        for group in opt.param_groups:
+            group["lr"] = base_lr * lr_warmup_factor(step, cfg.lr_warmup_steps)
+        opt.step()
     opt.zero_grad(set_to_none=True)
+    return health
+
+
+def _health_metrics(health: GradientHealth) -> dict:
+    return {"grad_norm": health.norm, "grad_nonfinite": health.nonfinite, "step_skipped": not health.finite}
+
+
+def _count_bad_step(state: TrainState, network: str, metrics: dict, batch: int, cfg: LoopConfig) -> None:
+    """Advance or reset `network`'s run of bad steps; raise DivergenceError when it reaches the limit."""
+    masked = {k.removesuffix("_masked"): v for k, v in metrics.items() if k.endswith("_masked") and v >= batch}
+    if not metrics["step_skipped"] and not masked:
+        state.bad_steps[network] = 0
+        return
+    run = state.bad_steps[network] = state.bad_steps.get(network, 0) + 1
+    if run < cfg.max_bad_steps:
+        return
+    what = []
+    if metrics["step_skipped"]:
+        what.append(f"gradient norm {metrics['grad_norm']} ({metrics['grad_nonfinite']} non-finite gradient entries)")
+    what += [f"all {batch} samples of the {loss} loss non-finite (masked)" for loss in masked]
+    raise DivergenceError(
+        f"the {network} diverged: {run} consecutive bad steps up to iteration {state.iteration}; last: "
+        f"{'; '.join(what)}. Lower the learning rate or check the data; max_bad_steps = {cfg.max_bad_steps}"
+    )
 
 
 def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig) -> dict:
@@ -154,15 +187,15 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
     elif loss_cfg.method == "dcm":
         u = uniform_dcm_draw(x0.shape[0], loss_cfg, gen, x0.device)
         noise = noise_like(x0.shape, gen, x0.device)
-        loss, _ = dcm_student_loss(
+        loss, aux = dcm_student_loss(
             nets.student, state.student, nets.teacher, nets.teacher_params, x0, cond, uncond, u, noise, loss_cfg
         )
         loss.sum().backward()
-        metrics["dcm_loss"] = loss.mean().item()
+        metrics |= {"dcm_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
     if loss_cfg.uses_critic and i >= cfg.tangent_warmup:
         steps = rollout_steps(i_eff, loss_cfg.max_rollout_steps)
         draws = draw_rollout(steps, x0.shape, loss_cfg, gen, x0.device)
-        loss, _ = dmd_student_loss(
+        loss, aux = dmd_student_loss(
             nets.student,
             state.student,
             nets.teacher,
@@ -175,10 +208,13 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
             loss_cfg,
         )
         loss.sum().backward()
-        metrics["dmd_loss"] = loss.mean().item()
-    _optimizer_step(state.student_opt, cfg.optim.student_lr, state.student_steps, cfg.optim)
-    ema_update(state.ema, state.student, ema_beta(i_eff, cfg.optim.ema_rate))
-    state.student_steps += 1
+        metrics |= {"dmd_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
+    health = _optimizer_step(state.student_opt, cfg.optim.student_lr, state.student_steps, cfg.optim)
+    if health.finite:  # a skipped step leaves the EMA and the step count (warm-up) where they were
+        ema_update(state.ema, state.student, ema_beta(i_eff, cfg.optim.ema_rate))
+        state.student_steps += 1
+    metrics |= _health_metrics(health)
+    _count_bad_step(state, "student", metrics, x0.shape[0], cfg)
     return metrics
 
 
@@ -186,11 +222,14 @@ def _critic_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: Lo
     x0, cond, _ = batch
     steps = rollout_steps(critic_iteration(state.iteration, cfg.schedule), cfg.loss.max_rollout_steps)
     draws = draw_rollout(steps, x0.shape, cfg.loss, gen, x0.device)
-    loss, _ = critic_loss(nets.student, state.student, nets.fake, state.fake, cond, *draws)
+    loss, aux = critic_loss(nets.student, state.student, nets.fake, state.fake, cond, *draws)
     loss.sum().backward()
-    _optimizer_step(state.fake_opt, cfg.optim.fake_lr, state.critic_steps, cfg.optim)
-    state.critic_steps += 1
-    return {"fake_score_loss": loss.mean().item()}
+    health = _optimizer_step(state.fake_opt, cfg.optim.fake_lr, state.critic_steps, cfg.optim)
+    state.critic_steps += int(health.finite)
+    metrics = {"fake_score_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
+    metrics |= _health_metrics(health)
+    _count_bad_step(state, "fake score", metrics, x0.shape[0], cfg)
+    return metrics
 
 
 def train_iteration(state: TrainState, nets: Networks, batch_fn: BatchFn, cfg: LoopConfig) -> dict:

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from rcmfn.losses import dcm_loss, dmd_loss, fake_score_loss, scm_loss
+from rcmfn.losses import dcm_loss, dmd_loss, fake_score_loss, nonfinite_samples, scm_loss
 from rcmfn.precond import Denoiser, batch_view, guided_velocity, x0_from_velocity
 from rcmfn.rollout import BACKWARD_TIMESTEPS, consistency_rollout, rollout_times
 from rcmfn.tangent import TangentMethod, scm_tangent
@@ -97,7 +97,10 @@ def scm_student_loss(
         _, tangent = tangent_fn(student_params, x_t, t, cond, F_teacher)
     F_student = student(student_params, x_t, t, cond)
     loss = scm_loss(F_student, F_teacher, tangent, x_t, t, warmup_ratio, cfg.loss_scale)
-    return loss, {"tangent_norm": tangent.detach().flatten(1).norm(dim=1).mean()}
+    return loss, {
+        "tangent_norm": tangent.detach().flatten(1).norm(dim=1).mean(),
+        "scm_masked": nonfinite_samples(F_student, F_teacher, tangent).sum(),  # the samples scm_loss zeroes
+    }
 
 
 def draw_rollout(
@@ -138,7 +141,8 @@ def dmd_student_loss(
         fake_x0 = x0_from_velocity(x_D, t_D, fake(fake_params, x_D, t_D, cond).double())
         F_real = guided_velocity(teacher, teacher_params, x_D, t_D, cond, uncond, cfg.guidance)
         real_x0 = x0_from_velocity(x_D, t_D, F_real.double())
-    return dmd_loss(generated, fake_x0, real_x0, cfg.loss_scale_dmd), {}
+    masked = nonfinite_samples(generated, fake_x0, real_x0).sum()  # the samples dmd_loss zeroes
+    return dmd_loss(generated, fake_x0, real_x0, cfg.loss_scale_dmd), {"dmd_masked": masked}
 
 
 def critic_loss(
@@ -157,7 +161,8 @@ def critic_loss(
         generated = consistency_rollout(student, student_params, rollout_noise, times, cond).detach()
     x_D = _renoise(generated, t_D, noise_D)
     fake_x0 = x0_from_velocity(x_D, t_D, fake(fake_params, x_D, t_D, cond).double())
-    return fake_score_loss(generated, fake_x0, t_D), {}
+    masked = nonfinite_samples(generated, fake_x0).sum()  # the samples fake_score_loss zeroes
+    return fake_score_loss(generated, fake_x0, t_D), {"fake_score_masked": masked}
 
 
 def dcm_times(u: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
@@ -189,7 +194,8 @@ def dcm_student_loss(
             F_T = guided_velocity(teacher, teacher_params, x, times[k], cond, uncond, cfg.guidance).double()
             x = x - batch_view(times[k] - times[k + 1], x) * F_T
         target = x0_from_velocity(x, times[-1], student(student_params, x, times[-1], cond).double())
-    return dcm_loss(prediction, target, cfg.loss_scale), {}
+    masked = nonfinite_samples(prediction, target).sum()  # the samples dcm_loss zeroes
+    return dcm_loss(prediction, target, cfg.loss_scale), {"dcm_masked": masked}
 
 
 def uniform_dcm_draw(batch: int, cfg: LossConfig, generator: torch.Generator, device) -> torch.Tensor:

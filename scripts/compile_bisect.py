@@ -64,7 +64,9 @@ def main():
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--no-bisect", action="store_true")
-    p.add_argument("--options", default="{}", help="inductor options as JSON, e.g. '{\"triton.mix_order_reduction\": false}'")
+    p.add_argument(
+        "--options", default="{}", help="inductor options as JSON, e.g. '{\"triton.mix_order_reduction\": false}'"
+    )
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)

@@ -45,7 +45,9 @@ def grads(block, data, dtype, backend=None, options=None, sdpa=False):
     fn = block.forward
     if backend is not None:
         fn = torch.compile(fn, fullgraph=True, backend=backend, options=options)
-    args = {k: v.to(dtype) if v.is_floating_point() and k not in ("rope_cos", "rope_sin") else v for k, v in data.items()}
+    args = {
+        k: v.to(dtype) if v.is_floating_point() and k not in ("rope_cos", "rope_sin") else v for k, v in data.items()
+    }
     args["rope_cos"], args["rope_sin"] = data["rope_cos"].float(), data["rope_sin"].float()
     if dtype == torch.float64:
         args["rope_cos"], args["rope_sin"] = data["rope_cos"], data["rope_sin"]

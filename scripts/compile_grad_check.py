@@ -146,7 +146,9 @@ def main():
     for r in worst:
         print(" ", json.dumps(r))
     if args.json:
-        summary = {k: {kk: vv for kk, vv in v.items() if kk not in ("grads", "block_grads")} for k, v in results.items()}
+        summary = {
+            k: {kk: vv for kk, vv in v.items() if kk not in ("grads", "block_grads")} for k, v in results.items()
+        }
         with open(args.json, "w") as f:
             json.dump({"summary": summary, "rows": rows}, f, indent=1)
     dist.destroy_process_group()

@@ -193,3 +193,26 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     ours = as_ours(exported, "official")
     assert set(diffusers) == {key_maps["diffusers"].from_ours(n) for n in ours}
     assert all(torch.equal(v, ours[k]) for k, v in as_ours(diffusers, "diffusers").items())
+
+
+def test_torchrun_stops_on_divergence_without_saving_or_exporting(tmp_path):
+    """--student-lr 1e6 used to log zero losses and NaN tangents, exit 0 and export NaN weights; now every
+    rank stops with the named error, nothing non-finite is written, and the log says what happened."""
+    run = tmp_path / "run"
+    proc = _torchrun(tmp_path, iterations=40, extra=["--student-lr", "1e6", "--fake-lr", "1e6", "--save-every", "4"])
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode != 0, output[-3000:]
+    assert "error: the student diverged" in output or "error: the fake score diverged" in output, output[-3000:]
+    assert "DivergenceError" not in output, output[-3000:]  # a named stop, not a worker's traceback
+    assert not (run / "student_ema.safetensors").exists()
+    lines = _lines(run)  # strict JSON (json.loads of a bare NaN would pass; the file must not hold one)
+    assert "NaN" not in (run / "metrics.jsonl").read_text() and "Infinity" not in (run / "metrics.jsonl").read_text()
+    assert any(line.get("step_skipped") or line.get("scm_masked") or line.get("fake_score_masked") for line in lines)
+    import torch.distributed.checkpoint as dcp
+
+    for step in sorted((run / "checkpoints").glob("step-*")):  # any checkpoint written holds finite weights only
+        meta = dcp.FileSystemReader(step).read_metadata().state_dict_metadata
+        names = [k for k in meta if k.split(".")[0] in ("student", "ema", "fake")]
+        loaded = {k: torch.empty(meta[k].size, dtype=torch.float64) for k in names}
+        dcp.load(loaded, storage_reader=dcp.FileSystemReader(step))
+        assert names and all(torch.isfinite(t).all() for t in loaded.values()), step

@@ -1,0 +1,66 @@
+"""Divergence is caught, not hidden: gradient health before the optimiser step, finite weights before saves.
+
+The official trainer passes every gradient through nan_to_num and always steps (SPEC-rcm §4.3,
+`force_finite`); with NaN losses masked to zero (§2.8, §3.7) a diverged run then logs zero losses and
+trains on, counters, warm-up, EMA and weight decay advancing on zero gradients. rcmfn instead measures
+the raw gradient (global 2-norm in float64, so finite gradients never overflow it), skips the step when
+it is not finite, and stops with `DivergenceError` after `LoopConfig.max_bad_steps` consecutive skipped
+or fully masked steps of one network.
+"""
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped: a network's gradients, losses or weights stopped being finite."""
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) reduction's value on every rank; a plain tensor as it is."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+@dataclass(frozen=True)
+class GradientHealth:
+    """The raw gradients of one optimiser step, before anything cleans them."""
+
+    norm: float
+    """Global 2-norm, accumulated in float64 (inf or nan when any entry is)."""
+    nonfinite: int
+    """Number of non-finite gradient entries (counted only when the norm is not finite)."""
+
+    @property
+    def finite(self) -> bool:
+        return self.norm == self.norm and self.norm != float("inf")
+
+
+def gradient_health(grads: Iterable[torch.Tensor]) -> GradientHealth:
+    """Norm and non-finite count of `grads` (plain or DTensor; sharded values are reduced over their mesh)."""
+    grads = [g for g in grads if g is not None]
+    if not grads:
+        return GradientHealth(0.0, 0)
+    squares = [_full(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads]
+    norm = float(torch.stack([s.reshape(()).to(squares[0].device) for s in squares]).sum().sqrt())
+    if norm == norm and norm != float("inf"):
+        return GradientHealth(norm, 0)
+    nonfinite = sum(int(_full((~torch.isfinite(g)).sum())) for g in grads)
+    return GradientHealth(norm, nonfinite)
+
+
+def nonfinite_tensors(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding a non-finite entry (sharded ones checked over every rank)."""
+    return [name for name, t in tensors.items() if not bool(_full(torch.isfinite(t.detach()).all()))]
+
+
+def check_finite_weights(networks: Mapping[str, Mapping[str, torch.Tensor] | None], what: str) -> None:
+    """Raise DivergenceError before `what` (a checkpoint, an export) would store non-finite weights."""
+    for network, tensors in networks.items():
+        if tensors is None:
+            continue
+        flat = dict(tensors.items(include_nested=True, leaves_only=True)) if hasattr(tensors, "batch_size") else tensors
+        if bad := nonfinite_tensors(flat):
+            shown = ", ".join(str(b) for b in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise DivergenceError(f"not writing {what}: the {network} weights are not finite ({shown})")
