@@ -12,7 +12,6 @@ import json
 import math
 
 import torch
-import torch.nn.functional as F
 
 from rcmfn.models.cosmos.configs import CONFIGS
 from rcmfn.models.cosmos.model import Block, Modulation, gated_add, init_random_, modulate

@@ -41,7 +41,8 @@ def test_non_finite_gradients_are_counted():
 
 def test_non_finite_weights_are_named_and_refused():
     weights = {"a.weight": torch.ones(3), "b.bias": torch.tensor([0.0, float("nan")])}
-    with pytest.raises(DivergenceError, match=r"not writing checkpoint 7: the student weights are not finite \(b.bias\)"):
+    refused = r"not writing checkpoint 7: the student weights are not finite \(b.bias\)"
+    with pytest.raises(DivergenceError, match=refused):
         check_finite_weights({"student": weights, "fake score": None}, "checkpoint 7")
     check_finite_weights({"student": {"a.weight": torch.ones(3)}}, "checkpoint 7")
 
