@@ -1,4 +1,4 @@
-"""Benchmarks (GPU): `python -m entrypoints.bench attention [--dtype bf16] [--json PATH]`.
+"""Benchmarks (GPU): `python -m entrypoints.bench attention|models|step ... [--json PATH]`.
 
 One subcommand per benchmark family; add yours with `_add_<name>(subparsers)`. Timings are medians
 of many warm runs (triton.testing.do_bench, L2 flushed between runs; forward rows also replayed from
@@ -16,6 +16,7 @@ import sys
 import torch
 
 from entrypoints.bench_models import add_models
+from entrypoints.bench_step import add_step
 
 # name, batch, seq_q, seq_kv, heads, head_dim
 ATTENTION_SHAPES = [
@@ -190,9 +191,11 @@ def main(argv=None):
     subparsers = parser.add_subparsers(dest="benchmark", required=True)
     _add_attention(subparsers)
     add_models(subparsers)
+    add_step(subparsers)
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available() and not (args.benchmark == "models" and args.config.endswith("-tiny")):
-        parser.error("benchmarks need a CUDA device (only `models --config *-tiny` runs on the CPU)")
+    tiny = (args.benchmark == "models" and args.config.endswith("-tiny")) or (args.benchmark == "step" and args.tiny)
+    if not torch.cuda.is_available() and not tiny:
+        parser.error("benchmarks need a CUDA device (only `models --config *-tiny` and `step --tiny` run on the CPU)")
     result = args.run(args)
     if args.json:
         with open(args.json, "w") as f:

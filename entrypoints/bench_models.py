@@ -70,7 +70,7 @@ ROWS = (
     "block-compiled dual jvp",
 )
 FLOP_FORMULA = (
-    "fwd = 2 x (weights applied per token x L + per text token x Lc) + N (4 L^2 D + 4 L Lc D); "
+    "fwd = 2 x (weights applied per token x L + per text token x Lc + once per sample) + N (4 L^2 D + 4 L Lc D); "
     "jvp = 2 x linear + 3 x attention terms; fwd+bwd = 3 x fwd"
 )
 
@@ -80,7 +80,10 @@ def model_flops(case: BenchCase, tokens: int) -> tuple[float, float]:
 
     Per block: self-attention q, k, v, o (4 D^2 per token), cross-attention q, o (2 D^2 per token)
     and k, v over the text (2 D^2 per text token for Wan, whose text is embedded to D first;
-    2 text_dim D for Cosmos, which feeds T5 states directly), MLP (2 D F per token).
+    2 text_dim D for Cosmos, which feeds T5 states directly), MLP (2 D F per token). Once per sample
+    (one timestep): the time path, Wan's sinusoid -> D -> D -> 6 D MLP; Cosmos's D -> D -> 3 D MLP and
+    its adaLN-LoRA modulations (D -> r -> 3 D, three per block; D -> r -> 2 D in the final layer).
+    Exact: tests/entrypoints/test_bench_step.py counts every matmul of the tiny nets' forward.
     """
     cfg, L, Lc = case.config, tokens, case.text_len
     if case.family == "wan":
@@ -88,12 +91,15 @@ def model_flops(case: BenchCase, tokens: int) -> tuple[float, float]:
         patch = cfg.in_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
         per_token = N * (6 * D**2 + 2 * D * F) + 2 * patch * D  # blocks, patch embedding and head
         per_text = N * 2 * D**2 + cfg.text_dim * D + D**2  # cross k, v and the text embedding MLP
+        per_sample = cfg.freq_dim * D + 7 * D**2
     else:
         D, F, N = cfg.dim, cfg.mlp_dim, cfg.num_blocks
         patch_in, patch_out = cfg.patch_in_channels * cfg.patch_volume, cfg.out_channels * cfg.patch_volume
         per_token = N * (6 * D**2 + 2 * D * F) + (patch_in + patch_out) * D
         per_text = N * 2 * cfg.text_dim * D
-    return float(2 * (per_token * L + per_text * Lc)), float(N * (4 * L**2 * D + 4 * L * Lc * D))
+        r = cfg.adaln_lora_dim
+        per_sample = 4 * D**2 + N * 12 * D * r + 3 * D * r
+    return float(2 * (per_token * L + per_text * Lc + per_sample)), float(N * (4 * L**2 * D + 4 * L * Lc * D))
 
 
 def _build(case: BenchCase, dev: torch.device, dtype: torch.dtype, seed: int):

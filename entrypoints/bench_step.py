@@ -1,0 +1,318 @@
+"""Whole-iteration benchmark: `python -m entrypoints.bench step --config cosmos2b|wan1.3b [--compile]`.
+
+Times the sharded trainer's own iteration (`rcmfn.loop.train_iteration` over FSDP networks of world
+size 1, float32 master weights, bf16 compute, random weights, learning rate 0 so that every iteration
+sees the same weights) at the model's training shape, split by phase (student / critic) and rollout
+length: wall time as a user sees it (host included, synchronised), the first call of each kind apart
+(compilation, kernel tuning), peak memory, tokens/s, and MFU from a FLOP count that lists every network
+call of the iteration (`iteration_calls`, checked against the loop by tests/entrypoints/test_bench_step.py).
+`--profile DIR` writes a Chrome trace of one steady iteration per kind and reports the GPU's busy time.
+"""
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from entrypoints.bench_models import FLOP_FORMULA, BenchCase, _tokens, model_flops
+from rcmfn.schedule import critic_iteration, effective_student_iteration, is_student_phase, rollout_steps
+
+# Multiples of one forward's (linear, attention) FLOPs per kind of call (bench_models.FLOP_FORMULA):
+# backward = 2 x forward; the jvp's tangent re-applies every weight (2 x linear) and the fused attention
+# tangent costs two more products per score tile (3 x attention). Recomputation (activation
+# checkpointing) is not counted: MFU counts the model's FLOPs, not the hardware's.
+CALL_COST = {"forward": (1, 1), "forward+backward": (3, 3), "jvp": (2, 3)}
+H200_BF16_PEAK_TFLOPS = 790.0  # measured 8192^3 bf16 matmul rate on the H200 (docs/benchmarks.md)
+
+
+@dataclass(frozen=True)
+class NetworkCall:
+    """`count` calls of one network of one kind (no grad forward, forward with its backward, jvp)."""
+
+    network: str
+    kind: str
+    count: int
+    why: str
+
+
+def iteration_calls(phase: str, rollout: int, guided: bool = True, method: str = "rcm") -> list[NetworkCall]:
+    """Every network call of one iteration of `method` (SPEC-rcm Algorithm; rcmfn/step.py), per sample.
+
+    `rollout`: the backward simulation's steps (rcmfn.schedule.rollout_steps); `guided`: the teacher is
+    called twice (conditional and unconditional) for CFG.
+    """
+    teacher = 2 if guided else 1
+    if phase == "critic":
+        return [
+            NetworkCall("student", "forward", rollout, "gradient-free rollout"),
+            NetworkCall("fake score", "forward+backward", 1, "flow matching at t_D"),
+        ]
+    calls = []
+    if method in ("rcm", "scm"):
+        calls += [
+            NetworkCall("teacher", "forward", teacher, "sCM target (CFG)"),
+            NetworkCall("student", "jvp", 1, "sCM tangent"),
+            NetworkCall("student", "forward+backward", 1, "sCM loss"),
+        ]
+    if method in ("rcm", "dmd"):
+        calls += [
+            NetworkCall("student", "forward", rollout - 1, "rollout before the last step"),
+            NetworkCall("student", "forward+backward", 1, "rollout's last step (DMD gradient)"),
+            NetworkCall("fake score", "forward", 1, "fake x0 at t_D"),
+            NetworkCall("teacher", "forward", teacher, "real x0 at t_D (CFG)"),
+        ]
+    return [c for c in calls if c.count > 0]
+
+
+def iteration_flops(calls: list[NetworkCall], linear: float, attention: float) -> float:
+    """FLOPs of `calls`, given one forward's linear and attention FLOPs (for the whole batch)."""
+    return sum(c.count * (CALL_COST[c.kind][0] * linear + CALL_COST[c.kind][1] * attention) for c in calls)
+
+
+def phase_and_rollout(i: int, lcfg) -> tuple[str, int]:
+    """What iteration i of the loop does: ("student" | "critic", rollout steps), as rcmfn.loop decides."""
+    schedule, steps = lcfg.schedule, lcfg.loss.max_rollout_steps
+    if is_student_phase(i, schedule):
+        return "student", rollout_steps(effective_student_iteration(i, schedule), steps)
+    return "critic", rollout_steps(critic_iteration(i, schedule), steps)
+
+
+def build_trainer(
+    model: str,
+    dtype: torch.dtype,
+    compile_: bool,
+    blocks: int | None = None,
+    batch: int = 1,
+    ac: str = "none",
+    tiny: bool = False,
+    max_bad_steps: int = 3,
+    student_update_freq: int = 2,
+):
+    """The sharded trainer of entrypoints.distributed at `model`'s training shape, learning rates 0.
+
+    Returns (state, networks, loop config, batch_fn, student module, BenchCase of the shape). Needs an
+    initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
+    """
+    from entrypoints.distill import DistillConfig, loop_config
+    from entrypoints.distributed import build_network, model_spec, teacher_weights
+    from entrypoints.distributed_config import DistributedConfig
+    from parallel.fsdp import init_sharded_state, sharded_networks
+    from parallel.parallelize import ParallelConfig, ParallelDims
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = DistillConfig(
+        model=model,
+        student_lr=0.0,
+        fake_lr=0.0,
+        tangent_warmup=0,
+        student_update_freq=student_update_freq,
+        max_bad_steps=max_bad_steps,
+        distributed=DistributedConfig(random_init=True, tiny=tiny, batch_size=batch, ac=ac),
+    )
+    spec = model_spec(cfg)
+    if blocks is not None:
+        field = "num_layers" if spec.family == "wan" else "num_blocks"
+        spec = replace(spec, config=replace(spec.config, **{field: blocks}))
+    full = teacher_weights(cfg, spec)
+    meshes = ParallelDims(1).build_meshes(device.type)
+    pcfg = ParallelConfig(param_dtype=None if dtype == torch.float32 else dtype, ac=ac, compile=compile_)
+    lcfg = loop_config(cfg)
+    teacher = build_network(spec, full, meshes, dtype, replace(pcfg, param_dtype=None), device)
+    student = build_network(spec, full, meshes, torch.float32, pcfg, device)
+    fake = build_network(spec, full, meshes, torch.float32, pcfg, device)
+    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
+    state = init_sharded_state(student, fake, lcfg)
+    channels = spec.config.in_dim if spec.family == "wan" else spec.config.in_channels
+    latent, text_len = ((channels, 1, 8, 8), 8) if tiny else (spec.latent_shape, spec.text_len)
+    g = torch.Generator().manual_seed(11)
+    x0 = torch.randn(batch, *latent, generator=g).to(device)
+    text = (batch, text_len, spec.text_dim)
+    cond, uncond = (torch.randn(text, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    case = BenchCase(spec.family, spec.config, latent, text_len, spec.text_dim, spec.timestep_scale)
+    return state, nets, lcfg, (lambda gen: (x0, cond, uncond)), student, case
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_busy_ms(step, trace_path: str | None) -> float | None:
+    """GPU time of one call of `step` (sum of its kernels' own device time), with an optional Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
+    return total_us / 1e3
+
+
+def bench_step(
+    model: str,
+    compile_: bool,
+    iterations: int = 24,
+    batch: int = 1,
+    blocks: int | None = None,
+    ac: str = "none",
+    tiny: bool = False,
+    peak_tflops: float = H200_BF16_PEAK_TFLOPS,
+    profile_dir: str | None = None,
+    student_update_freq: int = 2,
+) -> dict:
+    """Time `iterations` iterations of the trainer; rows per (phase, rollout) kind."""
+    from rcmfn.loop import train_iteration
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    state, nets, lcfg, batch_fn, _, case = build_trainer(
+        model, dtype, compile_, blocks, batch, ac, tiny, student_update_freq=student_update_freq
+    )
+    tokens = _tokens(case)
+    linear, attention = (batch * f for f in model_flops(case, tokens))
+    guided = lcfg.loss.guidance != 1.0
+    seconds: dict[tuple, list[float]] = defaultdict(list)
+    peak: dict[tuple, float] = {}
+    busy: dict[tuple, float] = {}
+    for i in range(iterations):
+        kind = phase_and_rollout(i, lcfg)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        start = time.perf_counter()
+        train_iteration(state, nets, batch_fn, lcfg)
+        _sync(device)
+        seconds[kind].append(time.perf_counter() - start)
+        if device.type == "cuda":
+            peak[kind] = max(peak.get(kind, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+        if profile_dir and device.type == "cuda" and len(seconds[kind]) == 2 and kind not in busy:
+            trace = f"{profile_dir}/{model}-{'compiled' if compile_ else 'eager'}-{kind[0]}{kind[1]}.json"
+            snapshot = state.iteration
+            state.iteration = i  # the same kind again, profiled (learning rate 0: nothing changes)
+            busy[kind] = _device_busy_ms(lambda: train_iteration(state, nets, batch_fn, lcfg), trace)
+            state.iteration = snapshot
+    rows = []
+    for (phase, rollout), times in sorted(seconds.items()):
+        calls = iteration_calls(phase, rollout, guided, lcfg.loss.method)
+        flops = iteration_flops(calls, linear, attention)
+        steady = statistics.median(times[1:]) if len(times) > 1 else None
+        row = dict(
+            phase=phase,
+            rollout=rollout,
+            count=len(times),
+            first_call_s=times[0],
+            s=steady,
+            tokens_per_s=batch * tokens / steady if steady else None,
+            tflops=flops / steady * 1e-12 if steady else None,
+            peak_gib=peak.get((phase, rollout)),
+            flops=flops,
+            calls=[asdict(c) for c in calls],
+        )
+        row["mfu"] = row["tflops"] / peak_tflops if row["tflops"] and device.type == "cuda" else None
+        if (phase, rollout) in busy:
+            row["device_busy_s"] = busy[(phase, rollout)] / 1e3
+        rows.append(row)
+    from entrypoints.bench import _commit
+
+    return dict(
+        benchmark="step",
+        model=model + (" (tiny)" if tiny else "") + (f" x{blocks} blocks" if blocks else ""),
+        compile=compile_,
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        commit=_commit(),
+        command=" ".join(["python -m entrypoints.bench", *sys.argv[1:]]),
+        torch=torch.__version__,
+        batch=batch,
+        latent=list(case.latent),
+        tokens=tokens,
+        activation_checkpointing=ac,
+        linear_flops=linear,
+        attention_flops=attention,
+        flop_formula=FLOP_FORMULA,
+        peak_tflops=peak_tflops,
+        rows=rows,
+    )
+
+
+def print_step_table(result: dict) -> None:
+    mode = "--compile" if result["compile"] else "eager"
+    print(f"{result['model']}, batch {result['batch']} x {result['tokens']} tokens, {mode}, {result['device']}")
+    print("| phase | rollout | iterations | first call s | s | tokens/s | TFLOP/s | MFU | peak GiB | GPU busy s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for r in result["rows"]:
+        cells = [r["phase"], r["rollout"], r["count"], fmt(r["first_call_s"], ".2f"), fmt(r["s"], ".3f")]
+        cells += [fmt(r["tokens_per_s"], ".0f"), fmt(r["tflops"], ".1f"), fmt(r["mfu"], ".1%")]
+        cells += [fmt(r["peak_gib"], ".1f"), fmt(r.get("device_busy_s"), ".3f")]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    print("Network calls per iteration (forward 1x, forward+backward 3x, jvp 2x linear + 3x attention FLOPs):")
+    for r in result["rows"]:
+        listed = "; ".join(f"{c['count']} x {c['network']} {c['kind']} ({c['why']})" for c in r["calls"])
+        print(f"  {r['phase']} rollout {r['rollout']}: {r['flops']:.3e} FLOPs = {listed}")
+
+
+def run_step(args: argparse.Namespace) -> dict:
+    import os
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29541")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
+    results = []
+    for compile_ in (False, True) if args.both else (args.compile,):
+        result = bench_step(
+            args.config,
+            compile_,
+            args.iterations,
+            args.batch,
+            args.blocks,
+            args.ac,
+            args.tiny,
+            args.peak_tflops,
+            args.profile,
+            args.student_update_freq,
+        )
+        print_step_table(result)
+        results.append(result)
+    return {"benchmark": "step", "runs": results}
+
+
+def add_step(subparsers) -> None:
+    """Add `step` (this benchmark) to entrypoints.bench's subcommands."""
+    p = subparsers.add_parser("step", help="a whole rCM training iteration (student and critic), eager and compiled")
+    p.add_argument("--config", default="cosmos2b", help="model preset (cosmos2b, wan1.3b, ...)")
+    p.add_argument("--compile", action="store_true", help="the trainer's --compile (per-block compile)")
+    p.add_argument("--both", action="store_true", help="eager, then --compile, in one process")
+    p.add_argument("--iterations", type=int, default=24, help="iterations (24: each phase x rollout kind 3 times)")
+    p.add_argument("--batch", type=int, default=1, help="samples per iteration")
+    p.add_argument("--blocks", type=int, default=None, help="cut the network to this many blocks")
+    p.add_argument("--ac", default="none", choices=("none", "full", "mm_only"), help="activation checkpointing")
+    p.add_argument("--student-update-freq", type=int, default=2, help="one student iteration every F")
+    p.add_argument("--tiny", action="store_true", help="the family's tiny config (CPU smoke run)")
+    p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="MFU denominator")
+    p.add_argument("--profile", default=None, help="folder for Chrome traces of one iteration per kind (GPU)")
+    p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.set_defaults(run=run_step)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m entrypoints.bench_step", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="benchmark")
+    add_step(sub)
+    parsed = parser.parse_args(["step", *sys.argv[1:]])
+    out = parsed.run(parsed)
+    if parsed.json:
+        with open(parsed.json, "w") as f:
+            json.dump(out, f, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)

@@ -1,0 +1,102 @@
+"""entrypoints.bench step: its FLOP count is exact and its list of network calls is the loop's own."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from entrypoints.bench_models import CONFIGS, _build, _tokens, model_flops
+from entrypoints.bench_step import iteration_calls, iteration_flops, phase_and_rollout
+from entrypoints.toy import build_toy, toy_batch_fn
+from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
+from rcmfn.step import LossConfig
+from rcmfn.tangent import scm_tangent
+from tests.entrypoints.test_distill import TINY_TOY
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("name", ["wan-tiny", "cosmos-tiny"])
+def test_model_flops_count_every_matmul_of_the_forward(name):
+    """On the CPU the attention reference runs as bmm, the rest as mm / addmm: FlopCounterMode counts both."""
+    case = CONFIGS[name]
+    model, _ = _build(case, torch.device("cpu"), torch.float32, 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *case.latent, generator=g)
+    context = torch.randn(1, case.text_len, case.text_dim, generator=g)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, torch.rand(1, generator=g) * case.timestep_scale, context)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    linear, attention = model_flops(case, _tokens(case))
+    assert counts.pop("aten.bmm") == attention
+    assert sum(counts.values()) == linear
+
+
+def _counting(toy, state_of, record):
+    """Denoisers that record (network, kind) per call; which network is told by the parameters passed."""
+
+    def denoise(params, x_t, t, cond):
+        out = toy.student(params, x_t, t, cond)
+        kind = "forward+backward" if torch.is_grad_enabled() and out.requires_grad else "forward"
+        record.append((state_of(params), kind))
+        return out
+
+    def teacher(params, x_t, t, cond):
+        record.append(("teacher", "forward"))
+        return toy.teacher(params, x_t, t, cond)
+
+    def tangent(params, x_t, t, cond, F):
+        record.append(("student", "jvp"))
+        return scm_tangent(toy.student, params, x_t, t, cond, F)
+
+    return denoise, teacher, tangent
+
+
+@pytest.mark.parametrize("method", ["rcm", "scm", "dmd"])
+def test_iteration_calls_are_the_calls_the_loop_makes(method):
+    toy = build_toy(TINY_TOY, seed=0, progress=False)
+    cfg = LoopConfig(LossConfig(method=method, guidance=2.0), student_update_freq=2)
+    uses_critic = cfg.loss.uses_critic
+    state = init_state(toy.init_params, toy.init_params if uses_critic else None, cfg)
+    record: list = []
+    denoise, teacher, tangent = _counting(toy, lambda p: "student" if p is state.student else "fake score", record)
+    nets = Networks(denoise, teacher, toy.mixture, denoise if uses_critic else None, tangent)
+    seen = set()
+    for i in range(16):
+        record.clear()
+        phase, rollout = phase_and_rollout(i, cfg)
+        train_iteration(state, nets, toy_batch_fn(toy), cfg)
+        want = Counter()
+        for call in iteration_calls(phase, rollout, guided=True, method=method):
+            want[(call.network, call.kind)] += call.count
+        if method == "scm":  # no critic: rollout length is irrelevant to its calls
+            want = Counter({k: v for k, v in want.items()})
+        assert Counter(record) == want, (i, phase, rollout)
+        seen.add((phase, rollout))
+    expected = {("student", r) for r in range(1, 5)} | ({("critic", r) for r in range(1, 5)} if uses_critic else set())
+    assert seen == expected
+
+
+def test_iteration_flops_weights_each_kind_of_call():
+    calls = iteration_calls("student", 2, guided=True)
+    # teacher 4 forwards, student jvp (2L + 3A), 2 forward+backward (3 each), 1 forward; fake 1 forward
+    assert iteration_flops(calls, linear=1.0, attention=0.0) == 4 + 2 + 6 + 1 + 1
+    assert iteration_flops(calls, linear=0.0, attention=1.0) == 4 + 3 + 6 + 1 + 1
+    assert iteration_flops(iteration_calls("critic", 3), 1.0, 1.0) == 3 * 2 + 3 * 2
+
+
+def test_bench_step_runs_tiny_on_the_cpu(tmp_path):
+    out = tmp_path / "step.json"
+    command = [sys.executable, "-m", "entrypoints.bench", "step", "--tiny", "--iterations", "9", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| student | 1 |" in done.stdout and "2 x teacher forward" in done.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert {(r["phase"], r["rollout"]) for r in run["rows"]} >= {("student", 1), ("critic", 1)}
+    for row in run["rows"]:
+        assert row["first_call_s"] > 0 and row["flops"] > 0
