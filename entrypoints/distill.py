@@ -19,6 +19,7 @@ from entrypoints import toy as toy_world
 from entrypoints.distributed_config import DistributedConfig
 from entrypoints.presets import MODELS, get_preset
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
+from rcmfn.run_lock import run_lock
 from rcmfn.step import LossConfig
 from rcmfn.tangent import scm_tangent
 from rcmfn.time import LogNormal
@@ -139,12 +140,19 @@ def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor"
 
 
 def run(cfg: DistillConfig) -> dict:
-    """Build, resume, train, evaluate; return the final metrics (also written to metrics.json)."""
+    """Build, resume, train, evaluate; return the final metrics (also written to metrics.json). The run
+    holds its output folder's lock throughout, so a second job on the folder is refused."""
     if cfg.model != "toy":
         from entrypoints.distributed import run_distributed  # it imports this module
 
         return run_distributed(cfg)
     prepare_output(cfg.output)
+    with run_lock(cfg.output):
+        return run_toy(cfg)
+
+
+def run_toy(cfg: DistillConfig) -> dict:
+    """The toy run of `run`, inside the output folder's lock."""
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     lcfg = loop_config(cfg)

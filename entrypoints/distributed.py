@@ -1,9 +1,11 @@
 """`torchrun --nproc_per_node=N -m entrypoints.distill --model cosmos2b ...`: sharded rCM distillation.
 
 Reading order: `DistributedConfig`, `check_before_gpu` (every error that needs no GPU), `run_distributed`
-(build sharded networks, resume, loop, checkpoint, export), then parallel/parallelize.py.
+(process group, output folder lock), `train_sharded` (build sharded networks, resume, loop, checkpoint,
+export), then parallel/parallelize.py.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -27,6 +29,7 @@ from rcmfn.models.cosmos.configs import TINY_T2I
 from rcmfn.models.cosmos.model import init_random_
 from rcmfn.models.registry import build_model, cast_params, get_spec
 from rcmfn.models.wan.configs import WAN_TINY
+from rcmfn.run_lock import run_lock
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -108,16 +111,37 @@ def build_network(spec, full_state, meshes, storage, pcfg, device):
     return materialize(parallelize(module, meshes, pcfg), full_state, device)
 
 
+def take_output(cfg, held: contextlib.ExitStack) -> None:
+    """Rank 0, before any rank writes: create the output folder and lock it until `held` closes."""
+    prepare_output(cfg.output)
+    held.enter_context(run_lock(cfg.output))
+
+
 def run_distributed(cfg) -> dict:
-    """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed) under torchrun."""
-    d = cfg.distributed
+    """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed) under torchrun: the checks,
+    the process group, the output folder's lock (held by rank 0 for the whole job), training, teardown."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dims, spec, manifest = check_before_gpu(cfg, world)
-    prepare_output(cfg.output)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    with contextlib.ExitStack() as held:
+        checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal is raised on every rank
+        prepare_output(cfg.output)  # every rank writes there (its DCP shards), not only rank 0
+        summary = train_sharded(cfg, dims, spec, manifest, device)
+        # Every rank waits for rank 0's export before tearing down. A rank that exits first could reach
+        # interpreter finalisation while a gloo worker thread still drops its last collective's tensors;
+        # taking the GIL there aborts the process ("terminate called without an active exception", the
+        # mechanism pytorch#179291 describes; seen once in 20 CPU runs of the resume test).
+        dist.barrier()
+    dist.destroy_process_group()
+    return summary
+
+
+def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device) -> dict:
+    """Build the sharded networks, resume, train, checkpoint, export (rank 0); return the summary."""
+    d = cfg.distributed
     rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
     compute = DTYPES[d.dtype]
     master = torch.float64 if compute == torch.float64 else torch.float32
@@ -189,12 +213,6 @@ def run_distributed(cfg) -> dict:
             export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
         (cfg.output / "metrics.json").write_text(json.dumps(summary, indent=1))
         log.close()
-    # Every rank waits for rank 0's export before tearing down. A rank that exits first could reach
-    # interpreter finalisation while a gloo worker thread still drops its last collective's tensors;
-    # taking the GIL there aborts the process ("terminate called without an active exception", the
-    # mechanism pytorch#179291 describes; seen once in 20 CPU runs of the resume test).
-    dist.barrier()
-    dist.destroy_process_group()
     return summary
 
 

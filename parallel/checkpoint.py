@@ -18,6 +18,7 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from rcmfn.loop import TrainState
 
 PREFIX, TMP_PREFIX, META = "step-", ".tmp-step-", "meta.json"
+T = TypeVar("T")
 
 
 def _tensors(state: TrainState, student: nn.Module, fake: nn.Module | None) -> dict:
@@ -120,6 +122,25 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, student: nn.Modu
         meta["critic_steps"],
     )
     return meta
+
+
+def rank_zero_first(claim: Callable[[], T]) -> T:
+    """Collective: run `claim` on rank 0 while the other ranks wait; return its result on every rank.
+
+    An exception `claim` raises is raised on every rank, so a refused job (output folder locked, say)
+    fails everywhere with rank 0's message instead of leaving the others waiting in their next collective.
+    """
+    outcome: list = [None, None]  # result, exception
+    if _rank() == 0:
+        try:
+            outcome[0] = claim()
+        except Exception as err:
+            outcome[1] = err
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def sigterm_flag() -> Callable[[], bool]:

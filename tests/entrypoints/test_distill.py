@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 from entrypoints.distill import DistillConfig, fingerprint, run
 from entrypoints.toy import ToyConfig
 from rcmfn.models.tiny_dit import TinyDiTConfig
+from rcmfn.run_lock import RunLockedError
 from rcmfn.warm_start import WarmStartConfig
+from tests.conftest import write_lock
 
 TINY_TOY = ToyConfig(
     net=TinyDiTConfig(width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
@@ -164,3 +166,19 @@ def test_output_folder_probe_survives_ranks_probing_at_once(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: prepare_output(folder), range(400)))
     assert folder.is_dir() and not list(folder.iterdir())
+
+
+def test_a_second_job_on_the_output_folder_is_refused_and_writes_nothing(tmp_path, live_pid):
+    holder = write_lock(tmp_path, live_pid)
+    with pytest.raises(RunLockedError, match=f"in use by another job: host .*, pid {live_pid}"):
+        run(tiny_config(tmp_path, iterations=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    assert json.loads((tmp_path / ".lock").read_text()) == holder
+
+
+def test_the_output_lock_is_released_after_a_run_and_after_a_failure(tmp_path):
+    run(tiny_config(tmp_path, iterations=3))
+    assert not (tmp_path / ".lock").exists()
+    with pytest.raises(ValueError, match="another configuration"):
+        run(tiny_config(tmp_path, guidance=3.0))
+    assert not (tmp_path / ".lock").exists()

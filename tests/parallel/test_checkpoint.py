@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from parallel import checkpoint
 from parallel.parallelize import ParallelConfig, ParallelDims
+from rcmfn.run_lock import RunLockedError
 from tests.parallel.parallel_harness import (
     assert_same_run,
     build,
@@ -109,6 +110,30 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
         assert checkpoint.latest_checkpoint(run_dir).name == "step-00000002"
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _rank_zero_first_worker(rank, world, port, out):
+    init_gloo(rank, world, port)
+    seen = {"result": checkpoint.rank_zero_first(lambda: f"claimed by rank {torch.distributed.get_rank()}")}
+
+    def refuse():
+        raise RunLockedError("run folder /x is in use by another job: host h, pid 7")
+
+    try:
+        checkpoint.rank_zero_first(refuse)
+    except RunLockedError as err:
+        seen["error"] = str(err)
+    torch.save(seen, out / f"rank{rank}.pt")
+    shutdown_gloo()
+
+
+def test_rank_zero_first_gives_every_rank_rank_zeros_result_or_error(tmp_path):
+    """The output folder's lock is taken by rank 0 alone; a refusal must fail every rank with the same
+    message (a rank that went on would wait forever in its next collective)."""
+    mp.spawn(_rank_zero_first_worker, args=(3, free_port(), tmp_path), nprocs=3)
+    for rank in range(3):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen == {"result": "claimed by rank 0", "error": "run folder /x is in use by another job: host h, pid 7"}
 
 
 def test_latest_checkpoint_ignores_incomplete_folders(tmp_path):

@@ -18,6 +18,7 @@ from parallel import checkpoint
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.registry import build_model
 from rcmfn.shards import ShardWriter, write_negative_embedding
+from tests.conftest import write_lock
 from tests.parallel.parallel_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,3 +194,14 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     ours = as_ours(exported, "official")
     assert set(diffusers) == {key_maps["diffusers"].from_ours(n) for n in ours}
     assert all(torch.equal(v, ours[k]) for k, v in as_ours(diffusers, "diffusers").items())
+
+
+def test_torchrun_refuses_an_output_folder_another_job_holds_on_every_rank(tmp_path, live_pid):
+    """Rank 0 takes the lock; the refusal reaches both ranks (no rank left waiting), nothing is written."""
+    holder = write_lock(tmp_path / "run", live_pid)
+    output = _torchrun(tmp_path, iterations=2).communicate(timeout=180)[0].decode()
+    message = f"RunLockedError: run folder {tmp_path / 'run'} is in use by another job: host {holder['host']}, "
+    message += f"pid {live_pid}"
+    assert output.count(message) == 2, output[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert json.loads((tmp_path / "run" / ".lock").read_text()) == holder

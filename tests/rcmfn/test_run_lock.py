@@ -3,34 +3,11 @@
 import json
 import os
 import socket
-import subprocess
 
 import pytest
 
 from rcmfn.run_lock import LOCK_NAME, RunLockedError, run_lock
-
-
-def _write_lock(folder, pid: int, host: str | None = None) -> dict:
-    holder = {"host": host or socket.gethostname(), "pid": pid, "started": "2025-01-01T00:00:00+00:00"}
-    (folder / LOCK_NAME).write_text(json.dumps(holder))
-    return holder
-
-
-@pytest.fixture
-def live_pid():
-    """The pid of another process that stays alive for the test."""
-    proc = subprocess.Popen(["sleep", "600"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
-@pytest.fixture
-def dead_pid():
-    """The pid of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
+from tests.conftest import write_lock
 
 
 def test_lock_holds_host_pid_and_start_and_is_released_at_the_end(tmp_path):
@@ -48,7 +25,7 @@ def test_lock_is_released_when_the_body_raises(tmp_path):
 
 
 def test_a_second_job_is_refused_naming_the_holders_host_and_pid(tmp_path, live_pid):
-    holder = _write_lock(tmp_path, live_pid)
+    holder = write_lock(tmp_path, live_pid)
     with pytest.raises(RunLockedError, match=rf"in use by another job: host {socket.gethostname()}, pid {live_pid}"):
         with run_lock(tmp_path):
             pass
@@ -62,7 +39,7 @@ def test_a_held_lock_refuses_the_same_process_too(tmp_path):
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, dead_pid):
-    _write_lock(tmp_path, dead_pid)
+    write_lock(tmp_path, dead_pid)
     with pytest.warns(UserWarning, match=f"stale lock .*pid {dead_pid}"), run_lock(tmp_path) as holder:
         assert json.loads((tmp_path / LOCK_NAME).read_text()) == holder and holder["pid"] == os.getpid()
     assert not (tmp_path / LOCK_NAME).exists()
@@ -70,7 +47,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over_with_a_warning(tmp_path, dea
 
 def test_lock_from_another_host_is_never_taken_over(tmp_path, dead_pid):
     """Its pid cannot be checked from here, so even a pid that is dead on this host means nothing."""
-    _write_lock(tmp_path, dead_pid, host="other-host.invalid")
+    write_lock(tmp_path, dead_pid, host="other-host.invalid")
     with pytest.raises(RunLockedError, match=f"host other-host.invalid, pid {dead_pid}"):
         with run_lock(tmp_path):
             pass
@@ -85,5 +62,5 @@ def test_unreadable_lock_is_refused_with_a_way_out(tmp_path):
 
 def test_release_leaves_a_lock_that_another_job_took_over(tmp_path, live_pid):
     with run_lock(tmp_path):
-        other = _write_lock(tmp_path, live_pid)
+        other = write_lock(tmp_path, live_pid)
     assert json.loads((tmp_path / LOCK_NAME).read_text()) == other
