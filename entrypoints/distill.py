@@ -23,7 +23,13 @@ from rcmfn.run_lock import run_lock
 from rcmfn.step import LossConfig
 from rcmfn.tangent import scm_tangent
 from rcmfn.time import LogNormal
-from rcmfn.train_checkpoint import check_checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from rcmfn.train_checkpoint import (
+    check_checkpoint_config,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,7 @@ def run(cfg: DistillConfig) -> dict:
 
 def run_toy(cfg: DistillConfig) -> dict:
     """The toy run of `run`, inside the output folder's lock."""
+    remove_partial_saves(cfg.output)  # left by a killed save; no other job writes here (the lock)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     lcfg = loop_config(cfg)

@@ -6,6 +6,7 @@ Layout of one checkpoint, `<run>/checkpoints/iter-<NNNNNNNN>/`:
   state.json                                                       -- iteration, counters, config
 A checkpoint is written into a hidden temporary folder and renamed into place as the last step, so an
 interrupted save never replaces or corrupts a complete one; `latest_checkpoint` only sees complete ones.
+A save that fails removes its temporary folder; one killed mid-way leaves it for `remove_partial_saves`.
 """
 
 import json
@@ -19,7 +20,7 @@ from tensordict import TensorDict
 
 from rcmfn.loop import TrainState
 
-PREFIX = "iter-"
+PREFIX, TMP_PREFIX = "iter-", ".tmp-"
 
 
 def _flat(params: TensorDict) -> dict[str, torch.Tensor]:
@@ -50,9 +51,20 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, keep: 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.iteration:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_and_rename(tmp, final, state, config)
+    except BaseException:  # disk full, interrupted, ...: no half-written folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_and_rename(tmp: Path, final: Path, state: TrainState, config: dict) -> None:
     save_file(_flat(state.student), tmp / "student.safetensors")
     save_file(_flat(state.ema), tmp / "ema.safetensors")
     optim = {"student": state.student_opt.state_dict()}
@@ -70,9 +82,13 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, keep: 
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def remove_partial_saves(run_dir: str | Path) -> None:
+    """Remove the temporary folders of saves that never finished (a killed process leaves one). Only for
+    a job that holds the run folder (rcmfn/run_lock.py): another job's save in progress looks the same."""
+    for tmp in (Path(run_dir) / "checkpoints").glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -182,3 +182,25 @@ def test_the_output_lock_is_released_after_a_run_and_after_a_failure(tmp_path):
     with pytest.raises(ValueError, match="another configuration"):
         run(tiny_config(tmp_path, guidance=3.0))
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_run_removes_half_written_checkpoints_it_finds(tmp_path):
+    partial = tmp_path / "checkpoints" / ".tmp-iter-00000005-1234"
+    partial.mkdir(parents=True)
+    (partial / "student.safetensors").write_bytes(b"truncated")
+    run(tiny_config(tmp_path, iterations=3))
+    assert not partial.exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter-00000003"]
+
+
+def test_a_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    from rcmfn import train_checkpoint
+
+    def disk_full(tensors, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(train_checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(tiny_config(tmp_path, iterations=3))
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert not (tmp_path / ".lock").exists()
