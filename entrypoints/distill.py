@@ -43,7 +43,7 @@ class DistillConfig:
     output: Path = Path("runs/toy")
     """run folder: checkpoints/, metrics.jsonl, metrics.json, samples.png, config.json"""
     iterations: int | None = None
-    """total iterations (student + critic); preset value if unset"""
+    """total iterations (student + critic), >= 1; preset value if unset"""
     dmd_weight: float = 0.01
     """lambda of L_sCM + lambda L_DMD (paper: 0.01); stored as loss_scale_dmd = lambda * sCM loss_scale"""
     guidance: float | None = None
@@ -85,6 +85,8 @@ class DistillConfig:
             raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
         if self.method == "dmd" and self.tangent_warmup not in (None, 0):
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1 (unset: the preset's); got {self.iterations}")
         for name in ("save_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -110,6 +112,21 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
     )
     warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
     return LoopConfig(loss, optim, warmup, pick(cfg.student_update_freq, preset.student_update_freq), cfg.seed)
+
+
+def total_iterations(cfg: DistillConfig) -> int:
+    """The run's length: --iterations, or the preset's when unset."""
+    return get_preset(cfg.model).iterations if cfg.iterations is None else cfg.iterations
+
+
+def check_resume_length(ckpt: Path, iteration: int, total: int) -> None:
+    """Refuse to resume a checkpoint past the requested length: nothing would train, and the longer-trained
+    model would be evaluated and labelled as a `total`-iteration one."""
+    if iteration > total:
+        raise ValueError(
+            f"checkpoint {ckpt} is at iteration {iteration}, past the requested total of {total} iterations; "
+            f"pass --iterations {iteration} or more to resume it, or use another --output"
+        )
 
 
 def prepare_output(path: Path) -> None:
@@ -164,9 +181,10 @@ def run_toy(cfg: DistillConfig) -> dict:
         torch.set_num_threads(cfg.cpu_threads)
     lcfg = loop_config(cfg)
     config = fingerprint(cfg)
+    total = total_iterations(cfg)
     ckpt = latest_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
-        check_checkpoint_config(ckpt, config)
+        check_resume_length(ckpt, check_checkpoint_config(ckpt, config)["iteration"], total)
     world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
     nets = Networks(
         student=world.student,
@@ -180,7 +198,6 @@ def run_toy(cfg: DistillConfig) -> dict:
     if ckpt is not None:
         state = load_checkpoint(ckpt, state, config)
     (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
-    total = cfg.iterations or get_preset(cfg.model).iterations
     batch_fn = toy_world.toy_batch_fn(world)
     bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
     start, first = time.perf_counter(), state.iteration

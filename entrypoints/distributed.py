@@ -16,9 +16,15 @@ import torch
 import torch.distributed as dist
 import tyro
 
-from entrypoints.distill import DistillConfig, fingerprint, loop_config, prepare_output
+from entrypoints.distill import (
+    DistillConfig,
+    check_resume_length,
+    fingerprint,
+    loop_config,
+    prepare_output,
+    total_iterations,
+)
 from entrypoints.distributed_config import export_name
-from entrypoints.presets import get_preset
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
 from parallel.fsdp import init_sharded_state, materialize, sharded_networks
@@ -47,7 +53,8 @@ def model_spec(cfg):
 
 def check_before_gpu(cfg, world_size: int):
     """Every configuration error that needs no GPU: mesh vs world size, CP vs heads and tokens, the
-    teacher and the data, and a checkpoint written by another configuration. Returns (dims, spec, manifest)."""
+    teacher and the data, and a checkpoint written by another configuration or past the requested length.
+    Returns (dims, spec, manifest)."""
     d = cfg.distributed
     dims = ParallelDims(world_size, d.dp_replicate, d.dp_shard, d.cp)
     spec = model_spec(cfg)
@@ -80,6 +87,8 @@ def check_before_gpu(cfg, world_size: int):
             f"checkpoint {ckpt} was written by another configuration (differs in {diff}); "
             "use a new output folder or the same settings"
         )
+    if ckpt is not None:
+        check_resume_length(ckpt, checkpoint.read_meta(ckpt)["iteration"], total_iterations(cfg))
     return dims, spec, manifest
 
 
@@ -167,7 +176,7 @@ def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device)
         batch = next(loader)
         return batch.latents.to(device, torch.float32), batch.text_embeddings.to(device), uncond
 
-    total = cfg.iterations or get_preset(cfg.model).iterations
+    total = total_iterations(cfg)
     stop_requested, meta = (
         checkpoint.sigterm_flag(),
         lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)},

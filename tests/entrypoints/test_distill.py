@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from entrypoints import toy as toy_world
 from entrypoints.distill import DistillConfig, fingerprint, run
 from entrypoints.toy import ToyConfig
 from rcmfn.models.tiny_dit import TinyDiTConfig
@@ -204,3 +205,20 @@ def test_a_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
         run(tiny_config(tmp_path, iterations=3))
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
     assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("iterations", [0, -5])
+def test_iterations_below_one_fail_at_config_time(tmp_path, iterations):
+    """0 used to run the preset's length and -5 to train nothing and exit 0."""
+    with pytest.raises(ValueError, match=f"iterations must be >= 1.*got {iterations}"):
+        tiny_config(tmp_path, iterations=iterations)
+
+
+def test_resume_past_the_requested_length_fails_before_the_warm_start(tmp_path, monkeypatch):
+    """A checkpoint at iteration 3 resumed with --iterations 2 would be evaluated and labelled as 2."""
+    run(tiny_config(tmp_path, iterations=3))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(toy_world, "build_toy", lambda *args, **kwargs: pytest.fail("warm start ran"))
+    with pytest.raises(ValueError, match="iter-00000003 is at iteration 3, past the requested total of 2 iterations"):
+        run(tiny_config(tmp_path, iterations=2))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -1,6 +1,7 @@
 """torchrun -m entrypoints.distill (the sharded path): clear errors before any GPU work; torchrun runs,
 stops at SIGTERM with a checkpoint, resumes from it, and exports the EMA student."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from entrypoints.distill import fingerprint
 from entrypoints.distributed import ScaleConfig, check_before_gpu, model_spec, teacher_weights
 from entrypoints.distributed_config import DistributedConfig
 from parallel import checkpoint
@@ -96,6 +98,16 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
     (folder / "meta.json").write_text(json.dumps({"config": {"model": "cosmos2b", "method": "dmd"}}))
     with pytest.raises(ValueError, match="written by another configuration"):
         check_before_gpu(cfg, world_size=1)
+
+
+def test_checkpoint_past_the_requested_length_is_refused(tmp_path):
+    cfg = dataclasses.replace(_config(tmp_path), iterations=2)
+    folder = cfg.output / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"config": fingerprint(cfg), "iteration": 4}))
+    with pytest.raises(ValueError, match="step-00000004 is at iteration 4, past the requested total of 2 iterations"):
+        check_before_gpu(cfg, world_size=1)
+    check_before_gpu(dataclasses.replace(cfg, iterations=4), world_size=1)  # the same length resumes
 
 
 def test_teacher_with_a_missing_key_fails_strict_and_loads_non_strict(tmp_path, capsys):
