@@ -5,8 +5,9 @@ Reading order: the config below, `run()` (build, resume, loop, evaluate), then r
 
 import json
 import math
-import tempfile
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from entrypoints import toy as toy_world
 from entrypoints.distributed_config import DistributedConfig
 from entrypoints.presets import MODELS, get_preset
+from entrypoints.run_folder import check_fresh_output, prepare_output
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.run_lock import run_lock
 from rcmfn.step import LossConfig
@@ -68,6 +70,8 @@ class DistillConfig:
     """iterations between metric lines in metrics.jsonl"""
     resume: bool = True
     """continue from the newest complete checkpoint in the output folder, if there is one"""
+    overwrite: bool = False
+    """a run that resumes nothing deletes the checkpoints already in the output folder (without: refused)"""
     compile: bool = False
     """torch.compile(fullgraph=True) the student's forward and jvp"""
     progress: bool = True
@@ -129,21 +133,10 @@ def check_resume_length(ckpt: Path, iteration: int, total: int) -> None:
         )
 
 
-def prepare_output(path: Path) -> None:
-    """Create the run folder and prove it is writable before any work starts. The probe file has a
-    unique name: every rank of a torchrun job probes the same folder at once."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"output folder {path} is not writable: {err}") from err
-
-
 def fingerprint(cfg: DistillConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
     the teacher is checked or the student exported: those change no trained value)."""
-    skip = {"output", "iterations", "save_every", "log_every", "resume", "progress", "compile"}
+    skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}
@@ -184,7 +177,13 @@ def run_toy(cfg: DistillConfig) -> dict:
     total = total_iterations(cfg)
     ckpt = latest_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
-        check_resume_length(ckpt, check_checkpoint_config(ckpt, config)["iteration"], total)
+        resumed = check_checkpoint_config(ckpt, config)
+        check_resume_length(ckpt, resumed["iteration"], total)
+    else:
+        resumed = {}
+        for old in check_fresh_output(cfg.output, cfg.overwrite):
+            shutil.rmtree(old)
+    run_id = resumed.get("run_id") or uuid.uuid4().hex  # kept across resumes; pruning removes only its own
     world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
     nets = Networks(
         student=world.student,
@@ -210,7 +209,7 @@ def run_toy(cfg: DistillConfig) -> dict:
             if metrics["iteration"] % cfg.log_every == 0:
                 log.write(json.dumps(metrics) + "\n")
             if state.iteration % cfg.save_every == 0 or state.iteration == total:
-                save_checkpoint(cfg.output, state, config)
+                save_checkpoint(cfg.output, state, config, run_id)
     bar.close()
     final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
     final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}

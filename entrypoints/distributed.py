@@ -9,22 +9,18 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
 import tyro
 
-from entrypoints.distill import (
-    DistillConfig,
-    check_resume_length,
-    fingerprint,
-    loop_config,
-    prepare_output,
-    total_iterations,
-)
+from entrypoints.distill import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
 from entrypoints.distributed_config import export_name
+from entrypoints.run_folder import check_fresh_output, prepare_output
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
 from parallel.fsdp import init_sharded_state, materialize, sharded_networks
@@ -53,8 +49,8 @@ def model_spec(cfg):
 
 def check_before_gpu(cfg, world_size: int):
     """Every configuration error that needs no GPU: mesh vs world size, CP vs heads and tokens, the
-    teacher and the data, and a checkpoint written by another configuration or past the requested length.
-    Returns (dims, spec, manifest)."""
+    teacher and the data, a checkpoint written by another configuration or past the requested length, and
+    (for a fresh run) another run's checkpoints without --overwrite. Returns (dims, spec, manifest)."""
     d = cfg.distributed
     dims = ParallelDims(world_size, d.dp_replicate, d.dp_shard, d.cp)
     spec = model_spec(cfg)
@@ -80,15 +76,17 @@ def check_before_gpu(cfg, world_size: int):
     if manifest.count < d.batch_size * dims.dp:
         raise ValueError(f"{manifest.count} samples cannot fill one global batch of {d.batch_size} x {dims.dp}")
     ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
-    if ckpt is not None and checkpoint.read_meta(ckpt)["config"] != fingerprint(cfg):
+    if ckpt is None:  # a fresh run; with --overwrite, rank 0 removes the old checkpoints under the lock
+        check_fresh_output(cfg.output, cfg.overwrite)
+        return dims, spec, manifest
+    if checkpoint.read_meta(ckpt)["config"] != fingerprint(cfg):
         saved = checkpoint.read_meta(ckpt)["config"]
         diff = sorted(k for k in set(saved) | set(fingerprint(cfg)) if saved.get(k) != fingerprint(cfg).get(k))
         raise ValueError(
             f"checkpoint {ckpt} was written by another configuration (differs in {diff}); "
             "use a new output folder or the same settings"
         )
-    if ckpt is not None:
-        check_resume_length(ckpt, checkpoint.read_meta(ckpt)["iteration"], total_iterations(cfg))
+    check_resume_length(ckpt, checkpoint.read_meta(ckpt)["iteration"], total_iterations(cfg))
     return dims, spec, manifest
 
 
@@ -120,10 +118,17 @@ def build_network(spec, full_state, meshes, storage, pcfg, device):
     return materialize(parallelize(module, meshes, pcfg), full_state, device)
 
 
-def take_output(cfg, held: contextlib.ExitStack) -> None:
-    """Rank 0, before any rank writes: create the output folder and lock it until `held` closes."""
+def take_output(cfg, held: contextlib.ExitStack) -> str:
+    """Rank 0, before any rank writes: create the output folder and lock it until `held` closes; a fresh run
+    removes the old checkpoints (--overwrite; refused otherwise). Returns the run id: the resumed one's, or new."""
     prepare_output(cfg.output)
     held.enter_context(run_lock(cfg.output))
+    ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
+    if ckpt is None:  # checked again here, under the lock: what rank 0 removes is what it found
+        for old in check_fresh_output(cfg.output, cfg.overwrite):
+            shutil.rmtree(old)
+        return uuid.uuid4().hex
+    return checkpoint.read_meta(ckpt).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids
 
 
 def run_distributed(cfg) -> dict:
@@ -136,9 +141,9 @@ def run_distributed(cfg) -> dict:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     with contextlib.ExitStack() as held:
-        checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal is raised on every rank
+        run_id = checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal: raised on every rank
         prepare_output(cfg.output)  # every rank writes there (its DCP shards), not only rank 0
-        summary = train_sharded(cfg, dims, spec, manifest, device)
+        summary = train_sharded(cfg, dims, spec, manifest, device, run_id)
         # Every rank waits for rank 0's export before tearing down. A rank that exits first could reach
         # interpreter finalisation while a gloo worker thread still drops its last collective's tensors;
         # taking the GIL there aborts the process ("terminate called without an active exception", the
@@ -148,7 +153,7 @@ def run_distributed(cfg) -> dict:
     return summary
 
 
-def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device) -> dict:
+def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device, run_id: str) -> dict:
     """Build the sharded networks, resume, train, checkpoint, export (rank 0); return the summary."""
     d = cfg.distributed
     rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
@@ -204,7 +209,7 @@ def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device)
                 )
         stop = checkpoint.agree_to_stop(stop_requested(), device)
         if stop or state.iteration % cfg.save_every == 0 or (state.iteration == total and d.save_at_end):
-            checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), d.keep_checkpoints)
+            checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), run_id, d.keep_checkpoints)
         if stop:
             break
     ema = {

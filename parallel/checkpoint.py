@@ -4,10 +4,11 @@ Layout under `<run>/checkpoints/`:
   step-<NNNNNNNN>/            one complete checkpoint: DCP shards + .metadata, and meta.json
   .tmp-step-<NNNNNNNN>/       a save in progress (or one killed mid-way): never read, removed later
 Every rank writes its shards into the temporary folder; rank 0 then writes meta.json (iteration,
-counters, data-loader position, configuration) and renames the folder into place, after a barrier,
+counters, data-loader position, configuration, run id) and renames the folder into place, after a barrier,
 as the last step. A kill at any moment therefore leaves the previous complete checkpoint untouched,
 and `latest_checkpoint` (the newest `step-*` with a meta.json) is always loadable. DCP stores the
-DTensor shards with their global layout, so a checkpoint loads on another world size too.
+DTensor shards with their global layout, so a checkpoint loads on another world size too. Pruning
+removes only the saving run's own checkpoints (by run id), never another run's in the same folder.
 
 The counterpart of rcmfn/train_checkpoint.py (single process, safetensors) for sharded state.
 """
@@ -60,11 +61,13 @@ def save_checkpoint(
     student: nn.Module,
     fake: nn.Module | None,
     meta: dict,
+    run_id: str,
     keep: int = 2,
 ) -> Path:
-    """Collective: write `state` as step-<iteration>; keep the newest `keep` complete ones.
+    """Collective: write `state` as step-<iteration> of run `run_id`; keep that run's newest `keep`.
 
-    `meta` (JSON-serialisable: loader position, configuration, ...) is stored with the loop counters.
+    `meta` (JSON-serialisable: loader position, configuration, ...) is stored with the loop counters and
+    `run_id` (the same on every rank; rank 0's is the one written).
     """
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{state.iteration:08d}"
@@ -81,15 +84,25 @@ def save_checkpoint(
             "iteration": state.iteration,
             "student_steps": state.student_steps,
             "critic_steps": state.critic_steps,
+            "run_id": run_id,
         }
         (tmp / META).write_text(json.dumps(counters | meta, indent=1, sort_keys=True))
         if final.exists():  # the same iteration saved twice (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
+        own = [path for path in sorted(root.glob(f"{PREFIX}*")) if _run_id_of(path) == run_id]
+        for old in own[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _run_id_of(path: Path) -> str | None:
+    """The run that wrote checkpoint `path`; None if it cannot be read or predates run ids."""
+    try:
+        return read_meta(path).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

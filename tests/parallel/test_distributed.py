@@ -100,6 +100,17 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
         check_before_gpu(cfg, world_size=1)
 
 
+def test_a_fresh_run_refuses_a_folder_holding_checkpoints_unless_told_to_overwrite(tmp_path):
+    cfg = dataclasses.replace(_config(tmp_path), resume=False)
+    folder = cfg.output / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"config": fingerprint(cfg), "iteration": 4}))
+    with pytest.raises(ValueError, match=rf"{cfg.output} holds 1 checkpoint \(step-00000004 ... .*--overwrite"):
+        check_before_gpu(cfg, world_size=1)
+    check_before_gpu(dataclasses.replace(cfg, overwrite=True), world_size=1)  # rank 0 removes it later
+    assert folder.is_dir()
+
+
 def test_checkpoint_past_the_requested_length_is_refused(tmp_path):
     cfg = dataclasses.replace(_config(tmp_path), iterations=2)
     folder = cfg.output / "checkpoints" / "step-00000004"
@@ -184,6 +195,7 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     stopped = checkpoint.latest_checkpoint(run)
     assert summary["stopped_by_signal"], output[-3000:]
     assert stopped is not None and checkpoint.read_meta(stopped)["iteration"] == summary["iteration"]
+    run_id = checkpoint.read_meta(stopped)["run_id"]
 
     layouts = ["--distributed.export-layouts", "official", "diffusers"]
     proc = _torchrun(tmp_path, iterations=summary["iteration"] + 2, extra=["--distributed.cp", "2", *layouts])
@@ -192,7 +204,7 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     resumed = [m["iteration"] for m in _lines(run)][-2:]
     assert resumed == [summary["iteration"], summary["iteration"] + 1]
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run))
-    assert meta["iteration"] == summary["iteration"] + 2
+    assert meta["iteration"] == summary["iteration"] + 2 and meta["run_id"] == run_id  # kept on resume
     n = meta["iteration"]  # one sample per iteration (batch 1, one data-parallel rank), 8 per epoch
     assert (meta["loader"]["epoch"], meta["loader"]["position"]) == ((n - 1) // 8, (n - 1) % 8 + 1)
     from safetensors.torch import load_file
@@ -217,3 +229,18 @@ def test_torchrun_refuses_an_output_folder_another_job_holds_on_every_rank(tmp_p
     assert output.count(message) == 2, output[-3000:]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
     assert json.loads((tmp_path / "run" / ".lock").read_text()) == holder
+
+
+def test_torchrun_overwrite_replaces_another_runs_checkpoints(tmp_path):
+    """--no-resume --overwrite: rank 0 removes the old run's checkpoints under the lock, and the new run's
+    checkpoints carry one new run id."""
+    old = tmp_path / "run" / "checkpoints" / "step-00000099"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"run_id": "old", "iteration": 99}))
+    proc = _torchrun(tmp_path, iterations=2, extra=["--no-resume", "--overwrite"])
+    output = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 0, output[-3000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+    run_id = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "step-00000002")["run_id"]
+    assert len(run_id) == 32 and run_id != "old"
+    assert not (tmp_path / "run" / ".lock").exists()
