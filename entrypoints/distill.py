@@ -6,9 +6,10 @@ Reading order: the config below, `run()` (build, resume, loop, evaluate), then r
 import json
 import math
 import os
+import shutil
 import sys
-import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -20,14 +21,22 @@ from tqdm.auto import tqdm
 from entrypoints import toy as toy_world
 from entrypoints.distributed_config import DistributedConfig
 from entrypoints.presets import MODELS, get_preset
+from entrypoints.run_folder import check_fresh_output, prepare_output
 from rcmfn.compile import compiled
 from rcmfn.divergence import DivergenceError, check_finite_weights
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.metrics_log import MetricsLog
+from rcmfn.run_lock import run_lock
 from rcmfn.step import LossConfig
 from rcmfn.tangent import scm_tangent
 from rcmfn.time import LogNormal
-from rcmfn.train_checkpoint import check_checkpoint_config, latest_checkpoint, load_checkpoint, save_checkpoint
+from rcmfn.train_checkpoint import (
+    check_checkpoint_config,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -41,7 +50,7 @@ class DistillConfig:
     output: Path = Path("runs/toy")
     """run folder: checkpoints/, metrics.jsonl, metrics.json, samples.png, config.json"""
     iterations: int | None = None
-    """total iterations (student + critic); preset value if unset"""
+    """total iterations (student + critic), >= 1; preset value if unset"""
     dmd_weight: float = 0.01
     """lambda of L_sCM + lambda L_DMD (paper: 0.01); stored as loss_scale_dmd = lambda * sCM loss_scale"""
     guidance: float | None = None
@@ -66,6 +75,8 @@ class DistillConfig:
     """iterations between metric lines in metrics.jsonl"""
     resume: bool = True
     """continue from the newest complete checkpoint in the output folder, if there is one"""
+    overwrite: bool = False
+    """a run that resumes nothing deletes the checkpoints already in the output folder (without: refused)"""
     compile: bool = False
     """torch.compile(fullgraph=True) the student's forward and jvp"""
     progress: bool = True
@@ -86,6 +97,8 @@ class DistillConfig:
             raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
         if self.method == "dmd" and self.tangent_warmup not in (None, 0):
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1 (unset: the preset's); got {self.iterations}")
         for name in ("save_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -114,21 +127,26 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
     return LoopConfig(loss, optim, warmup, freq, cfg.seed, max_bad_steps=cfg.max_bad_steps)
 
 
-def prepare_output(path: Path) -> None:
-    """Create the run folder and prove it is writable before any work starts. The probe file has a
-    unique name: every rank of a torchrun job probes the same folder at once."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as err:
-        raise ValueError(f"output folder {path} is not writable: {err}") from err
+def total_iterations(cfg: DistillConfig) -> int:
+    """The run's length: --iterations, or the preset's when unset."""
+    return get_preset(cfg.model).iterations if cfg.iterations is None else cfg.iterations
+
+
+def check_resume_length(ckpt: Path, iteration: int, total: int) -> None:
+    """Refuse to resume a checkpoint past the requested length: nothing would train, and the longer-trained
+    model would be evaluated and labelled as a `total`-iteration one."""
+    if iteration > total:
+        raise ValueError(
+            f"checkpoint {ckpt} is at iteration {iteration}, past the requested total of {total} iterations; "
+            f"pass --iterations {iteration} or more to resume it, or use another --output"
+        )
 
 
 def fingerprint(cfg: DistillConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
     the teacher is checked or the student exported: those change no trained value)."""
-    skip = {"output", "iterations", "save_every", "log_every", "resume", "progress", "compile", "max_bad_steps"}
+    skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
+    skip |= {"max_bad_steps"}
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}
@@ -148,19 +166,34 @@ def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor"
 
 
 def run(cfg: DistillConfig) -> dict:
-    """Build, resume, train, evaluate; return the final metrics (also written to metrics.json)."""
+    """Build, resume, train, evaluate; return the final metrics (also written to metrics.json). The run
+    holds its output folder's lock throughout, so a second job on the folder is refused."""
     if cfg.model != "toy":
         from entrypoints.distributed import run_distributed  # it imports this module
 
         return run_distributed(cfg)
     prepare_output(cfg.output)
+    with run_lock(cfg.output):
+        return run_toy(cfg)
+
+
+def run_toy(cfg: DistillConfig) -> dict:
+    """The toy run of `run`, inside the output folder's lock."""
+    remove_partial_saves(cfg.output)  # left by a killed save; no other job writes here (the lock)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     lcfg = loop_config(cfg)
     config = fingerprint(cfg)
+    total = total_iterations(cfg)
     ckpt = latest_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
-        check_checkpoint_config(ckpt, config)
+        resumed = check_checkpoint_config(ckpt, config)
+        check_resume_length(ckpt, resumed["iteration"], total)
+    else:
+        resumed = {}
+        for old in check_fresh_output(cfg.output, cfg.overwrite):
+            shutil.rmtree(old)
+    run_id = resumed.get("run_id") or uuid.uuid4().hex  # kept across resumes; pruning removes only its own
     world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
     nets = Networks(
         student=world.student,
@@ -174,7 +207,6 @@ def run(cfg: DistillConfig) -> dict:
     if ckpt is not None:
         state = load_checkpoint(ckpt, state, config)
     (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
-    total = cfg.iterations or get_preset(cfg.model).iterations
     batch_fn = toy_world.toy_batch_fn(world)
     bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
     start, first = time.perf_counter(), state.iteration
@@ -191,7 +223,7 @@ def run(cfg: DistillConfig) -> dict:
                     {"student": state.student, "EMA": state.ema, "fake score": state.fake},
                     f"checkpoint {state.iteration}",
                 )
-                save_checkpoint(cfg.output, state, config)
+                save_checkpoint(cfg.output, state, config, run_id)
     bar.close()
     final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
     final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}

@@ -1,22 +1,26 @@
 """`torchrun --nproc_per_node=N -m entrypoints.distill --model cosmos2b ...`: sharded rCM distillation.
 
 Reading order: `DistributedConfig`, `check_before_gpu` (every error that needs no GPU), `run_distributed`
-(build sharded networks, resume, loop, checkpoint, export), then parallel/parallelize.py.
+(process group, output folder lock), `train_sharded` (build sharded networks, resume, loop, checkpoint,
+export), then parallel/parallelize.py.
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, replace
 
 import torch
 import torch.distributed as dist
 import tyro
 
-from entrypoints.distill import DistillConfig, fingerprint, loop_config, prepare_output
+from entrypoints.distill import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
 from entrypoints.distributed_config import export_name
-from entrypoints.presets import get_preset
+from entrypoints.run_folder import check_fresh_output, prepare_output
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
 from parallel.fsdp import init_sharded_state, materialize, sharded_networks
@@ -29,6 +33,7 @@ from rcmfn.models.cosmos.configs import TINY_T2I
 from rcmfn.models.cosmos.model import init_random_
 from rcmfn.models.registry import build_model, cast_params, get_spec
 from rcmfn.models.wan.configs import WAN_TINY
+from rcmfn.run_lock import run_lock
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -46,7 +51,8 @@ def model_spec(cfg):
 
 def check_before_gpu(cfg, world_size: int):
     """Every configuration error that needs no GPU: mesh vs world size, CP vs heads and tokens, the
-    teacher and the data, and a checkpoint written by another configuration. Returns (dims, spec, manifest)."""
+    teacher and the data, a checkpoint written by another configuration or past the requested length, and
+    (for a fresh run) another run's checkpoints without --overwrite. Returns (dims, spec, manifest)."""
     d = cfg.distributed
     dims = ParallelDims(world_size, d.dp_replicate, d.dp_shard, d.cp)
     spec = model_spec(cfg)
@@ -72,13 +78,17 @@ def check_before_gpu(cfg, world_size: int):
     if manifest.count < d.batch_size * dims.dp:
         raise ValueError(f"{manifest.count} samples cannot fill one global batch of {d.batch_size} x {dims.dp}")
     ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
-    if ckpt is not None and checkpoint.read_meta(ckpt)["config"] != fingerprint(cfg):
+    if ckpt is None:  # a fresh run; with --overwrite, rank 0 removes the old checkpoints under the lock
+        check_fresh_output(cfg.output, cfg.overwrite)
+        return dims, spec, manifest
+    if checkpoint.read_meta(ckpt)["config"] != fingerprint(cfg):
         saved = checkpoint.read_meta(ckpt)["config"]
         diff = sorted(k for k in set(saved) | set(fingerprint(cfg)) if saved.get(k) != fingerprint(cfg).get(k))
         raise ValueError(
             f"checkpoint {ckpt} was written by another configuration (differs in {diff}); "
             "use a new output folder or the same settings"
         )
+    check_resume_length(ckpt, checkpoint.read_meta(ckpt)["iteration"], total_iterations(cfg))
     return dims, spec, manifest
 
 
@@ -110,16 +120,44 @@ def build_network(spec, full_state, meshes, storage, pcfg, device):
     return materialize(parallelize(module, meshes, pcfg), full_state, device)
 
 
+def take_output(cfg, held: contextlib.ExitStack) -> str:
+    """Rank 0, before any rank writes: create the output folder and lock it until `held` closes; a fresh run
+    removes the old checkpoints (--overwrite; refused otherwise). Returns the run id: the resumed one's, or new."""
+    prepare_output(cfg.output)
+    held.enter_context(run_lock(cfg.output))
+    ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
+    if ckpt is None:  # checked again here, under the lock: what rank 0 removes is what it found
+        for old in check_fresh_output(cfg.output, cfg.overwrite):
+            shutil.rmtree(old)
+        return uuid.uuid4().hex
+    return checkpoint.read_meta(ckpt).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids
+
+
 def run_distributed(cfg) -> dict:
-    """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed) under torchrun."""
-    d = cfg.distributed
+    """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed) under torchrun: the checks,
+    the process group, the output folder's lock (held by rank 0 for the whole job), training, teardown."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dims, spec, manifest = check_before_gpu(cfg, world)
-    prepare_output(cfg.output)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    with contextlib.ExitStack() as held:
+        run_id = checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal: raised on every rank
+        prepare_output(cfg.output)  # every rank writes there (its DCP shards), not only rank 0
+        summary = train_sharded(cfg, dims, spec, manifest, device, run_id)
+        # Every rank waits for rank 0's export before tearing down. A rank that exits first could reach
+        # interpreter finalisation while a gloo worker thread still drops its last collective's tensors;
+        # taking the GIL there aborts the process ("terminate called without an active exception", the
+        # mechanism pytorch#179291 describes; seen once in 20 CPU runs of the resume test).
+        dist.barrier()
+    dist.destroy_process_group()
+    return summary
+
+
+def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device, run_id: str) -> dict:
+    """Build the sharded networks, resume, train, checkpoint, export (rank 0); return the summary."""
+    d = cfg.distributed
     rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
     compute = DTYPES[d.dtype]
     master = torch.float64 if compute == torch.float64 else torch.float32
@@ -145,7 +183,7 @@ def run_distributed(cfg) -> dict:
         batch = next(loader)
         return batch.latents.to(device, torch.float32), batch.text_embeddings.to(device), uncond
 
-    total = cfg.iterations or get_preset(cfg.model).iterations
+    total = total_iterations(cfg)
     stop_requested, meta = (
         checkpoint.sigterm_flag(),
         lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)},
@@ -174,7 +212,7 @@ def run_distributed(cfg) -> dict:
             check_finite_weights(
                 {"student": state.student, "EMA": state.ema, "fake score": state.fake}, f"checkpoint {state.iteration}"
             )
-            checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), d.keep_checkpoints)
+            checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), run_id, d.keep_checkpoints)
         if stop:
             break
     if d.export:
@@ -194,12 +232,6 @@ def run_distributed(cfg) -> dict:
             export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
         (cfg.output / "metrics.json").write_text(json.dumps(summary, indent=1))
         log.close()
-    # Every rank waits for rank 0's export before tearing down. A rank that exits first could reach
-    # interpreter finalisation while a gloo worker thread still drops its last collective's tensors;
-    # taking the GIL there aborts the process ("terminate called without an active exception", the
-    # mechanism pytorch#179291 describes; seen once in 20 CPU runs of the resume test).
-    dist.barrier()
-    dist.destroy_process_group()
     return summary
 
 

@@ -4,10 +4,11 @@ Layout under `<run>/checkpoints/`:
   step-<NNNNNNNN>/            one complete checkpoint: DCP shards + .metadata, and meta.json
   .tmp-step-<NNNNNNNN>/       a save in progress (or one killed mid-way): never read, removed later
 Every rank writes its shards into the temporary folder; rank 0 then writes meta.json (iteration,
-counters, data-loader position, configuration) and renames the folder into place, after a barrier,
+counters, data-loader position, configuration, run id) and renames the folder into place, after a barrier,
 as the last step. A kill at any moment therefore leaves the previous complete checkpoint untouched,
 and `latest_checkpoint` (the newest `step-*` with a meta.json) is always loadable. DCP stores the
-DTensor shards with their global layout, so a checkpoint loads on another world size too.
+DTensor shards with their global layout, so a checkpoint loads on another world size too. Pruning
+removes only the saving run's own checkpoints (by run id), never another run's in the same folder.
 
 The counterpart of rcmfn/train_checkpoint.py (single process, safetensors) for sharded state.
 """
@@ -18,6 +19,7 @@ import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from rcmfn.loop import TrainState
 
 PREFIX, TMP_PREFIX, META = "step-", ".tmp-step-", "meta.json"
+T = TypeVar("T")
 
 
 def _tensors(state: TrainState, student: nn.Module, fake: nn.Module | None) -> dict:
@@ -58,11 +61,13 @@ def save_checkpoint(
     student: nn.Module,
     fake: nn.Module | None,
     meta: dict,
+    run_id: str,
     keep: int = 2,
 ) -> Path:
-    """Collective: write `state` as step-<iteration>; keep the newest `keep` complete ones.
+    """Collective: write `state` as step-<iteration> of run `run_id`; keep that run's newest `keep`.
 
-    `meta` (JSON-serialisable: loader position, configuration, ...) is stored with the loop counters.
+    `meta` (JSON-serialisable: loader position, configuration, ...) is stored with the loop counters and
+    `run_id` (the same on every rank; rank 0's is the one written).
     """
     root = Path(run_dir) / "checkpoints"
     final = root / f"{PREFIX}{state.iteration:08d}"
@@ -79,15 +84,25 @@ def save_checkpoint(
             "iteration": state.iteration,
             "student_steps": state.student_steps,
             "critic_steps": state.critic_steps,
+            "run_id": run_id,
         }
         (tmp / META).write_text(json.dumps(counters | meta, indent=1, sort_keys=True))
         if final.exists():  # the same iteration saved twice (e.g. SIGTERM right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
+        own = [path for path in sorted(root.glob(f"{PREFIX}*")) if _run_id_of(path) == run_id]
+        for old in own[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _run_id_of(path: Path) -> str | None:
+    """The run that wrote checkpoint `path`; None if it cannot be read or predates run ids."""
+    try:
+        return read_meta(path).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -120,6 +135,25 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, student: nn.Modu
         meta["critic_steps"],
     )
     return meta
+
+
+def rank_zero_first(claim: Callable[[], T]) -> T:
+    """Collective: run `claim` on rank 0 while the other ranks wait; return its result on every rank.
+
+    An exception `claim` raises is raised on every rank, so a refused job (output folder locked, say)
+    fails everywhere with rank 0's message instead of leaving the others waiting in their next collective.
+    """
+    outcome: list = [None, None]  # result, exception
+    if _rank() == 0:
+        try:
+            outcome[0] = claim()
+        except Exception as err:
+            outcome[1] = err
+    if dist.is_initialized():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 def sigterm_flag() -> Callable[[], bool]:

@@ -3,9 +3,12 @@
 Layout of one checkpoint, `<run>/checkpoints/iter-<NNNNNNNN>/`:
   student.safetensors, ema.safetensors, fake.safetensors (if any)  -- flat dotted keys
   optim.pt                                                         -- optimiser state dicts
-  state.json                                                       -- iteration, counters, config
+  state.json                                                       -- iteration, counters, config, run id
 A checkpoint is written into a hidden temporary folder and renamed into place as the last step, so an
 interrupted save never replaces or corrupts a complete one; `latest_checkpoint` only sees complete ones.
+A save that fails removes its temporary folder; one killed mid-way leaves it for `remove_partial_saves`.
+Each checkpoint names the run that wrote it (a random id, kept across resumes); pruning removes only the
+saving run's own, so checkpoints of another run in the same folder are never deleted for it.
 """
 
 import json
@@ -19,7 +22,7 @@ from tensordict import TensorDict
 
 from rcmfn.loop import TrainState
 
-PREFIX = "iter-"
+PREFIX, TMP_PREFIX = "iter-", ".tmp-"
 
 
 def _flat(params: TensorDict) -> dict[str, torch.Tensor]:
@@ -45,14 +48,27 @@ def _copy_into(params: TensorDict, path: Path) -> None:
             value.copy_(tensors[key])
 
 
-def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, keep: int = 3) -> Path:
-    """Write `state` as checkpoint iter-<state.iteration> under run_dir/checkpoints; keep the newest `keep`."""
+def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, run_id: str, keep: int = 3) -> Path:
+    """Write `state` as checkpoint iter-<state.iteration> of run `run_id` under run_dir/checkpoints; keep
+    that run's newest `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.iteration:08d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _write_and_rename(tmp, final, state, config, run_id)
+    except BaseException:  # disk full, interrupted, ...: no half-written folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    own = [path for path in sorted(root.glob(f"{PREFIX}*")) if run_id_of(path) == run_id]
+    for old in own[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_and_rename(tmp: Path, final: Path, state: TrainState, config: dict, run_id: str) -> None:
     save_file(_flat(state.student), tmp / "student.safetensors")
     save_file(_flat(state.ema), tmp / "ema.safetensors")
     optim = {"student": state.student_opt.state_dict()}
@@ -65,14 +81,27 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, keep: 
         "student_steps": state.student_steps,
         "critic_steps": state.critic_steps,
         "config": config,
+        "run_id": run_id,
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def remove_partial_saves(run_dir: str | Path) -> None:
+    """Remove the temporary folders of saves that never finished (a killed process leaves one). Only for
+    a job that holds the run folder (rcmfn/run_lock.py): another job's save in progress looks the same."""
+    for tmp in (Path(run_dir) / "checkpoints").glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_id_of(path: Path) -> str | None:
+    """The run that wrote checkpoint `path`; None if it cannot be read or predates run ids."""
+    try:
+        return json.loads((path / "state.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

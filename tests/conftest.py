@@ -1,9 +1,16 @@
-"""Shared fixtures: a small random velocity network with parameters in a TensorDict."""
+"""Shared fixtures: a small random velocity network with parameters in a TensorDict; processes alive and
+gone, and a run folder's lock written as another job would (rcmfn/run_lock.py)."""
+
+import json
+import socket
+import subprocess
 
 import pytest
 import torch
 from tensordict import TensorDict
 from torch import nn
+
+from rcmfn.run_lock import LOCK_NAME
 
 
 class SmallVelocityNet(nn.Module):
@@ -39,3 +46,28 @@ def make_small_net(shape=(3, 1, 2, 2), cond_dim=5, dtype=torch.float64, seed=0):
 @pytest.fixture
 def small_net():
     return make_small_net()
+
+
+@pytest.fixture
+def live_pid():
+    """The pid of another process that stays alive for the test."""
+    proc = subprocess.Popen(["sleep", "600"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(folder, pid: int, host: str | None = None) -> dict:
+    """Write `folder`/.lock as job `pid` on `host` (this one by default) would; return what it holds."""
+    holder = {"host": host or socket.gethostname(), "pid": pid, "started": "2025-01-01T00:00:00+00:00"}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_NAME).write_text(json.dumps(holder))
+    return holder

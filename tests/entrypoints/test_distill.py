@@ -10,10 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from entrypoints import toy as toy_world
 from entrypoints.distill import DistillConfig, fingerprint, run
 from entrypoints.toy import ToyConfig
 from rcmfn.models.tiny_dit import TinyDiTConfig
+from rcmfn.run_lock import RunLockedError
 from rcmfn.warm_start import WarmStartConfig
+from tests.conftest import write_lock
 
 TINY_TOY = ToyConfig(
     net=TinyDiTConfig(width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
@@ -153,14 +156,94 @@ def test_resume_fingerprint_ignores_how_the_teacher_is_checked_and_the_student_e
     assert fingerprint(dataclasses.replace(base, seed=base.seed + 1)) != fingerprint(base)
 
 
-def test_output_folder_probe_survives_ranks_probing_at_once(tmp_path):
-    """Every torchrun rank calls prepare_output on the same folder at once; a shared probe name made
-    one rank's unlink fail after another's ("No such file or directory")."""
-    from concurrent.futures import ThreadPoolExecutor
+def test_a_second_job_on_the_output_folder_is_refused_and_writes_nothing(tmp_path, live_pid):
+    holder = write_lock(tmp_path, live_pid)
+    with pytest.raises(RunLockedError, match=f"in use by another job: host .*, pid {live_pid}"):
+        run(tiny_config(tmp_path, iterations=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    assert json.loads((tmp_path / ".lock").read_text()) == holder
 
-    from entrypoints.distill import prepare_output
 
-    folder = tmp_path / "run"
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda _: prepare_output(folder), range(400)))
-    assert folder.is_dir() and not list(folder.iterdir())
+def test_the_output_lock_is_released_after_a_run_and_after_a_failure(tmp_path):
+    run(tiny_config(tmp_path, iterations=3))
+    assert not (tmp_path / ".lock").exists()
+    with pytest.raises(ValueError, match="another configuration"):
+        run(tiny_config(tmp_path, guidance=3.0))
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_run_removes_half_written_checkpoints_it_finds(tmp_path):
+    partial = tmp_path / "checkpoints" / ".tmp-iter-00000005-1234"
+    partial.mkdir(parents=True)
+    (partial / "student.safetensors").write_bytes(b"truncated")
+    run(tiny_config(tmp_path, iterations=3))
+    assert not partial.exists()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter-00000003"]
+
+
+def test_a_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
+    from rcmfn import train_checkpoint
+
+    def disk_full(tensors, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(train_checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(tiny_config(tmp_path, iterations=3))
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert not (tmp_path / ".lock").exists()
+
+
+@pytest.mark.parametrize("iterations", [0, -5])
+def test_iterations_below_one_fail_at_config_time(tmp_path, iterations):
+    """0 used to run the preset's length and -5 to train nothing and exit 0."""
+    with pytest.raises(ValueError, match=f"iterations must be >= 1.*got {iterations}"):
+        tiny_config(tmp_path, iterations=iterations)
+
+
+def test_resume_past_the_requested_length_fails_before_the_warm_start(tmp_path, monkeypatch):
+    """A checkpoint at iteration 3 resumed with --iterations 2 would be evaluated and labelled as 2."""
+    run(tiny_config(tmp_path, iterations=3))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr(toy_world, "build_toy", lambda *args, **kwargs: pytest.fail("warm start ran"))
+    with pytest.raises(ValueError, match="iter-00000003 is at iteration 3, past the requested total of 2 iterations"):
+        run(tiny_config(tmp_path, iterations=2))
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def _run_ids(run_dir: Path) -> dict[str, str]:
+    return {
+        p.name: json.loads((p / "state.json").read_text()).get("run_id")
+        for p in sorted((run_dir / "checkpoints").glob("iter-*"))
+    }
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_fresh_run_refuses_a_folder_holding_checkpoints_it_does_not_resume(tmp_path, resume):
+    """--no-resume into another run's folder used to let pruning delete the new run's checkpoints (the old
+    run's numbers are higher). With --resume, a folder whose checkpoints this runner cannot resume (here an
+    incomplete one) is refused too."""
+    run(tiny_config(tmp_path, iterations=6))
+    if resume:
+        for path in (tmp_path / "checkpoints").glob("iter-*/state.json"):
+            path.unlink()
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
+    message = rf"output folder {tmp_path} holds 2 checkpoints .*--overwrite.*--resume.*another --output"
+    with pytest.raises(ValueError, match=message):
+        run(tiny_config(tmp_path, iterations=3, resume=resume))
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()} == before
+
+
+def test_overwrite_removes_the_old_checkpoints_and_starts_a_new_run(tmp_path):
+    run(tiny_config(tmp_path, iterations=6))
+    (old_id,) = set(_run_ids(tmp_path).values())
+    run(tiny_config(tmp_path, iterations=3, resume=False, overwrite=True))
+    ids = _run_ids(tmp_path)
+    assert list(ids) == ["iter-00000003"] and ids["iter-00000003"] not in (None, old_id)
+
+
+def test_a_resumed_run_keeps_its_run_id(tmp_path):
+    run(tiny_config(tmp_path, iterations=3))
+    run(tiny_config(tmp_path, iterations=6, overwrite=True))  # resumes: --overwrite only acts on a fresh run
+    ids = _run_ids(tmp_path)
+    assert list(ids) == ["iter-00000003", "iter-00000006"] and len(set(ids.values())) == 1 and None not in ids.values()

@@ -6,6 +6,7 @@ Kill: a process saves iteration 2, then is SIGKILLed inside its next save (after
 written, before the rename); the folder still resolves to iteration 2 and loads the saved values.
 """
 
+import json
 import os
 import signal
 import time
@@ -16,6 +17,7 @@ import torch.multiprocessing as mp
 
 from parallel import checkpoint
 from parallel.parallelize import ParallelConfig, ParallelDims
+from rcmfn.run_lock import RunLockedError
 from tests.parallel.parallel_harness import (
     assert_same_run,
     build,
@@ -35,7 +37,7 @@ def _resume_worker(rank, world, port, run_dir, out):
     dims, cfg = ParallelDims(world_size=world, dp_shard=1, cp=world), loop_config()
     nets, state, student, fake = build("wan", dims, cfg, PCFG)
     run_steps(state, nets, cfg, "wan", 3)
-    checkpoint.save_checkpoint(run_dir, state, student, fake, {"loader": {"position": 3}})
+    checkpoint.save_checkpoint(run_dir, state, student, fake, {"loader": {"position": 3}}, "run")
     straight = {"metrics": run_steps(state, nets, cfg, "wan", 3)} | snapshot(state)
 
     nets, fresh, student, fake = build("wan", dims, cfg, PCFG)
@@ -67,7 +69,7 @@ def _killed_worker(port, run_dir, marker):
     cfg = loop_config()
     nets, state, student, fake = build("wan", ParallelDims(world_size=1), cfg, PCFG)
     run_steps(state, nets, cfg, "wan", 2)
-    checkpoint.save_checkpoint(run_dir, state, student, fake, {})
+    checkpoint.save_checkpoint(run_dir, state, student, fake, {}, "run")
     torch.save(snapshot(state), marker.with_suffix(".saved"))
     run_steps(state, nets, cfg, "wan", 1)
 
@@ -76,7 +78,7 @@ def _killed_worker(port, run_dir, marker):
         time.sleep(600)
 
     checkpoint.os.replace = stuck_replace
-    checkpoint.save_checkpoint(run_dir, state, student, fake, {})
+    checkpoint.save_checkpoint(run_dir, state, student, fake, {}, "run")
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
@@ -104,11 +106,53 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
             for key, value in saved[name].items():
                 got = getattr(state, name)[key]
                 torch.testing.assert_close(got.full_tensor() if hasattr(got, "full_tensor") else got, value)
-        checkpoint.save_checkpoint(run_dir, state, student, fake, {})  # a later save clears the debris
+        checkpoint.save_checkpoint(run_dir, state, student, fake, {}, "run")  # a later save clears the debris
         assert not list((run_dir / "checkpoints").glob(".tmp-*"))
         assert checkpoint.latest_checkpoint(run_dir).name == "step-00000002"
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _rank_zero_first_worker(rank, world, port, out):
+    init_gloo(rank, world, port)
+    seen = {"result": checkpoint.rank_zero_first(lambda: f"claimed by rank {torch.distributed.get_rank()}")}
+
+    def refuse():
+        raise RunLockedError("run folder /x is in use by another job: host h, pid 7")
+
+    try:
+        checkpoint.rank_zero_first(refuse)
+    except RunLockedError as err:
+        seen["error"] = str(err)
+    torch.save(seen, out / f"rank{rank}.pt")
+    shutdown_gloo()
+
+
+def test_rank_zero_first_gives_every_rank_rank_zeros_result_or_error(tmp_path):
+    """The output folder's lock is taken by rank 0 alone; a refusal must fail every rank with the same
+    message (a rank that went on would wait forever in its next collective)."""
+    mp.spawn(_rank_zero_first_worker, args=(3, free_port(), tmp_path), nprocs=3)
+    for rank in range(3):
+        seen = torch.load(tmp_path / f"rank{rank}.pt")
+        assert seen == {"result": "claimed by rank 0", "error": "run folder /x is in use by another job: host h, pid 7"}
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_pruning_removes_only_this_runs_checkpoints(tmp_path):
+    """A fresh run in a folder holding a longer run's checkpoints: the old rule (keep the highest numbers)
+    deleted each new checkpoint as soon as it was written. One process, no group: DCP saves locally."""
+    cfg = loop_config()
+    _, state, student, fake = build("wan", None, cfg, PCFG)
+    root = tmp_path / "checkpoints"
+    for name, run_id in [("step-00000098", "old"), ("step-00000099", "old"), ("step-00000097", None)]:
+        (root / name).mkdir(parents=True)
+        (root / name / "meta.json").write_text(json.dumps({} if run_id is None else {"run_id": run_id}))
+    for iteration in (1, 2, 3):
+        state.iteration = iteration
+        checkpoint.save_checkpoint(tmp_path, state, student, fake, {}, "new", keep=2)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["step-00000002", "step-00000003", "step-00000097", "step-00000098", "step-00000099"]
+    assert checkpoint.read_meta(root / "step-00000003")["run_id"] == "new"
 
 
 def test_latest_checkpoint_ignores_incomplete_folders(tmp_path):

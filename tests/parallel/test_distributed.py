@@ -1,6 +1,7 @@
 """torchrun -m entrypoints.distill (the sharded path): clear errors before any GPU work; torchrun runs,
 stops at SIGTERM with a checkpoint, resumes from it, and exports the EMA student."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from entrypoints.distill import fingerprint
 from entrypoints.distributed import ScaleConfig, check_before_gpu, model_spec, teacher_weights
 from entrypoints.distributed_config import DistributedConfig
 from parallel import checkpoint
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.registry import build_model
 from rcmfn.shards import ShardWriter, write_negative_embedding
+from tests.conftest import write_lock
 from tests.parallel.parallel_harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +100,27 @@ def test_checkpoint_of_another_configuration_is_refused(tmp_path):
         check_before_gpu(cfg, world_size=1)
 
 
+def test_a_fresh_run_refuses_a_folder_holding_checkpoints_unless_told_to_overwrite(tmp_path):
+    cfg = dataclasses.replace(_config(tmp_path), resume=False)
+    folder = cfg.output / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"config": fingerprint(cfg), "iteration": 4}))
+    with pytest.raises(ValueError, match=rf"{cfg.output} holds 1 checkpoint \(step-00000004 ... .*--overwrite"):
+        check_before_gpu(cfg, world_size=1)
+    check_before_gpu(dataclasses.replace(cfg, overwrite=True), world_size=1)  # rank 0 removes it later
+    assert folder.is_dir()
+
+
+def test_checkpoint_past_the_requested_length_is_refused(tmp_path):
+    cfg = dataclasses.replace(_config(tmp_path), iterations=2)
+    folder = cfg.output / "checkpoints" / "step-00000004"
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"config": fingerprint(cfg), "iteration": 4}))
+    with pytest.raises(ValueError, match="step-00000004 is at iteration 4, past the requested total of 2 iterations"):
+        check_before_gpu(cfg, world_size=1)
+    check_before_gpu(dataclasses.replace(cfg, iterations=4), world_size=1)  # the same length resumes
+
+
 def test_teacher_with_a_missing_key_fails_strict_and_loads_non_strict(tmp_path, capsys):
     """Strict (the default) raises naming the missing key; --distributed.no-strict prints the report and
     gives a full state dict, the missing norm weight freshly initialised to 1."""
@@ -171,6 +195,7 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     stopped = checkpoint.latest_checkpoint(run)
     assert summary["stopped_by_signal"], output[-3000:]
     assert stopped is not None and checkpoint.read_meta(stopped)["iteration"] == summary["iteration"]
+    run_id = checkpoint.read_meta(stopped)["run_id"]
 
     layouts = ["--distributed.export-layouts", "official", "diffusers"]
     proc = _torchrun(tmp_path, iterations=summary["iteration"] + 2, extra=["--distributed.cp", "2", *layouts])
@@ -179,7 +204,7 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     resumed = [m["iteration"] for m in _lines(run)][-2:]
     assert resumed == [summary["iteration"], summary["iteration"] + 1]
     meta = checkpoint.read_meta(checkpoint.latest_checkpoint(run))
-    assert meta["iteration"] == summary["iteration"] + 2
+    assert meta["iteration"] == summary["iteration"] + 2 and meta["run_id"] == run_id  # kept on resume
     n = meta["iteration"]  # one sample per iteration (batch 1, one data-parallel rank), 8 per epoch
     assert (meta["loader"]["epoch"], meta["loader"]["position"]) == ((n - 1) // 8, (n - 1) % 8 + 1)
     from safetensors.torch import load_file
@@ -216,3 +241,29 @@ def test_torchrun_stops_on_divergence_without_saving_or_exporting(tmp_path):
         loaded = {k: torch.empty(meta[k].size, dtype=torch.float64) for k in names}
         dcp.load(loaded, storage_reader=dcp.FileSystemReader(step))
         assert names and all(torch.isfinite(t).all() for t in loaded.values()), step
+
+
+def test_torchrun_refuses_an_output_folder_another_job_holds_on_every_rank(tmp_path, live_pid):
+    """Rank 0 takes the lock; the refusal reaches both ranks (no rank left waiting), nothing is written."""
+    holder = write_lock(tmp_path / "run", live_pid)
+    output = _torchrun(tmp_path, iterations=2).communicate(timeout=180)[0].decode()
+    message = f"RunLockedError: run folder {tmp_path / 'run'} is in use by another job: host {holder['host']}, "
+    message += f"pid {live_pid}"
+    assert output.count(message) == 2, output[-3000:]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    assert json.loads((tmp_path / "run" / ".lock").read_text()) == holder
+
+
+def test_torchrun_overwrite_replaces_another_runs_checkpoints(tmp_path):
+    """--no-resume --overwrite: rank 0 removes the old run's checkpoints under the lock, and the new run's
+    checkpoints carry one new run id."""
+    old = tmp_path / "run" / "checkpoints" / "step-00000099"
+    old.mkdir(parents=True)
+    (old / "meta.json").write_text(json.dumps({"run_id": "old", "iteration": 99}))
+    proc = _torchrun(tmp_path, iterations=2, extra=["--no-resume", "--overwrite"])
+    output = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 0, output[-3000:]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-00000002"]
+    run_id = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "step-00000002")["run_id"]
+    assert len(run_id) == 32 and run_id != "old"
+    assert not (tmp_path / "run" / ".lock").exists()
