@@ -11,7 +11,6 @@ reduction was switched off (rcmfn/compile.py) the compiled gradient norms here w
 
 import math
 import os
-from dataclasses import replace
 
 import pytest
 import torch
@@ -52,37 +51,10 @@ def process_group():
 
 
 def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
-    """(state, networks, loop config, batch_fn) of the sharded trainer for `model` cut to BLOCKS blocks."""
-    from entrypoints.distill import DistillConfig, loop_config
-    from entrypoints.distributed import build_network, model_spec, teacher_weights
-    from entrypoints.distributed_config import DistributedConfig
-    from parallel.fsdp import init_sharded_state, sharded_networks
-    from parallel.parallelize import ParallelConfig, ParallelDims
+    """(state, networks, loop config, batch_fn, student module) of the sharded trainer, BLOCKS blocks."""
+    from entrypoints.bench_step import build_trainer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = DistributedConfig(random_init=True, tiny=tiny)
-    cfg = DistillConfig(
-        model=model, student_lr=0.0, fake_lr=0.0, tangent_warmup=0, student_update_freq=2, max_bad_steps=max_bad_steps
-    )
-    cfg = replace(cfg, distributed=d)
-    spec = model_spec(cfg)
-    blocks = "num_layers" if spec.family == "wan" else "num_blocks"
-    spec = replace(spec, config=replace(spec.config, **{blocks: BLOCKS}))
-    full = teacher_weights(cfg, spec)
-    meshes = ParallelDims(1).build_meshes(device.type)
-    pcfg = ParallelConfig(param_dtype=None if dtype == torch.float32 else dtype, compile=compile_)
-    lcfg = loop_config(cfg)
-    teacher = build_network(spec, full, meshes, dtype, replace(pcfg, param_dtype=None), device)
-    student = build_network(spec, full, meshes, torch.float32, pcfg, device)
-    fake = build_network(spec, full, meshes, torch.float32, pcfg, device)
-    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
-    state = init_sharded_state(student, fake, lcfg)
-    latent = (16, 1, 8, 8) if tiny else spec.latent_shape
-    text = (8, spec.text_dim) if tiny else (spec.text_len, spec.text_dim)
-    g = torch.Generator().manual_seed(11)
-    x0 = torch.randn(1, *latent, generator=g).to(device)
-    cond, uncond = (torch.randn(1, *text, generator=g).to(device, torch.bfloat16) for _ in range(2))
-    return state, nets, lcfg, lambda gen: (x0, cond, uncond), student
+    return build_trainer(model, dtype, compile_, blocks=BLOCKS, tiny=tiny, max_bad_steps=max_bad_steps)[:5]
 
 
 def iterate(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False) -> list[dict]:
