@@ -33,16 +33,26 @@ PREFIX, TMP_PREFIX, META = "step-", ".tmp-step-", "meta.json"
 T = TypeVar("T")
 
 
-def _tensors(state: TrainState, student: nn.Module, fake: nn.Module | None) -> dict:
-    """What DCP saves and loads in place: weights, EMA and optimiser states (FQN-keyed)."""
-    tensors = {
-        "student": dict(state.student.items()),
-        "ema": dict(state.ema.items()),
-        "student_optim": get_optimizer_state_dict(student, state.student_opt),
-    }
+def stepped_optimizers(state: TrainState) -> list[str]:
+    """The networks whose optimiser has taken a step (has state to save)."""
+    names = ["student"] + ([] if state.fake is None else ["fake"])
+    return [n for n in names if getattr(state, f"{n}_opt").state]
+
+
+def _tensors(state: TrainState, student: nn.Module, fake: nn.Module | None, optimizers: list[str]) -> dict:
+    """What DCP saves and loads in place: weights, EMA and the states of `optimizers` (FQN-keyed).
+
+    An optimiser that has not stepped yet is left out: `get_optimizer_state_dict` initialises an empty
+    AdamW by stepping it on zero gradients, a phantom step that shifts Adam's bias correction for the rest
+    of the run (a save before the fake score's first step made `--save-every 1` and `--save-every 20`
+    diverge from iteration 4: 31 optimiser steps counted for 30 real ones).
+    """
+    tensors = {"student": dict(state.student.items()), "ema": dict(state.ema.items())}
     if state.fake is not None:
         tensors["fake"] = dict(state.fake.items())
-        tensors["fake_optim"] = get_optimizer_state_dict(fake, state.fake_opt)
+    modules = {"student": student, "fake": fake}
+    for name in optimizers:
+        tensors[f"{name}_optim"] = get_optimizer_state_dict(modules[name], getattr(state, f"{name}_opt"))
     return tensors
 
 
@@ -77,7 +87,8 @@ def save_checkpoint(
         for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a killed save
             shutil.rmtree(stale, ignore_errors=True)
     _barrier()
-    dcp.save(_tensors(state, student, fake), checkpoint_id=str(tmp))
+    optimizers = stepped_optimizers(state)
+    dcp.save(_tensors(state, student, fake, optimizers), checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         counters = {
@@ -85,6 +96,7 @@ def save_checkpoint(
             "student_steps": state.student_steps,
             "critic_steps": state.critic_steps,
             "run_id": run_id,
+            "optimizer_states": optimizers,
         }
         (tmp / META).write_text(json.dumps(counters | meta, indent=1, sort_keys=True))
         if final.exists():  # the same iteration saved twice (e.g. SIGTERM right after a periodic save)
@@ -123,12 +135,13 @@ def load_checkpoint(path: str | os.PathLike, state: TrainState, student: nn.Modu
     The state must have the same networks (names and shapes; DCP raises naming a missing key
     otherwise); the optimiser states are created first so that DCP can fill them in place.
     """
-    tensors = _tensors(state, student, fake)
-    dcp.load(tensors, checkpoint_id=str(path))
-    set_optimizer_state_dict(student, state.student_opt, tensors["student_optim"])
-    if state.fake is not None:
-        set_optimizer_state_dict(fake, state.fake_opt, tensors["fake_optim"])
     meta = read_meta(path)
+    saved = meta.get("optimizer_states", ["student"] + ([] if state.fake is None else ["fake"]))
+    tensors = _tensors(state, student, fake, saved)
+    dcp.load(tensors, checkpoint_id=str(path))
+    modules = {"student": student, "fake": fake}
+    for name in saved:  # an optimiser saved before its first step stays empty, as it was
+        set_optimizer_state_dict(modules[name], getattr(state, f"{name}_opt"), tensors[f"{name}_optim"])
     state.iteration, state.student_steps, state.critic_steps = (
         meta["iteration"],
         meta["student_steps"],

@@ -180,3 +180,37 @@ def test_sigterm_flag_turns_on_at_the_signal(signum):
         assert flag()
     finally:
         signal.signal(signum, previous)
+
+
+def _saving_worker(rank, world, port, run_dir, out):
+    """The same 6 iterations twice: straight, and with a save after every one (the first before the fake
+    score's optimiser has stepped)."""
+    init_gloo(rank, world, port)
+    dims, cfg = ParallelDims(world_size=world), loop_config()
+    runs = {}
+    for save in (False, True):
+        nets, state, student, fake = build("cosmos", dims, cfg, PCFG)
+        metrics = []
+        for _ in range(6):
+            metrics += run_steps(state, nets, cfg, "cosmos", 1)
+            if save:
+                checkpoint.save_checkpoint(run_dir, state, student, fake, {}, "run", keep=1)
+        runs[save] = {"metrics": metrics} | snapshot(state)
+        runs[save]["steps"] = [
+            int(opt.state[p]["step"])
+            for opt in (state.student_opt, state.fake_opt)
+            for p in opt.param_groups[0]["params"][:1]
+        ]
+    if rank == 0:
+        torch.save(runs, out)
+    shutdown_gloo()
+
+
+def test_saving_does_not_change_training(tmp_path):
+    out = tmp_path / "out.pt"
+    mp.spawn(_saving_worker, args=(1, free_port(), tmp_path / "run", out), nprocs=1)
+    runs = torch.load(out, weights_only=False)
+    assert runs[True]["steps"] == runs[False]["steps"]  # no phantom optimiser step
+    assert_same_run(runs[True], runs[False], "saving", rtol=0, atol=0)
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(tmp_path / "run"))
+    assert meta["optimizer_states"] == ["student", "fake"]
