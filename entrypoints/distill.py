@@ -32,8 +32,8 @@ from rcmfn.tangent import scm_tangent
 from rcmfn.time import LogNormal
 from rcmfn.train_checkpoint import (
     check_checkpoint_config,
-    latest_checkpoint,
     load_checkpoint,
+    newest_sound_checkpoint,
     remove_partial_saves,
     save_checkpoint,
 )
@@ -185,7 +185,7 @@ def run_toy(cfg: DistillConfig) -> dict:
     lcfg = loop_config(cfg)
     config = fingerprint(cfg)
     total = total_iterations(cfg)
-    ckpt = latest_checkpoint(cfg.output) if cfg.resume else None
+    ckpt = newest_sound_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
         resumed = check_checkpoint_config(ckpt, config)
         check_resume_length(ckpt, resumed["iteration"], total)

@@ -9,17 +9,21 @@ interrupted save never replaces or corrupts a complete one; `latest_checkpoint` 
 A save that fails removes its temporary folder; one killed mid-way leaves it for `remove_partial_saves`.
 Each checkpoint names the run that wrote it (a random id, kept across resumes); pruning removes only the
 saving run's own, so checkpoints of another run in the same folder are never deleted for it.
+state.json records each file's SHA-256 (rcmfn/checksums.py); `newest_sound_checkpoint` verifies them and
+the weights' finiteness before a resume trusts a checkpoint, and falls back to the previous one, saying so.
 """
 
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
+from rcmfn.checksums import CorruptCheckpointError, folder_digests, verify_digests
 from rcmfn.loop import TrainState
 
 PREFIX, TMP_PREFIX = "iter-", ".tmp-"
@@ -82,6 +86,7 @@ def _write_and_rename(tmp: Path, final: Path, state: TrainState, config: dict, r
         "critic_steps": state.critic_steps,
         "config": config,
         "run_id": run_id,
+        "files": folder_digests(tmp),
     }
     (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     if final.exists():
@@ -111,18 +116,84 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+# Settings that change no trained value: a resume may change them (older checkpoints recorded some).
+NOT_TRAINING = {"cpu_threads", "max_bad_steps", "overwrite", "progress", "log_every", "toy.eval_samples"}
+
+
+def _dotted(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= _dotted(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """'field: checkpoint X vs now Y' for each setting (dotted name) that differs and changes training."""
+    a, b = _dotted(saved), _dotted(now)
+    keys = sorted(k for k in set(a) | set(b) if k not in NOT_TRAINING and a.get(k) != b.get(k))
+    return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys]
+
+
+def read_state(path: str | Path) -> dict:
+    """A checkpoint's state.json; CorruptCheckpointError naming it if it cannot be read."""
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpointError(f"checkpoint {path}: state.json cannot be read ({err})") from None
+
+
 def check_checkpoint_config(path: str | Path, config: dict) -> dict:
     """Raise ValueError naming every setting in which checkpoint `path` differs from `config`."""
-    path = Path(path)
-    meta = json.loads((path / "state.json").read_text())
-    if meta["config"] != config:
-        diff = sorted(k for k in set(meta["config"]) | set(config) if meta["config"].get(k) != config.get(k))
-        details = ", ".join(f"{k}: checkpoint {meta['config'].get(k)!r} vs now {config.get(k)!r}" for k in diff)
+    meta = read_state(path)
+    if diff := config_differences(meta["config"], config):
         raise ValueError(
-            f"checkpoint {path} was written by another configuration ({details}); "
+            f"checkpoint {path} was written by another configuration ({', '.join(diff)}); "
             "use a new output folder or the same settings"
         )
     return meta
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CorruptCheckpointError naming the file of checkpoint `path` that is damaged: a checksum that
+    differs from the one written, a weights file that cannot be read, or non-finite weights."""
+    path = Path(path)
+    meta = read_state(path)
+    if "files" in meta:  # checkpoints written before checksums have none to verify
+        verify_digests(path, meta["files"])
+    for name in sorted(p.name for p in path.glob("*.safetensors")):
+        try:
+            tensors = load_file(path / name)
+        except Exception as err:  # noqa: BLE001 -- any reader error means the file is damaged
+            raise CorruptCheckpointError(f"checkpoint {path}: {name} cannot be read ({type(err).__name__})") from None
+        if bad := [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+            raise CorruptCheckpointError(f"checkpoint {path}: {name} holds non-finite weights ({', '.join(bad[:5])})")
+
+
+def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint that verifies (`verify_checkpoint`), warning for each newer damaged
+    one passed over; None if the run has none. If every checkpoint is damaged, raise naming the newest
+    one's fault: a run never restarts from scratch without being told to (--overwrite)."""
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in sorted(root.glob(f"{PREFIX}*"), reverse=True) if (p / "state.json").is_file()]
+    faults = []
+    for path in done:
+        try:
+            verify_checkpoint(path)
+        except CorruptCheckpointError as err:
+            faults.append(str(err))
+            continue
+        for fault in faults:
+            warnings.warn(f"{fault}; resuming from the previous complete checkpoint {path.name}", stacklevel=2)
+        return path
+    if faults:
+        raise CorruptCheckpointError(
+            f"every checkpoint in {root} is damaged (newest: {faults[0]}); move them away, or start a new run "
+            "with --no-resume --overwrite"
+        )
+    return None
 
 
 def load_checkpoint(path: str | Path, state: TrainState, config: dict) -> TrainState:
@@ -131,7 +202,10 @@ def load_checkpoint(path: str | Path, state: TrainState, config: dict) -> TrainS
     meta = check_checkpoint_config(path, config)
     _copy_into(state.student, path / "student.safetensors")
     _copy_into(state.ema, path / "ema.safetensors")
-    optim = torch.load(path / "optim.pt", weights_only=True)
+    try:
+        optim = torch.load(path / "optim.pt", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- never retried with weights_only=False: that runs pickled code
+        raise CorruptCheckpointError(f"checkpoint {path}: optim.pt cannot be read ({type(err).__name__})") from None
     state.student_opt.load_state_dict(optim["student"])
     if state.fake is not None:
         _copy_into(state.fake, path / "fake.safetensors")
