@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,7 @@ from rcmfn.models.registry import build_model, cast_params, get_spec
 from rcmfn.models.wan.configs import WAN_TINY
 from rcmfn.run_lock import run_lock
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
+from rcmfn.train_checkpoint import config_differences
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -81,11 +83,9 @@ def check_before_gpu(cfg, world_size: int):
     if ckpt is None:  # a fresh run; with --overwrite, rank 0 removes the old checkpoints under the lock
         check_fresh_output(cfg.output, cfg.overwrite)
         return dims, spec, manifest
-    if checkpoint.read_meta(ckpt)["config"] != fingerprint(cfg):
-        saved = checkpoint.read_meta(ckpt)["config"]
-        diff = sorted(k for k in set(saved) | set(fingerprint(cfg)) if saved.get(k) != fingerprint(cfg).get(k))
+    if diff := config_differences(checkpoint.read_meta(ckpt)["config"], fingerprint(cfg)):
         raise ValueError(
-            f"checkpoint {ckpt} was written by another configuration (differs in {diff}); "
+            f"checkpoint {ckpt} was written by another configuration ({', '.join(diff)}); "
             "use a new output folder or the same settings"
         )
     check_resume_length(ckpt, checkpoint.read_meta(ckpt)["iteration"], total_iterations(cfg))
@@ -120,17 +120,18 @@ def build_network(spec, full_state, meshes, storage, pcfg, device):
     return materialize(parallelize(module, meshes, pcfg), full_state, device)
 
 
-def take_output(cfg, held: contextlib.ExitStack) -> str:
+def take_output(cfg, held: contextlib.ExitStack) -> tuple[str, Path | None]:
     """Rank 0, before any rank writes: create the output folder and lock it until `held` closes; a fresh run
-    removes the old checkpoints (--overwrite; refused otherwise). Returns the run id: the resumed one's, or new."""
+    removes the old checkpoints (--overwrite; refused otherwise). Returns the run id (the resumed one's, or
+    new) and the checkpoint to resume: the newest whose checksums verify (parallel.checkpoint)."""
     prepare_output(cfg.output)
     held.enter_context(run_lock(cfg.output))
-    ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
+    ckpt = checkpoint.newest_sound_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is None:  # checked again here, under the lock: what rank 0 removes is what it found
         for old in check_fresh_output(cfg.output, cfg.overwrite):
             shutil.rmtree(old)
-        return uuid.uuid4().hex
-    return checkpoint.read_meta(ckpt).get("run_id") or uuid.uuid4().hex  # checkpoints from before run ids
+        return uuid.uuid4().hex, None
+    return checkpoint.read_meta(ckpt).get("run_id") or uuid.uuid4().hex, ckpt  # older ones have no run id
 
 
 def run_distributed(cfg) -> dict:
@@ -143,9 +144,9 @@ def run_distributed(cfg) -> dict:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     with contextlib.ExitStack() as held:
-        run_id = checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal: raised on every rank
+        run_id, ckpt = checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal: on every rank
         prepare_output(cfg.output)  # every rank writes there (its DCP shards), not only rank 0
-        summary = train_sharded(cfg, dims, spec, manifest, device, run_id)
+        summary = train_sharded(cfg, dims, spec, manifest, device, run_id, ckpt)
         # Every rank waits for rank 0's export before tearing down. A rank that exits first could reach
         # interpreter finalisation while a gloo worker thread still drops its last collective's tensors;
         # taking the GIL there aborts the process ("terminate called without an active exception", the
@@ -155,7 +156,9 @@ def run_distributed(cfg) -> dict:
     return summary
 
 
-def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device, run_id: str) -> dict:
+def train_sharded(
+    cfg, dims: ParallelDims, spec, manifest, device: torch.device, run_id: str, ckpt: Path | None
+) -> dict:
     """Build the sharded networks, resume, train, checkpoint, export (rank 0); return the summary."""
     d = cfg.distributed
     rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
@@ -173,7 +176,6 @@ def train_sharded(cfg, dims: ParallelDims, spec, manifest, device: torch.device,
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
     loader = ShardLoader(d.data, d.batch_size, meshes.dp_rank, meshes.dp_size, cfg.seed)
-    ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is not None:
         loader.load_state_dict(checkpoint.load_checkpoint(ckpt, state, student, fake)["loader"])
     negative = read_negative_embedding(d.data)

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -27,6 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+from rcmfn.checksums import CorruptCheckpointError, folder_digests, verify_digests
 from rcmfn.loop import TrainState
 
 PREFIX, TMP_PREFIX, META = "step-", ".tmp-step-", "meta.json"
@@ -97,6 +99,7 @@ def save_checkpoint(
             "critic_steps": state.critic_steps,
             "run_id": run_id,
             "optimizer_states": optimizers,
+            "files": folder_digests(tmp, skip=(META,)),  # verified before a resume trusts the shards
         }
         (tmp / META).write_text(json.dumps(counters | meta, indent=1, sort_keys=True))
         if final.exists():  # the same iteration saved twice (e.g. SIGTERM right after a periodic save)
@@ -122,6 +125,35 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     done = [p for p in sorted(root.glob(f"{PREFIX}*")) if (p / META).is_file()]
     return done[-1] if done else None
+
+
+def newest_sound_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint whose files match their recorded checksums (rank-local; call it on one
+    rank), warning for each newer damaged one passed over; None if there is none. If every checkpoint is
+    damaged, raise naming the newest one's fault: a run never restarts from scratch unasked."""
+    root = Path(run_dir) / "checkpoints"
+    done = [p for p in sorted(root.glob(f"{PREFIX}*"), reverse=True) if (p / META).is_file()]
+    faults = []
+    for path in done:
+        try:
+            meta = read_meta(path)
+        except (OSError, ValueError) as err:
+            faults.append(f"checkpoint {path}: {META} cannot be read ({err})")
+            continue
+        try:
+            verify_digests(path, meta.get("files", {}))  # checkpoints from before checksums have none
+        except CorruptCheckpointError as err:
+            faults.append(str(err))
+            continue
+        for fault in faults:
+            warnings.warn(f"{fault}; resuming from the previous complete checkpoint {path.name}", stacklevel=2)
+        return path
+    if faults:
+        raise CorruptCheckpointError(
+            f"every checkpoint in {root} is damaged (newest: {faults[0]}); move them away, or start a new run "
+            "with --no-resume --overwrite"
+        )
+    return None
 
 
 def read_meta(path: str | os.PathLike) -> dict:

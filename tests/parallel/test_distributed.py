@@ -267,3 +267,23 @@ def test_torchrun_overwrite_replaces_another_runs_checkpoints(tmp_path):
     run_id = checkpoint.read_meta(tmp_path / "run" / "checkpoints" / "step-00000002")["run_id"]
     assert len(run_id) == 32 and run_id != "old"
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_torchrun_resumes_past_a_damaged_checkpoint_from_the_previous_one(tmp_path):
+    """A shard file of the newest checkpoint altered on disk: rank 0's checksum check names it, warns, and
+    the job resumes from the previous complete checkpoint."""
+    proc = _torchrun(tmp_path, iterations=4, extra=["--save-every", "2", "--distributed.keep-checkpoints", "3"])
+    assert proc.communicate(timeout=180)[0] is not None and proc.returncode == 0
+    newest = tmp_path / "run" / "checkpoints" / "step-00000004"
+    shard = sorted(p for p in newest.iterdir() if p.suffix == ".distcp")[0]
+    data = bytearray(shard.read_bytes())
+    data[100:140] = bytes(40)
+    shard.write_bytes(bytes(data))
+    proc = _torchrun(tmp_path, iterations=6, extra=["--save-every", "2", "--distributed.keep-checkpoints", "3"])
+    output = proc.communicate(timeout=180)[0].decode()
+    assert proc.returncode == 0, output[-3000:]
+    assert (
+        f"file {shard.name} was altered or damaged" in output and "previous complete checkpoint step-00000002" in output
+    )
+    resumed = [m["iteration"] for m in _lines(tmp_path / "run")]
+    assert resumed == [0, 1, 2, 3, 4, 5]  # iterations 2, 3 re-run from step 2, each logged once
