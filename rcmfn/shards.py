@@ -280,8 +280,13 @@ class ShardWriter:
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt must be a str or None; got {type(prompt).__name__}")
         dtype = DTYPES[self.manifest.dtype]
-        self._latents.append(latent.detach().to("cpu", dtype))
-        self._texts.append(text_embedding.detach().to("cpu", dtype))
+        latent, text_embedding = latent.detach().to("cpu", dtype), text_embedding.detach().to("cpu", dtype)
+        for what, tensor in (("latent", latent), ("text embedding", text_embedding)):
+            if not torch.isfinite(tensor).all():  # after the cast: a value the dtype cannot hold is inf
+                sample = self.manifest.count + len(self._latents)
+                raise ValueError(f"sample {sample} (prompt {prompt!r}): its {what} holds non-finite values")
+        self._latents.append(latent)
+        self._texts.append(text_embedding)
         self._prompts.append(prompt)
         if len(self._latents) == self.shard_size:
             self.flush()
@@ -382,6 +387,9 @@ class ShardLoader:
         handle, prompts = self._handles[shard], self._prompts[shard]
         latent = handle.get_slice("latents")[row : row + 1][0]
         text = handle.get_slice("text_embeddings")[row : row + 1][0]
+        for what, tensor in (("latents", latent), ("text_embeddings", text)):
+            if not torch.isfinite(tensor).all():  # a NaN sample trains silently (its losses are masked to 0)
+                raise ValueError(f"{self.manifest.folder / info.file}: row {row} of {what} holds non-finite values")
         return latent, text, "" if prompts is None else prompts[row]
 
     def __iter__(self):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 from rcmfn.shards import (
     DatasetError,
@@ -190,3 +191,24 @@ def test_loader_refuses_bad_arguments_and_foreign_state(tmp_path):
     loader = ShardLoader(tmp_path, 1, 0, 1, seed=0)
     with pytest.raises(ValueError, match="seed"):
         loader.load_state_dict({**loader.state_dict(), "seed": 9})
+
+
+def test_non_finite_samples_are_refused_when_written_and_when_read(tmp_path):
+    writer = ShardWriter(tmp_path / "w", LATENT, TEXT, "bfloat16", 2)
+    writer.add(*_sample(0))
+    bad = torch.randn(LATENT)
+    bad[0, 0, 1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"sample 1 \(prompt 'cat'\): its latent holds non-finite values"):
+        writer.add(bad, torch.randn(TEXT), "cat")
+    with pytest.raises(ValueError, match="text embedding holds non-finite"):
+        writer.add(torch.randn(LATENT), torch.full(TEXT, float("inf")), "dog")
+    # A shard damaged after writing (or written by other code): the loader names the file and the row.
+    _write(tmp_path / "r", 4, 4, dtype="float32")
+    manifest = read_manifest(tmp_path / "r")
+    path = manifest.folder / manifest.shards[0].file
+    tensors = load_file(path)
+    tensors["latents"][2, 0, 0, 0, 0] = float("inf")
+    save_file(tensors, path)
+    loader = ShardLoader(tmp_path / "r", batch_size=4, rank=0, world=1)
+    with pytest.raises(ValueError, match=rf"{path.name}: row 2 of latents holds non-finite values"):
+        next(loader)
