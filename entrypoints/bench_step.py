@@ -7,6 +7,9 @@ length: wall time as a user sees it (host included, synchronised), the first cal
 (compilation, kernel tuning), peak memory, tokens/s, and MFU from a FLOP count that lists every network
 call of the iteration (`iteration_calls`, checked against the loop by tests/entrypoints/test_bench_step.py).
 `--profile DIR` writes a Chrome trace of one steady iteration per kind and reports the GPU's busy time.
+
+size budget: one benchmark with its call-by-call FLOP accounting, the trainer it builds (shared with the
+GPU tests), its table and its CLI.
 """
 
 import argparse

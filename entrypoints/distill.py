@@ -6,37 +6,24 @@ Reading order: the config below, `run()` (build, resume, loop, evaluate), then r
 import json
 import math
 import os
-import shutil
 import sys
-import time
-import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-import torch
 import tyro
-from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
 from entrypoints.distributed_config import DistributedConfig
 from entrypoints.presets import MODELS, get_preset
-from entrypoints.run_folder import check_fresh_output, prepare_output
+from entrypoints.run_folder import prepare_output
 from rcmfn.compile import compiled
-from rcmfn.divergence import DivergenceError, check_finite_weights
-from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
-from rcmfn.metrics_log import MetricsLog
+from rcmfn.divergence import DivergenceError
+from rcmfn.loop import LoopConfig, Networks
 from rcmfn.run_lock import run_lock
 from rcmfn.step import LossConfig
 from rcmfn.tangent import scm_tangent
 from rcmfn.time import LogNormal
-from rcmfn.train_checkpoint import (
-    check_checkpoint_config,
-    load_checkpoint,
-    newest_sound_checkpoint,
-    remove_partial_saves,
-    save_checkpoint,
-)
 
 
 @dataclass(frozen=True)
@@ -172,64 +159,11 @@ def run(cfg: DistillConfig) -> dict:
         from entrypoints.distributed import run_distributed  # it imports this module
 
         return run_distributed(cfg)
+    from entrypoints.toy_run import run_toy  # it imports this module
+
     prepare_output(cfg.output)
     with run_lock(cfg.output):
         return run_toy(cfg)
-
-
-def run_toy(cfg: DistillConfig) -> dict:
-    """The toy run of `run`, inside the output folder's lock."""
-    remove_partial_saves(cfg.output)  # left by a killed save; no other job writes here (the lock)
-    if cfg.cpu_threads > 0:
-        torch.set_num_threads(cfg.cpu_threads)
-    lcfg = loop_config(cfg)
-    config = fingerprint(cfg)
-    total = total_iterations(cfg)
-    ckpt = newest_sound_checkpoint(cfg.output) if cfg.resume else None
-    if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
-        resumed = check_checkpoint_config(ckpt, config)
-        check_resume_length(ckpt, resumed["iteration"], total)
-    else:
-        resumed = {}
-        for old in check_fresh_output(cfg.output, cfg.overwrite):
-            shutil.rmtree(old)
-    run_id = resumed.get("run_id") or uuid.uuid4().hex  # kept across resumes; pruning removes only its own
-    world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
-    nets = Networks(
-        student=world.student,
-        teacher=world.teacher,
-        teacher_params=world.mixture,
-        fake=world.student if lcfg.loss.uses_critic else None,
-    )
-    if cfg.compile:
-        nets = compiled_networks(nets, lcfg)
-    state = init_state(world.init_params, world.init_params if lcfg.loss.uses_critic else None, lcfg)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, state, config)
-    (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
-    batch_fn = toy_world.toy_batch_fn(world)
-    bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
-    start, first = time.perf_counter(), state.iteration
-    with MetricsLog(cfg.output / "metrics.jsonl", state.iteration) as log:
-        while state.iteration < total:
-            metrics = train_iteration(state, nets, batch_fn, lcfg)
-            bar.update(1)
-            rate = (state.iteration - first) / (time.perf_counter() - start)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
-            if metrics["iteration"] % cfg.log_every == 0:
-                log.write(metrics)
-            if state.iteration % cfg.save_every == 0 or state.iteration == total:
-                check_finite_weights(
-                    {"student": state.student, "EMA": state.ema, "fake score": state.fake},
-                    f"checkpoint {state.iteration}",
-                )
-                save_checkpoint(cfg.output, state, config, run_id)
-    bar.close()
-    final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
-    final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
-    (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
-    toy_world.save_figure(world, state.ema, cfg.seed, cfg.output / "samples.png", lcfg.loss.guidance)
-    return final
 
 
 def main() -> None:
@@ -240,7 +174,7 @@ def main() -> None:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
-    if cfg.model != "toy":
+    if cfg.model != "toy" or final.get("stopped_by_signal"):
         return
     print(toy_world.format_table(final["rows"]))
     print(f"metrics: {cfg.output / 'metrics.json'}  figure: {cfg.output / 'samples.png'}")

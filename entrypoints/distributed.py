@@ -22,6 +22,7 @@ import tyro
 from entrypoints.distill import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
 from entrypoints.distributed_config import export_name
 from entrypoints.run_folder import check_fresh_output, prepare_output
+from entrypoints.stop_signal import StopSignal, stop_signals
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
 from parallel.fsdp import init_sharded_state, materialize, sharded_networks
@@ -146,7 +147,8 @@ def run_distributed(cfg) -> dict:
     with contextlib.ExitStack() as held:
         run_id, ckpt = checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal: on every rank
         prepare_output(cfg.output)  # every rank writes there (its DCP shards), not only rank 0
-        summary = train_sharded(cfg, dims, spec, manifest, device, run_id, ckpt)
+        stop = held.enter_context(stop_signals())  # SIGTERM / Ctrl-C: save at the next iteration boundary
+        summary = train_sharded(cfg, dims, spec, manifest, device, run_id, ckpt, stop)
         # Every rank waits for rank 0's export before tearing down. A rank that exits first could reach
         # interpreter finalisation while a gloo worker thread still drops its last collective's tensors;
         # taking the GIL there aborts the process ("terminate called without an active exception", the
@@ -157,7 +159,7 @@ def run_distributed(cfg) -> dict:
 
 
 def train_sharded(
-    cfg, dims: ParallelDims, spec, manifest, device: torch.device, run_id: str, ckpt: Path | None
+    cfg, dims: ParallelDims, spec, manifest, device: torch.device, run_id: str, ckpt: Path | None, stop: StopSignal
 ) -> dict:
     """Build the sharded networks, resume, train, checkpoint, export (rank 0); return the summary."""
     d = cfg.distributed
@@ -186,15 +188,12 @@ def train_sharded(
         return batch.latents.to(device, torch.float32), batch.text_embeddings.to(device), uncond
 
     total = total_iterations(cfg)
-    stop_requested, meta = (
-        checkpoint.sigterm_flag(),
-        lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)},
-    )
+    meta = lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)}  # noqa: E731
     tokens = token_count(spec, manifest.latent_shape) * d.batch_size * dims.dp  # per iteration, all ranks
     times: dict[str, list[float]] = {"student": [], "critic": []}
     log = MetricsLog(cfg.output / "metrics.jsonl", state.iteration) if rank == 0 else None
     while state.iteration < total:
-        start = time.perf_counter()
+        stop.iteration, start = state.iteration, time.perf_counter()
         metrics = train_iteration(state, nets, batch_fn, lcfg)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -209,13 +208,16 @@ def train_sharded(
                 print(
                     json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}), flush=True
                 )
-        stop = checkpoint.agree_to_stop(stop_requested(), device)
-        if stop or state.iteration % cfg.save_every == 0 or (state.iteration == total and d.save_at_end):
+        stopping = checkpoint.agree_to_stop(stop(), device)
+        if stopping or state.iteration % cfg.save_every == 0 or (state.iteration == total and d.save_at_end):
             check_finite_weights(
                 {"student": state.student, "EMA": state.ema, "fake score": state.fake}, f"checkpoint {state.iteration}"
             )
-            checkpoint.save_checkpoint(cfg.output, state, student, fake, meta(), run_id, d.keep_checkpoints)
-        if stop:
+            save = lambda: checkpoint.save_checkpoint(  # noqa: E731
+                cfg.output, state, student, fake, meta(), run_id, d.keep_checkpoints
+            )
+            stop.timed_save(save)
+        if stopping:
             break
     if d.export:
         check_finite_weights({"EMA": state.ema}, "the EMA student's export")

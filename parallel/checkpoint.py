@@ -16,7 +16,6 @@ The counterpart of rcmfn/train_checkpoint.py (single process, safetensors) for s
 import json
 import os
 import shutil
-import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -201,18 +200,7 @@ def rank_zero_first(claim: Callable[[], T]) -> T:
     return outcome[0]
 
 
-def sigterm_flag() -> Callable[[], bool]:
-    """Install a SIGTERM handler (main thread); return a function telling whether SIGTERM arrived.
-
-    torchrun forwards SIGTERM to every worker; the loop asks `agree_to_stop` each iteration so that all
-    ranks save the same iteration and exit together.
-    """
-    received = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    return lambda: bool(received)
-
-
-def agree_to_stop(local: bool, device: torch.device) -> bool:
+def agree_to_stop(local: bool, device: torch.device) -> bool:  # stop flags: rcmfn/stop_signal.py
     """Collective: True on every rank if any rank wants to stop (one tiny all-reduce)."""
     if not dist.is_initialized():
         return local

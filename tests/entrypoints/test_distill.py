@@ -247,3 +247,34 @@ def test_a_resumed_run_keeps_its_run_id(tmp_path):
     run(tiny_config(tmp_path, iterations=6, overwrite=True))  # resumes: --overwrite only acts on a fresh run
     ids = _run_ids(tmp_path)
     assert list(ids) == ["iter-00000003", "iter-00000006"] and len(set(ids.values())) == 1 and None not in ids.values()
+
+
+TINY_TOY_FLAGS = [
+    *("--toy.net.width 32 --toy.net.depth 1 --toy.net.heads 2 --toy.net.mlp-ratio 2 --toy.net.freq-dim 16".split()),
+    *("--toy.warm-start.steps 5 --toy.warm-start.batch-size 8 --toy.warm-start.warmup-steps 1".split()),
+    *("--toy.batch-size 4 --toy.eval-samples 8 --tangent-warmup 1 --student-update-freq 2".split()),
+    *("--save-every 1000 --log-every 1 --no-progress".split()),
+]
+
+
+def test_ctrl_c_saves_at_the_next_iteration_and_the_same_command_resumes(tmp_path):
+    import os
+    import signal
+    import time
+
+    command = [sys.executable, "-m", "entrypoints.distill", "--output", str(tmp_path), *TINY_TOY_FLAGS]
+    proc = subprocess.Popen([*command, "--iterations", "100000"], stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGINT: finishing iteration" in err and "Traceback" not in err, err[-3000:]
+    stopped = max(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("iter-*"))
+    assert f"stopped at iteration {stopped}, checkpoint saved" in err
+    done = subprocess.run([*command, "--iterations", str(stopped + 2)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line)["iteration"] for line in log.read_text().splitlines()]
+    assert lines == list(range(stopped + 2))

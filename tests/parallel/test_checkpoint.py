@@ -170,16 +170,25 @@ def test_agree_to_stop_without_a_group_is_the_local_flag():
     assert checkpoint.agree_to_stop(False, torch.device("cpu")) is False
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM])
-def test_sigterm_flag_turns_on_at_the_signal(signum):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_turn_the_flag_on_and_are_restored(signum, capsys):
+    from entrypoints.stop_signal import stop_signals
+
     previous = signal.getsignal(signum)
-    try:
-        flag = checkpoint.sigterm_flag()
-        assert not flag()
+    with stop_signals() as stop:
+        stop.iteration, stop.last_save_s = 7, 2.5
+        assert not stop()
         os.kill(os.getpid(), signum)
-        assert flag()
-    finally:
-        signal.signal(signum, previous)
+        assert stop()
+        message = capsys.readouterr().err
+        assert (
+            f"{signal.Signals(signum).name}: finishing iteration 7, then saving a checkpoint (the last took 2.5 s)"
+            in message
+        )
+        if signum == signal.SIGINT:
+            with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+                os.kill(os.getpid(), signum)
+    assert signal.getsignal(signum) is previous
 
 
 def _saving_worker(rank, world, port, run_dir, out):

@@ -1,0 +1,96 @@
+"""The toy run of `python -m entrypoints.distill` (no --model): resume, train, checkpoint, evaluate.
+
+Reading order: `run_toy`, then rcmfn/loop.py. Called by entrypoints/distill.py `run` inside the output
+folder's lock (rcmfn/run_lock.py).
+"""
+
+import json
+import shutil
+import sys
+import time
+import uuid
+
+import torch
+from tqdm.auto import tqdm
+
+from entrypoints import toy as toy_world
+from entrypoints.distill import (
+    DistillConfig,
+    check_resume_length,
+    compiled_networks,
+    fingerprint,
+    loop_config,
+    total_iterations,
+)
+from entrypoints.presets import get_preset
+from entrypoints.run_folder import check_fresh_output
+from entrypoints.stop_signal import stop_signals
+from rcmfn.divergence import check_finite_weights
+from rcmfn.loop import Networks, init_state, train_iteration
+from rcmfn.metrics_log import MetricsLog
+from rcmfn.train_checkpoint import (
+    check_checkpoint_config,
+    load_checkpoint,
+    newest_sound_checkpoint,
+    remove_partial_saves,
+    save_checkpoint,
+)
+
+
+def run_toy(cfg: DistillConfig) -> dict:
+    """The toy run of `run`, inside the output folder's lock."""
+    remove_partial_saves(cfg.output)  # left by a killed save; no other job writes here (the lock)
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    lcfg = loop_config(cfg)
+    config = fingerprint(cfg)
+    total = total_iterations(cfg)
+    ckpt = newest_sound_checkpoint(cfg.output) if cfg.resume else None
+    if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
+        resumed = check_checkpoint_config(ckpt, config)
+        check_resume_length(ckpt, resumed["iteration"], total)
+    else:
+        resumed = {}
+        for old in check_fresh_output(cfg.output, cfg.overwrite):
+            shutil.rmtree(old)
+    run_id = resumed.get("run_id") or uuid.uuid4().hex  # kept across resumes; pruning removes only its own
+    world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
+    nets = Networks(
+        student=world.student,
+        teacher=world.teacher,
+        teacher_params=world.mixture,
+        fake=world.student if lcfg.loss.uses_critic else None,
+    )
+    if cfg.compile:
+        nets = compiled_networks(nets, lcfg)
+    state = init_state(world.init_params, world.init_params if lcfg.loss.uses_critic else None, lcfg)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, state, config)
+    (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
+    batch_fn = toy_world.toy_batch_fn(world)
+    bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
+    start, first = time.perf_counter(), state.iteration
+    with MetricsLog(cfg.output / "metrics.jsonl", state.iteration) as log, stop_signals() as stop:
+        while state.iteration < total and not stop():
+            stop.iteration = state.iteration
+            metrics = train_iteration(state, nets, batch_fn, lcfg)
+            bar.update(1)
+            rate = (state.iteration - first) / (time.perf_counter() - start)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
+            if metrics["iteration"] % cfg.log_every == 0:
+                log.write(metrics)
+            if stop() or state.iteration % cfg.save_every == 0 or state.iteration == total:
+                check_finite_weights(
+                    {"student": state.student, "EMA": state.ema, "fake score": state.fake},
+                    f"checkpoint {state.iteration}",
+                )
+                stop.timed_save(lambda: save_checkpoint(cfg.output, state, config, run_id))
+    bar.close()
+    if stop():
+        print(f"stopped at iteration {state.iteration}, checkpoint saved; the same command resumes", file=sys.stderr)
+        return {"iteration": state.iteration, "stopped_by_signal": True}
+    final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
+    final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
+    (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
+    toy_world.save_figure(world, state.ema, cfg.seed, cfg.output / "samples.png", lcfg.loss.guidance)
+    return final
