@@ -1,0 +1,110 @@
+"""Kill-and-resume soak test: `python -m entrypoints.soak [--kills 50] [--seed 0]` (minutes; not in CI).
+
+Runs a small toy distillation once without interruption, then again under SIGKILL at random moments
+(during start-up, the warm start, training and saves; each restart resumes with the same command) until
+`--kills` kills have landed, lets the last run finish, and compares: every checkpoint weight of the final
+iteration and every metrics.jsonl line must be identical (timing fields aside). Exit status 1 on any
+difference. Each kill is SIGKILL of the process group: no handler runs, as when a node dies.
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+FLAGS = [
+    *"--toy.net.width 32 --toy.net.depth 1 --toy.net.heads 2 --toy.net.mlp-ratio 2 --toy.net.freq-dim 16".split(),
+    *"--toy.warm-start.steps 40 --toy.warm-start.batch-size 16 --toy.warm-start.warmup-steps 4".split(),
+    *"--toy.batch-size 8 --toy.eval-samples 64 --tangent-warmup 4 --student-update-freq 2".split(),
+    *"--log-every 1 --no-progress --cpu-threads 1".split(),
+]
+TIMING = {"seconds", "tokens_per_s", "train_seconds"}
+
+
+def _command(output: Path, iterations: int, save_every: int) -> list[str]:
+    extra = ["--iterations", str(iterations), "--save-every", str(save_every)]
+    return [sys.executable, "-m", "entrypoints.distill", "--output", str(output), *FLAGS, *extra]
+
+
+def _lines(output: Path) -> list[dict]:
+    path = output / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in path.read_text().splitlines()]
+
+
+def _final_weights(output: Path, iterations: int) -> dict[str, dict[str, torch.Tensor]]:
+    folder = output / "checkpoints" / f"iter-{iterations:08d}"
+    return {name: load_file(folder / f"{name}.safetensors") for name in ("student", "ema", "fake")}
+
+
+def soak(kills: int, iterations: int, save_every: int, seed: int, workdir: Path) -> bool:
+    rng = random.Random(seed)
+    straight, killed = workdir / "straight", workdir / "killed"
+    start = time.perf_counter()
+    subprocess.run(_command(straight, iterations, save_every), check=True, capture_output=True)
+    full_run = time.perf_counter() - start
+    print(f"uninterrupted run: {full_run:.1f} s", flush=True)
+    landed, attempts = 0, 0
+    while landed < kills:
+        attempts += 1
+        proc = subprocess.Popen(
+            _command(killed, iterations, save_every),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        delay = rng.uniform(0.2, full_run)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            landed += 1
+            at = len(_lines(killed))
+            print(f"kill {landed}/{kills} after {delay:.1f} s (log at iteration {at})", flush=True)
+            continue
+        if proc.returncode != 0:
+            print(f"a restart failed (exit {proc.returncode}):\n{proc.stderr.read().decode()[-3000:]}", flush=True)
+            return False
+        shutil.rmtree(killed)  # finished before the kill: start the killed run over
+        print("run finished before its kill; starting over", flush=True)
+    done = subprocess.run(_command(killed, iterations, save_every), capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"the final resume failed:\n{done.stderr[-3000:]}", flush=True)
+        return False
+    same_lines = _lines(killed) == _lines(straight)
+    want, got = _final_weights(straight, iterations), _final_weights(killed, iterations)
+    same_weights = all(torch.equal(got[n][k], want[n][k]) for n in want for k in want[n])
+    print(f"{landed} kills in {attempts} starts; metrics identical: {same_lines}; weights identical: {same_weights}")
+    return same_lines and same_weights
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m entrypoints.soak", description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=50, help="SIGKILLs that must land before the run may finish")
+    p.add_argument("--iterations", type=int, default=40, help="iterations of the toy run")
+    p.add_argument("--save-every", type=int, default=3, help="checkpoint interval")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
+    p.add_argument("--workdir", type=Path, default=None, help="where the two runs go (default: a temporary folder)")
+    args = p.parse_args()
+    if args.kills < 1 or args.iterations < 1 or args.save_every < 1:
+        p.error("--kills, --iterations and --save-every must be >= 1")
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rcmfn-soak-"))
+    ok = soak(args.kills, args.iterations, args.save_every, args.seed, workdir)
+    print("PASS" if ok else "FAIL", f"({workdir})")
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
