@@ -86,9 +86,20 @@ class DistillConfig:
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be >= 1 (unset: the preset's); got {self.iterations}")
-        for name in ("save_every", "log_every", "max_bad_steps"):
-            if getattr(self, name) < 1:
+        for name in ("save_every", "log_every", "max_bad_steps", "student_update_freq"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("student_lr", "fake_lr", "tangent_warmup", "cpu_threads", "seed"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0; got {value}")
+        if self.p_g_mean is not None and not math.isfinite(self.p_g_mean):
+            raise ValueError(f"p_g_mean must be finite; got {self.p_g_mean}")
+        if self.toy.batch_size < 1 or self.toy.eval_samples < 1:  # checked here, before the warm start
+            raise ValueError(
+                f"toy.batch_size and toy.eval_samples must be >= 1; got {self.toy.batch_size}, {self.toy.eval_samples}"
+            )
+        loop_config(self)  # the preset merged with these values: its own checks run now, before any work
 
 
 def loop_config(cfg: DistillConfig) -> LoopConfig:

@@ -186,6 +186,8 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
         try:
             if caption is None:
                 raise media.MediaError(f"{path}: no caption ({path.with_suffix('.txt').name} missing)")
+            if not str(caption).strip():  # as good as missing: a "" prompt would train on the uncondition
+                raise media.MediaError(f"{path}: empty caption")
             embedding = encoder.encode([caption], truncate=cfg.truncate_prompts, what="caption")[0]
             clip = media.fit_frames(
                 media.read_media(path, frames, cfg.frame_stride), frames, height, width, cfg.fit, source=str(path)

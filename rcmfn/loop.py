@@ -49,6 +49,18 @@ class OptimConfig:
     lr_warmup_steps: int = 100
     ema_rate: float = 0.1
 
+    def __post_init__(self):
+        finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
+        for name in ("student_lr", "fake_lr", "weight_decay"):
+            if not (finite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be finite and >= 0; got {getattr(self, name)}")
+        if not all(finite(b) and 0.0 <= b < 1.0 for b in self.betas) or len(self.betas) != 2:
+            raise ValueError(f"betas must be two values in [0, 1); got {self.betas}")
+        if not (finite(self.eps) and self.eps > 0) or self.lr_warmup_steps < 0:
+            raise ValueError(f"need eps > 0 and lr_warmup_steps >= 0; got {self.eps}, {self.lr_warmup_steps}")
+        if not (finite(self.ema_rate) and self.ema_rate > 0):
+            raise ValueError(f"ema_rate must be finite and > 0; got {self.ema_rate}")
+
 
 @dataclass(frozen=True)
 class LoopConfig:

@@ -278,3 +278,31 @@ def test_ctrl_c_saves_at_the_next_iteration_and_the_same_command_resumes(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line)["iteration"] for line in log.read_text().splitlines()]
     assert lines == list(range(stopped + 2))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"student_lr": -1e-4}, "student_lr must be finite and >= 0"),
+        ({"fake_lr": float("nan")}, "fake_lr must be finite and >= 0"),
+        ({"tangent_warmup": -2}, "tangent_warmup must be finite and >= 0"),
+        ({"student_update_freq": 0}, "student_update_freq must be >= 1"),
+        ({"p_g_mean": float("inf")}, "p_g_mean must be finite"),
+        ({"cpu_threads": -1}, "cpu_threads must be finite and >= 0"),
+        ({"max_bad_steps": 0}, "max_bad_steps must be >= 1"),
+        ({"toy": dataclasses.replace(TINY_TOY, eval_samples=0)}, "toy.eval_samples must be >= 1"),
+    ],
+)
+def test_bad_numeric_flags_fail_at_config_time(tmp_path, flags, message):
+    """Checked when the config is built: before the toy's minutes-long warm start (some were checked only
+    when the optimiser was built after it)."""
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **flags)
+
+
+def test_optimiser_settings_are_checked_where_they_are_defined():
+    from rcmfn.loop import OptimConfig
+
+    for bad in ({"betas": (0.9, 1.0)}, {"eps": 0.0}, {"ema_rate": -0.1}, {"weight_decay": -1.0}):
+        with pytest.raises(ValueError):
+            OptimConfig(**bad)

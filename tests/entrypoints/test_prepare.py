@@ -163,6 +163,7 @@ def media_folder(root: Path) -> Path:
         "short": (clip(3, 16, 16, 2), "a"),
         "long": (clip(5, 16, 16, 3), "a " * 20),
         "nocap": (clip(5, 16, 16, 4), None),
+        "blank": (clip(5, 16, 16, 6), " \n\t"),  # an empty caption is as good as none: skipped, reported
     }
     for name, (frames, caption) in entries.items():
         media.write_mp4(root / f"{name}.mp4", frames)
@@ -200,6 +201,7 @@ def test_media_become_shards_and_unfit_inputs_are_skipped_with_reasons(codec_dir
         "still.png": "1 frames, need 5",
         "broken.mp4": "unreadable video",
         "nocap.mp4": "no caption",
+        "blank.mp4": "empty caption",
         "long.mp4": r"caption 0 \(21 tokens\)",
     }
     assert sorted(result["skipped"]) == sorted(reasons)
@@ -218,7 +220,7 @@ def test_media_become_shards_and_unfit_inputs_are_skipped_with_reasons(codec_dir
     assert torch.equal(negative, encoder.encode(["x y"])[0].float().to(torch.bfloat16))
 
     again = prepare_media(media_config(codec_dir, source, tmp_path / "out"), TINY_WAN)
-    assert again["written"] == 0 and again["skipped"] == {} and again["previously_skipped"] == 5
+    assert again["written"] == 0 and again["skipped"] == {} and again["previously_skipped"] == 6
     media.write_mp4(source / "new.mp4", clip(5, 16, 16, 6))
     (source / "new.txt").write_text("w9")
     assert prepare_media(media_config(codec_dir, source, tmp_path / "out"), TINY_WAN)["total"] == 3
@@ -245,7 +247,7 @@ def test_media_resume_after_an_interruption_equals_a_straight_run(codec_dir, tmp
     for key in ("latents", "text_embeddings"):
         assert torch.equal(shard_tensors(tmp_path / "resumed", key), shard_tensors(tmp_path / "straight", key))
     progress = json.loads((tmp_path / "resumed" / prepare.PROGRESS).read_text())
-    assert progress["shards"] == [["big.mp4"], ["good.mp4"]] and len(progress["skipped"]) == 5
+    assert progress["shards"] == [["big.mp4"], ["good.mp4"]] and len(progress["skipped"]) == 6
 
 
 @needs_codecs
