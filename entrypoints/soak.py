@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 FLAGS = [
     *"--toy.net.width 32 --toy.net.depth 1 --toy.net.heads 2 --toy.net.mlp-ratio 2 --toy.net.freq-dim 16".split(),
     *"--toy.warm-start.steps 40 --toy.warm-start.batch-size 16 --toy.warm-start.warmup-steps 4".split(),
-    *"--toy.batch-size 8 --toy.eval-samples 64 --tangent-warmup 4 --student-update-freq 2".split(),
+    *"--toy.batch-size 8 --toy.eval-samples 16 --tangent-warmup 4 --student-update-freq 2".split(),
     *"--log-every 1 --no-progress --cpu-threads 1".split(),
 ]
 TIMING = {"seconds", "tokens_per_s", "train_seconds"}
@@ -55,8 +55,9 @@ def soak(kills: int, iterations: int, save_every: int, seed: int, workdir: Path)
     subprocess.run(_command(straight, iterations, save_every), check=True, capture_output=True)
     full_run = time.perf_counter() - start
     print(f"uninterrupted run: {full_run:.1f} s", flush=True)
-    landed, attempts = 0, 0
-    while landed < kills:
+    want = _final_weights(straight, iterations)
+    landed, attempts, completed = 0, 0, 0
+    while True:  # killed runs until `kills` have landed; each run that completes is compared, then redone
         attempts += 1
         proc = subprocess.Popen(
             _command(killed, iterations, save_every),
@@ -64,36 +65,39 @@ def soak(kills: int, iterations: int, save_every: int, seed: int, workdir: Path)
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        delay = rng.uniform(0.2, full_run)
+        delay = rng.uniform(0.2, full_run) if landed < kills else None
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             landed += 1
-            at = len(_lines(killed))
-            print(f"kill {landed}/{kills} after {delay:.1f} s (log at iteration {at})", flush=True)
+            print(f"kill {landed}/{kills} after {delay:.1f} s (log at iteration {len(_lines(killed))})", flush=True)
             continue
         if proc.returncode != 0:
             print(f"a restart failed (exit {proc.returncode}):\n{proc.stderr.read().decode()[-3000:]}", flush=True)
             return False
-        shutil.rmtree(killed)  # finished before the kill: start the killed run over
-        print("run finished before its kill; starting over", flush=True)
-    done = subprocess.run(_command(killed, iterations, save_every), capture_output=True, text=True)
-    if done.returncode != 0:
-        print(f"the final resume failed:\n{done.stderr[-3000:]}", flush=True)
-        return False
-    same_lines = _lines(killed) == _lines(straight)
-    want, got = _final_weights(straight, iterations), _final_weights(killed, iterations)
-    same_weights = all(torch.equal(got[n][k], want[n][k]) for n in want for k in want[n])
-    print(f"{landed} kills in {attempts} starts; metrics identical: {same_lines}; weights identical: {same_weights}")
-    return same_lines and same_weights
+        completed += 1
+        got = _final_weights(killed, iterations)
+        same_lines = _lines(killed) == _lines(straight)
+        same_weights = all(torch.equal(got[n][k], want[n][k]) for n in want for k in want[n])
+        print(
+            f"run {completed} completed after {landed} kills: metrics identical {same_lines}, "
+            f"weights identical {same_weights}",
+            flush=True,
+        )
+        if not (same_lines and same_weights):
+            return False
+        if landed >= kills:
+            print(f"{landed} kills in {attempts} starts, {completed} completed runs, all identical")
+            return True
+        shutil.rmtree(killed)  # compared: the next kills go into a fresh run
 
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m entrypoints.soak", description=__doc__.splitlines()[0])
     p.add_argument("--kills", type=int, default=50, help="SIGKILLs that must land before the run may finish")
-    p.add_argument("--iterations", type=int, default=40, help="iterations of the toy run")
+    p.add_argument("--iterations", type=int, default=60, help="iterations of the toy run")
     p.add_argument("--save-every", type=int, default=3, help="checkpoint interval")
     p.add_argument("--seed", type=int, default=0, help="seed of the kill times")
     p.add_argument("--workdir", type=Path, default=None, help="where the two runs go (default: a temporary folder)")
