@@ -135,9 +135,30 @@ def take_output(cfg, held: contextlib.ExitStack) -> tuple[str, Path | None]:
     return checkpoint.read_meta(ckpt).get("run_id") or uuid.uuid4().hex, ckpt  # older ones have no run id
 
 
+def single_process_group_env() -> None:
+    """Without torchrun: a process group of one (this process, the local GPU or the CPU) on a free local
+    port, and a note on how to use every visible GPU."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available() and (count := torch.cuda.device_count()) > 1:
+        print(
+            f"running on 1 of the {count} visible GPUs; to use all of them: torchrun --nproc_per_node={count} "
+            f"-m entrypoints.distill {' '.join(sys.argv[1:])}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run_distributed(cfg) -> dict:
     """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed) under torchrun: the checks,
     the process group, the output folder's lock (held by rank 0 for the whole job), training, teardown."""
+    if "RANK" not in os.environ:
+        single_process_group_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dims, spec, manifest = check_before_gpu(cfg, world)
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")

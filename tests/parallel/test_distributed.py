@@ -287,3 +287,16 @@ def test_torchrun_resumes_past_a_damaged_checkpoint_from_the_previous_one(tmp_pa
     )
     resumed = [m["iteration"] for m in _lines(tmp_path / "run")]
     assert resumed == [0, 1, 2, 3, 4, 5]  # iterations 2, 3 re-run from step 2, each logged once
+
+
+def test_the_sharded_path_runs_without_torchrun(tmp_path):
+    """`python -m entrypoints.distill --model cosmos2b ...` as the brief writes it: one process, world size 1."""
+    data = _shards(tmp_path / "data")
+    command = [sys.executable, "-m", "entrypoints.distill", "--model", "cosmos2b", "--distributed.tiny"]
+    command += ["--distributed.random-init", "--distributed.dtype", "float64", "--distributed.data", str(data)]
+    command += ["--output", str(tmp_path / "run"), "--iterations", "2", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    done = subprocess.run(command, cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [line["iteration"] for line in _lines(tmp_path / "run")] == [0, 1]
+    assert (tmp_path / "run" / "student_ema.safetensors").exists()
