@@ -21,7 +21,7 @@ import tyro
 
 from entrypoints.distill import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
 from entrypoints.distributed_config import export_name
-from entrypoints.run_folder import check_fresh_output, prepare_output
+from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
 from entrypoints.stop_signal import StopSignal, stop_signals
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
@@ -133,25 +133,6 @@ def take_output(cfg, held: contextlib.ExitStack) -> tuple[str, Path | None]:
             shutil.rmtree(old)
         return uuid.uuid4().hex, None
     return checkpoint.read_meta(ckpt).get("run_id") or uuid.uuid4().hex, ckpt  # older ones have no run id
-
-
-def single_process_group_env() -> None:
-    """Without torchrun: a process group of one (this process, the local GPU or the CPU) on a free local
-    port, and a note on how to use every visible GPU."""
-    import socket
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available() and (count := torch.cuda.device_count()) > 1:
-        print(
-            f"running on 1 of the {count} visible GPUs; to use all of them: torchrun --nproc_per_node={count} "
-            f"-m entrypoints.distill {' '.join(sys.argv[1:])}",
-            file=sys.stderr,
-            flush=True,
-        )
 
 
 def run_distributed(cfg) -> dict:

@@ -1,10 +1,16 @@
-"""The run folder both runners write: created and proven writable, and kept to one run's checkpoints.
+"""The run folder both runners write (created, proven writable, kept to one run's checkpoints), and the
+process group of one that a sharded run without torchrun gets.
 
 The lock that keeps it to one job at a time is rcmfn/run_lock.py.
 """
 
+import os
+import socket
+import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 
 def prepare_output(path: Path) -> None:
@@ -31,3 +37,19 @@ def check_fresh_output(path: Path, overwrite: bool) -> list[Path]:
             "them and start afresh, or resume them (--resume, with their settings) or use another --output"
         )
     return found
+
+
+def single_process_group_env() -> None:
+    """Without torchrun: a process group of one (this process, the local GPU or the CPU) on a free local
+    port, and a note on how to use every visible GPU."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available() and (count := torch.cuda.device_count()) > 1:
+        print(
+            f"running on 1 of the {count} visible GPUs; to use all of them: torchrun --nproc_per_node={count} "
+            f"-m entrypoints.distill {' '.join(sys.argv[1:])}",
+            file=sys.stderr,
+            flush=True,
+        )

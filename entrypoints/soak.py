@@ -52,9 +52,13 @@ def soak(kills: int, iterations: int, save_every: int, seed: int, workdir: Path)
     rng = random.Random(seed)
     straight, killed = workdir / "straight", workdir / "killed"
     start = time.perf_counter()
-    subprocess.run(_command(straight, iterations, save_every), check=True, capture_output=True)
-    full_run = time.perf_counter() - start
-    print(f"uninterrupted run: {full_run:.1f} s", flush=True)
+    proc = subprocess.Popen(_command(straight, iterations, save_every), stdout=subprocess.DEVNULL)
+    while proc.poll() is None and len(_lines(straight)) < iterations:
+        time.sleep(0.02)
+    trained = time.perf_counter() - start  # start-up, warm start and training: where the kills should land
+    if proc.wait() != 0:
+        raise RuntimeError("the uninterrupted run failed")
+    print(f"uninterrupted run: trained after {trained:.1f} s, done after {time.perf_counter() - start:.1f} s")
     want = _final_weights(straight, iterations)
     landed, attempts, completed = 0, 0, 0
     while True:  # killed runs until `kills` have landed; each run that completes is compared, then redone
@@ -65,7 +69,7 @@ def soak(kills: int, iterations: int, save_every: int, seed: int, workdir: Path)
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        delay = rng.uniform(0.2, full_run) if landed < kills else None
+        delay = rng.uniform(0.2, trained) if landed < kills else None
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:

@@ -64,3 +64,31 @@ def check_finite_weights(networks: Mapping[str, Mapping[str, torch.Tensor] | Non
         if bad := nonfinite_tensors(flat):
             shown = ", ".join(str(b) for b in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
             raise DivergenceError(f"not writing {what}: the {network} weights are not finite ({shown})")
+
+
+def health_metrics(health: GradientHealth) -> dict:
+    """The metrics of one step's gradient health (grad_norm is the raw norm, before anything cleans it)."""
+    return {"grad_norm": health.norm, "grad_nonfinite": health.nonfinite, "step_skipped": not health.finite}
+
+
+def count_bad_step(
+    bad_steps: dict[str, int], network: str, metrics: dict, batch: int, iteration: int, max_bad_steps: int
+) -> None:
+    """Advance or reset `network`'s run of bad steps in `bad_steps` (skipped, or a loss whose every sample
+    was masked); raise DivergenceError naming the network, the iteration and what was not finite when the
+    run reaches `max_bad_steps`."""
+    masked = [k.removesuffix("_masked") for k, v in metrics.items() if k.endswith("_masked") and v >= batch]
+    if not metrics["step_skipped"] and not masked:
+        bad_steps[network] = 0
+        return
+    run = bad_steps[network] = bad_steps.get(network, 0) + 1
+    if run < max_bad_steps:
+        return
+    what = []
+    if metrics["step_skipped"]:
+        what.append(f"gradient norm {metrics['grad_norm']} ({metrics['grad_nonfinite']} non-finite gradient entries)")
+    what += [f"all {batch} samples of the {loss} loss non-finite (masked)" for loss in masked]
+    raise DivergenceError(
+        f"the {network} diverged: {run} consecutive bad steps up to iteration {iteration}; last: "
+        f"{'; '.join(what)}. Lower the learning rate or check the data; max_bad_steps = {max_bad_steps}"
+    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
-from rcmfn.divergence import DivergenceError, GradientHealth, gradient_health
+from rcmfn.divergence import GradientHealth, count_bad_step, gradient_health, health_metrics
 from rcmfn.ema import ema_beta, ema_update
 from rcmfn.losses import tangent_warmup_ratio
 from rcmfn.precond import Denoiser
@@ -148,29 +148,6 @@ def _optimizer_step(opt: torch.optim.Optimizer, base_lr: float, step: int, cfg: 
     return health
 
 
-def _health_metrics(health: GradientHealth) -> dict:
-    return {"grad_norm": health.norm, "grad_nonfinite": health.nonfinite, "step_skipped": not health.finite}
-
-
-def _count_bad_step(state: TrainState, network: str, metrics: dict, batch: int, cfg: LoopConfig) -> None:
-    """Advance or reset `network`'s run of bad steps; raise DivergenceError when it reaches the limit."""
-    masked = {k.removesuffix("_masked"): v for k, v in metrics.items() if k.endswith("_masked") and v >= batch}
-    if not metrics["step_skipped"] and not masked:
-        state.bad_steps[network] = 0
-        return
-    run = state.bad_steps[network] = state.bad_steps.get(network, 0) + 1
-    if run < cfg.max_bad_steps:
-        return
-    what = []
-    if metrics["step_skipped"]:
-        what.append(f"gradient norm {metrics['grad_norm']} ({metrics['grad_nonfinite']} non-finite gradient entries)")
-    what += [f"all {batch} samples of the {loss} loss non-finite (masked)" for loss in masked]
-    raise DivergenceError(
-        f"the {network} diverged: {run} consecutive bad steps up to iteration {state.iteration}; last: "
-        f"{'; '.join(what)}. Lower the learning rate or check the data; max_bad_steps = {cfg.max_bad_steps}"
-    )
-
-
 def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig) -> dict:
     x0, cond, uncond = batch
     i, loss_cfg = state.iteration, cfg.loss
@@ -225,8 +202,8 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
     if health.finite:  # a skipped step leaves the EMA and the step count (warm-up) where they were
         ema_update(state.ema, state.student, ema_beta(i_eff, cfg.optim.ema_rate))
         state.student_steps += 1
-    metrics |= _health_metrics(health)
-    _count_bad_step(state, "student", metrics, x0.shape[0], cfg)
+    metrics |= health_metrics(health)
+    count_bad_step(state.bad_steps, "student", metrics, x0.shape[0], state.iteration, cfg.max_bad_steps)
     return metrics
 
 
@@ -239,8 +216,8 @@ def _critic_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: Lo
     health = _optimizer_step(state.fake_opt, cfg.optim.fake_lr, state.critic_steps, cfg.optim)
     state.critic_steps += int(health.finite)
     metrics = {"fake_score_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
-    metrics |= _health_metrics(health)
-    _count_bad_step(state, "fake score", metrics, x0.shape[0], cfg)
+    metrics |= health_metrics(health)
+    count_bad_step(state.bad_steps, "fake score", metrics, x0.shape[0], state.iteration, cfg.max_bad_steps)
     return metrics
 
 
