@@ -60,6 +60,8 @@ def test_model_flops_match_a_hand_count():
     """Cosmos 2B at 1024 px: 4,096 tokens, 512 text tokens (numbers from SPEC-models §2.1)."""
     case = CONFIGS["cosmos2b"]
     D, F, N, L, Lc = 2048, 8192, 28, 4096, 512
-    linear = 2 * (N * (6 * D * D + 2 * D * F) * L + (68 + 64) * D * L + N * 2 * 1024 * D * Lc)
+    r = 256  # adaLN-LoRA bottleneck: the time path runs once per sample (D -> D -> 3D, 3 modulations a block)
+    per_sample = 4 * D * D + N * 12 * D * r + 3 * D * r
+    linear = 2 * (N * (6 * D * D + 2 * D * F) * L + (68 + 64) * D * L + N * 2 * 1024 * D * Lc + per_sample)
     attention = N * (4 * L * L * D + 4 * L * Lc * D)
     assert model_flops(case, L) == (linear, attention)
