@@ -29,7 +29,7 @@ from rcmfn.models.cosmos.configs import TINY_T2I
 from rcmfn.models.cosmos.model import init_random_
 from rcmfn.models.registry import build_model, cast_params, get_spec
 from rcmfn.models.wan.configs import WAN_TINY
-from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
+from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -138,8 +138,8 @@ def run_distributed(cfg) -> dict:
     ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is not None:
         loader.load_state_dict(checkpoint.load_checkpoint(ckpt, state, student, fake)["loader"])
-    negative = read_negative_embedding(d.data)
-    uncond = None if negative is None else negative.to(device).expand(d.batch_size, *negative.shape)
+    negative = read_uncondition(d.data)  # the negative prompt's embedding or zeros, as prepare recorded it
+    uncond = negative.to(device).expand(d.batch_size, *negative.shape)
 
     def batch_fn(generator):
         batch = next(loader)

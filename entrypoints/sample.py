@@ -28,7 +28,7 @@ from entrypoints.presets import MODELS as PRESETS
 from rcmfn import codecs, media
 from rcmfn.models import cosmos, gmm, wan
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
-from rcmfn.models.registry import MODELS, ModelSpec, get_spec
+from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
 from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.precond import TIME_SCALE, trigflow_denoiser
 from rcmfn.rollout import BACKWARD_TIMESTEPS
@@ -66,7 +66,8 @@ class SampleConfig:
     prompt_file: Path | None = None
     """text file with one prompt per non-empty line (added to the prompts)"""
     negative_prompt: str | None = None
-    """teacher CFG's negative prompt; default Wan's default negative prompt (Wan), empty (Cosmos)"""
+    """teacher CFG's negative prompt (default: Wan's default negative prompt for Wan; all-zero text
+    embedding for Cosmos, also when empty)"""
     steps: tuple[int, ...] = (1, 2, 4)
     """student step counts to sample"""
     sigma_max: float | None = None
@@ -279,12 +280,12 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     encoder = codecs.load_text_encoder(cfg.text_encoder, device, DTYPES[cfg.dtype], spec.text_len)
     if encoder.dim != spec.text_dim:
         raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")
-    negative = (
-        cfg.negative_prompt
-        if cfg.negative_prompt is not None
-        else (codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
-    )
-    cond_prompts, uncond = encoder.encode(prompts).cpu(), encoder.encode([negative], what="negative prompt").cpu()
+    negative = unconditional_prompt(spec, cfg.negative_prompt)  # the rule prepare used for the shards
+    cond_prompts = encoder.encode(prompts).cpu()
+    if negative is None:
+        uncond = torch.zeros_like(cond_prompts[:1])
+    else:
+        uncond = encoder.encode([negative], what="negative prompt").cpu()
     del encoder
     jobs = [(p, s) for p in range(len(prompts)) for s in cfg.seeds]
     # Per-sample noise from its own seed: results do not depend on --batch, and all samplers share noise[0].

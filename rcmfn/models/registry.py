@@ -16,6 +16,7 @@ from rcmfn.models.cosmos import COSMOS_2B_T2I, COSMOS_2B_V2W, COSMOS_14B_T2I, CO
 from rcmfn.models.cosmos import KEY_MAPS as COSMOS_KEY_MAPS
 from rcmfn.models.wan import WAN_1_3B, WAN_14B, WanModel
 from rcmfn.models.wan import key_maps as wan_key_maps
+from rcmfn.models.wan.configs import NEGATIVE_PROMPT as WAN_NEGATIVE_PROMPT
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +39,10 @@ class ModelSpec:
     """Width of the text-encoder states the net takes."""
     timestep_scale: float
     """The net's timestep input is timestep_scale * r for rectified-flow time r (SPEC-models §1)."""
+    negative_prompt: str | None = None
+    """The teacher's unconditional text input when the user gives no negative prompt: this prompt's
+    encoding (Wan: its default negative prompt), or None for an all-zero text embedding (Cosmos);
+    see `unconditional_prompt`."""
 
 
 # 480p training latents: 81 frames 832 x 480 -> 16 x 21 x 60 x 104 (SPEC-models §3.4).
@@ -48,8 +53,12 @@ COSMOS_1024PX_LATENT = (16, 1, 128, 128)
 COSMOS_720P_LATENT = (16, 24, 88, 160)
 
 MODELS: dict[str, ModelSpec] = {
-    "wan1.3b": ModelSpec("wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0),
-    "wan14b": ModelSpec("wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_480P_LATENT, 512, 4096, 1000.0),
+    "wan1.3b": ModelSpec(
+        "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
+    ),
+    "wan14b": ModelSpec(
+        "wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
+    ),
     "cosmos2b": ModelSpec("cosmos", COSMOS_2B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
     "cosmos14b": ModelSpec("cosmos", COSMOS_14B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
     "cosmos2b-video": ModelSpec(
@@ -66,6 +75,22 @@ def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {sorted(MODELS)}")
     return MODELS[name]
+
+
+def unconditional_prompt(spec: ModelSpec, negative_prompt: str | None) -> str | None:
+    """The prompt whose encoding is the teacher's unconditional input (CFG), or None for all zeros.
+
+    SPEC-rcm §11.2. One rule for prepare (the shards' uncondition), distill (which reads it) and sample
+    (the teacher rows). A given negative prompt is used as is, except that an empty one means zeros
+    for a family whose uncondition is zeros: Cosmos-Predict2 learned "unconditional" as the text
+    embedding times 0 (nvidia-cosmos/cosmos-predict2 cosmos_predict2/conditioner.py:126-134 and
+    :573-579, with TextAttr dropout_rate 0.2 in configs/base/config_text2image.py:128-129) and its
+    text2image pipeline uses that uncondition when the negative prompt is empty
+    (pipelines/text2image.py:331, :371-374). Wan encodes its default negative prompt.
+    """
+    if negative_prompt is None or (negative_prompt == "" and spec.negative_prompt is None):
+        return spec.negative_prompt
+    return negative_prompt
 
 
 def cast_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -265,6 +265,45 @@ def test_cosmos_image_student_writes_pngs(wan_files, tmp_path):
 
 
 @needs_codecs
+@pytest.mark.parametrize("negative", [None, "", "x y"])
+def test_cosmos_teacher_uncondition_is_zeros_unless_a_negative_prompt(wan_files, tmp_path, monkeypatch, negative):
+    """The teacher rows' CFG uncondition follows prepare's rule: all zeros for Cosmos by default and for an
+    empty negative prompt, the prompt's T5 embedding when one is given."""
+    codecs.write_tiny_text_encoder(tmp_path / "t5", "t5", dim=24)
+    model = cosmos.build_cosmos(TINY_COSMOS.config).to_empty(device="cpu")
+    for name, seed in (("student", 5), ("teacher", 6)):
+        path = tmp_path / f"{name}.safetensors"
+        export_checkpoint(random_weights(model, seed), path, TINY_COSMOS.key_maps["official"])
+    seen = []
+
+    def teacher_sampler(denoise, params, noise, rf, cond, uncond, guidance):
+        seen.append(uncond)
+        return noise
+
+    monkeypatch.setattr("entrypoints.sample.teacher_euler_sample", teacher_sampler)
+    cfg = wan_config(
+        wan_files,
+        tmp_path / "out",
+        model="cosmos2b",
+        checkpoint=tmp_path / "student.safetensors",
+        teacher=tmp_path / "teacher.safetensors",
+        text_encoder=tmp_path / "t5",
+        vae=None,
+        negative_prompt=negative,
+        steps=(1,),
+        teacher_steps=2,
+        frames=1,
+        height=32,
+        width=48,
+        seeds=(0,),
+    )
+    sample_model(cfg, TINY_COSMOS)
+    encoder = codecs.load_text_encoder(tmp_path / "t5", torch.device("cpu"), torch.float32, max_length=16)
+    want = encoder.encode(["x y"]) if negative == "x y" else torch.zeros(1, 16, 24)
+    assert seen and all(torch.equal(u, want.expand_as(u)) for u in seen)
+
+
+@needs_codecs
 def test_bad_inputs_are_reported_clearly(wan_files, tmp_path):
     shutil.copytree(wan_files / "text_encoder", tmp_path / "solo")  # an encoder without its tokenizer
     cases = [
