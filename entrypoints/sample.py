@@ -30,7 +30,7 @@ from rcmfn.models import cosmos, gmm, wan
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
 from rcmfn.models.tiny_dit import TinyDiTConfig
-from rcmfn.precond import TIME_SCALE, trigflow_denoiser
+from rcmfn.precond import TIME_SCALE, check_guidance, trigflow_denoiser
 from rcmfn.rollout import BACKWARD_TIMESTEPS
 from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
 from rcmfn.train_checkpoint import latest_checkpoint
@@ -77,7 +77,8 @@ class SampleConfig:
     teacher_steps: int = 50
     """teacher Euler steps (0: no teacher rows)"""
     guidance: float | None = None
-    """teacher CFG scale (default: the run's / preset's)"""
+    """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1; default: the
+    run's / preset's)"""
     shift: float | None = None
     """teacher time shift (default 5.0; toy 1.0)"""
     seeds: tuple[int, ...] = (0,)
@@ -102,6 +103,8 @@ class SampleConfig:
     def __post_init__(self):
         if self.model != "toy":
             get_spec(self.model)
+        if self.guidance is not None:
+            check_guidance(self.guidance, "--guidance")
         if not self.steps or min(self.steps) < 1 or max(self.steps) > len(self.mid_times) + 1:
             raise ValueError(
                 f"steps must lie in 1..{len(self.mid_times) + 1} (one more than the mid times "
@@ -192,7 +195,7 @@ def sample_toy(cfg: SampleConfig) -> dict:
         }
         if cfg.teacher_steps:
             runs[f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"] = (
-                cfg.teacher_steps * (2 if guidance != 1.0 else 1),
+                cfg.teacher_steps * (2 if guidance > 1.0 else 1),
                 partial(toy_world.sample_teacher, world, cfg.teacher_steps, guidance, seed, shift, sigma_max),
             )
         rows = {}
@@ -324,7 +327,7 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
             device,
         )
         rows[teacher] = {
-            "nfe": cfg.teacher_steps * (2 if guidance != 1.0 else 1),
+            "nfe": cfg.teacher_steps * (2 if guidance > 1.0 else 1),
             "seconds_per_sample": seconds / len(jobs),
         }
         del denoise, params

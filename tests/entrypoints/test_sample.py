@@ -364,6 +364,9 @@ def test_config_validation_names_the_field():
         SampleConfig(batch=0)
     with pytest.raises(ValueError, match="unknown model 'sdxl'"):
         SampleConfig(model="sdxl")
+    for bad in (0.5, float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="--guidance: guidance scale must be finite and >= 1"):
+            SampleConfig(guidance=bad)
 
 
 def test_cli_flags_match_snapshot():

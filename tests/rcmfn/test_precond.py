@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rcmfn.precond import (
+    check_guidance,
     guided_velocity,
     noise_from_velocity,
     trigflow_coefficients,
@@ -15,6 +16,7 @@ from rcmfn.precond import (
     velocity_from_x0,
     x0_from_velocity,
 )
+from rcmfn.step import LossConfig
 from rcmfn.time import trig_to_rf
 
 trig = st.floats(1e-4, math.pi / 2 - 1e-4)
@@ -90,6 +92,27 @@ def test_bad_inputs_name_the_problem(small_net):
     with pytest.raises(ValueError, match="time must have shape"):
         denoise(params, x_t, t[:1], torch.randn(2, 4, 5, dtype=torch.float64))
     cond = torch.randn(2, 4, 5, dtype=torch.float64)
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="guidance scale must be finite"):
+    for bad in (float("nan"), float("inf"), float("-inf"), 0.5, 0.0, -2.0):
+        with pytest.raises(ValueError, match="guidance scale must be finite and >= 1"):
             guided_velocity(denoise, params, x_t, t, cond, cond, bad)
+
+
+def test_guidance_applies_only_above_one_and_below_one_is_refused():
+    """The official rule (teacher_guidance > 1.0): w = 1 is the conditional velocity, one network pass;
+    w < 1 or a non-finite w is a named error, at the loss config too."""
+    calls = []
+
+    def denoise(params, x_t, t, cond):
+        calls.append(cond)
+        return x_t * cond.mean()
+
+    x_t, t = torch.ones(2, 3, dtype=torch.float64), torch.tensor([0.3, 1.2], dtype=torch.float64)
+    cond, uncond = torch.full((2, 4), 2.0, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+    assert torch.equal(guided_velocity(denoise, None, x_t, t, cond, uncond, 1.0), 2 * x_t) and len(calls) == 1
+    assert torch.equal(guided_velocity(denoise, None, x_t, t, cond, uncond, 1.5), 3 * x_t) and len(calls) == 3
+    assert check_guidance(4.5) == 4.5
+    for bad in (0.99, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--guidance: guidance scale must be finite and >= 1"):
+            check_guidance(bad, "--guidance")
+        with pytest.raises(ValueError, match="guidance scale must be finite and >= 1"):
+            LossConfig(guidance=bad)
