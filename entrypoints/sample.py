@@ -31,8 +31,13 @@ from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
 from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.precond import TIME_SCALE, check_guidance, trigflow_denoiser
-from rcmfn.rollout import BACKWARD_TIMESTEPS
-from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
+from rcmfn.samplers import (
+    PAPER_MID_TIMES,
+    consistency_sample,
+    consistency_times,
+    teacher_euler_sample,
+    teacher_rf_times,
+)
 from rcmfn.train_checkpoint import latest_checkpoint
 from rcmfn.warm_start import WarmStartConfig
 
@@ -71,9 +76,10 @@ class SampleConfig:
     steps: tuple[int, ...] = (1, 2, 4)
     """student step counts to sample"""
     sigma_max: float | None = None
-    """start noise level sigma_max (default: the model preset's, 80)"""
-    mid_times: tuple[float, ...] = BACKWARD_TIMESTEPS
-    """intermediate trig times of the multi-step student (official 1.5 1.4 1.0; paper 1.3 1.0 0.6)"""
+    """start noise level sigma_max (default: the model preset's; 80 without one)"""
+    mid_times: tuple[float, ...] | None = None
+    """intermediate trig times of the multi-step student (default: the model preset's own: Cosmos and the
+    paper 1.3 1.0 0.6, Wan's inference script 1.5 1.4 1.0)"""
     teacher_steps: int = 50
     """teacher Euler steps (0: no teacher rows)"""
     guidance: float | None = None
@@ -105,10 +111,10 @@ class SampleConfig:
             get_spec(self.model)
         if self.guidance is not None:
             check_guidance(self.guidance, "--guidance")
-        if not self.steps or min(self.steps) < 1 or max(self.steps) > len(self.mid_times) + 1:
+        mid_times = sampler_mid_times(self)
+        if not self.steps or min(self.steps) < 1 or max(self.steps) > len(mid_times) + 1:
             raise ValueError(
-                f"steps must lie in 1..{len(self.mid_times) + 1} (one more than the mid times "
-                f"{self.mid_times}); got {self.steps}"
+                f"steps must lie in 1..{len(mid_times) + 1} (one more than the mid times {mid_times}); got {self.steps}"
             )
         for name in ("teacher_steps", "batch", "fps"):
             if getattr(self, name) < (0 if name == "teacher_steps" else 1):
@@ -117,6 +123,13 @@ class SampleConfig:
             raise ValueError("give either --run or --checkpoint, not both")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+
+
+def sampler_mid_times(cfg: SampleConfig) -> tuple[float, ...]:
+    """--mid-times, else the model preset's own, else the paper's evaluation grid (rcmfn.samplers)."""
+    if cfg.mid_times is not None:
+        return tuple(cfg.mid_times)
+    return PRESETS[cfg.model].mid_times if cfg.model in PRESETS else PAPER_MID_TIMES
 
 
 EXPORT = export_name("official")  # entrypoints.distributed's final EMA export, official key layout
@@ -175,8 +188,9 @@ def sample_toy(cfg: SampleConfig) -> dict:
     path, ours = student_weights(cfg)
     if not ours:
         raise ValueError(f"--model toy needs a distill run folder or an iter-N checkpoint folder; got {path}")
-    if tuple(cfg.mid_times) != BACKWARD_TIMESTEPS:  # entrypoints/toy.py sample_student has no mid-times argument
-        raise ValueError(f"the toy samples with the default mid times {BACKWARD_TIMESTEPS}; got {cfg.mid_times}")
+    toy_mid_times = PRESETS["toy"].mid_times  # entrypoints/toy.py sample_student has no mid-times argument
+    if sampler_mid_times(cfg) != toy_mid_times:
+        raise ValueError(f"the toy samples with the default mid times {toy_mid_times}; got {cfg.mid_times}")
     saved = json.loads((path.parent / "state.json").read_text())["config"]
     world = toy_world_from(saved)
     params = TensorDict(load_file(path), batch_size=[])
@@ -300,7 +314,7 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     latents, rows = {}, {}
     denoise, params = load_denoiser(spec, student_path, ours, cfg, device)
     for k in cfg.steps:
-        times = consistency_times(k, sigma_max, cfg.mid_times)
+        times = consistency_times(k, sigma_max, sampler_mid_times(cfg))
         latents[f"student {k}-step"], seconds = run_sampler(
             lambda n, c, k=k, times=times: consistency_sample(denoise, params, n[:k], times, c),
             noises,
