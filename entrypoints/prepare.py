@@ -50,7 +50,7 @@ class PrepareConfig:
     width: int | None = None
     """pixel width (default: the model's training resolution)"""
     frames: int | None = None
-    """pixel frames per sample, 1 + 4k (default: the model's)"""
+    """pixel frames per sample, 1 + 4k (default: the model's training frames: Wan 1.3B 77, 14B 81, Cosmos T2I 1)"""
     frame_stride: int = 1
     """take every n-th video frame"""
     fit: Literal["crop", "exact"] = "crop"
@@ -166,8 +166,8 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
     if cfg.input is None:
         raise ValueError(f"--model {cfg.model} needs --input (a media folder or a .csv / .jsonl list)")
     items = list_inputs(cfg.input)
-    C, T, H, W = spec.latent_shape
-    frames, height, width = cfg.frames or 1 + 4 * (T - 1), cfg.height or 8 * H, cfg.width or 8 * W
+    default_frames, default_height, default_width = spec.pixel_shape  # the model's training size
+    frames, height, width = cfg.frames or default_frames, cfg.height or default_height, cfg.width or default_width
     shape = codecs.latent_shape(frames, height, width)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = codecs.load_vae(cfg.vae, device)

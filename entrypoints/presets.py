@@ -47,6 +47,8 @@ MODELS: dict[str, ModelPreset] = {
         description="Wan2.1 T2V 1.3B (SPEC-rcm §10.1, 1.3B experiment)",
         iterations=100_000,
         guidance=5.0,
+        # -0.8 + ln(20) / 2 = 0.698: the paper's p_G rule (Table 4) at the 1.3B's 20 latent frames, the
+        # registry's latent_shape (rcmfn/models/registry.py) and prepare's default size.
         p_G=LogNormal(0.7, 1.6),
         p_D=UniformShift(5.0),
         tangent_warmup=1000,

@@ -96,7 +96,8 @@ class SampleConfig:
     width: int | None = None
     """pixel width (default: the model's training resolution)"""
     frames: int | None = None
-    """pixel frames, 1 + 4k; 1 writes PNG, more MP4 (default: the model's)"""
+    """pixel frames, 1 + 4k; 1 writes PNG, more MP4 (default: the model's training frames: Wan 1.3B 77,
+    14B 81, Cosmos T2I 1)"""
     fps: int = 16
     """MP4 frame rate"""
     dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
@@ -287,8 +288,8 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     if not prompts:
         raise ValueError("no prompts: pass --prompts or --prompt-file")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    C, T, H, W = spec.latent_shape
-    shape = codecs.latent_shape(cfg.frames or 1 + 4 * (T - 1), cfg.height or 8 * H, cfg.width or 8 * W)
+    frames, height, width = spec.pixel_shape  # the model's training size
+    shape = codecs.latent_shape(cfg.frames or frames, cfg.height or height, cfg.width or width)
     student_path, ours = student_weights(cfg)
     if cfg.teacher is not None and not cfg.teacher.exists():  # fail before minutes of sampling, not after
         raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")

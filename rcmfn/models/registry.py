@@ -32,7 +32,7 @@ class ModelSpec:
     key_maps: Mapping[str, KeyMap]
     """Checkpoint layouts by name; "official" (the release) first, e.g. also "diffusers"."""
     latent_shape: tuple[int, int, int, int]
-    """(C, T, H, W) of one latent at the default training resolution."""
+    """(C, T, H, W) of one latent at the default training resolution (prepare's and sample's default size)."""
     text_len: int
     """Text tokens per sample fed to cross-attention (zero-padded)."""
     text_dim: int
@@ -44,9 +44,22 @@ class ModelSpec:
     encoding (Wan: its default negative prompt), or None for an all-zero text embedding (Cosmos);
     see `unconditional_prompt`."""
 
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels of `latent_shape` through the Wan2.1 VAE that both families
+        use (stride 4 in time with the first frame kept, 8 in space; SPEC-models §3.4, §4):
+        1 + 4 (T - 1) frames of 8 H x 8 W."""
+        _, T, H, W = self.latent_shape
+        return 1 + 4 * (T - 1), 8 * H, 8 * W
 
-# 480p training latents: 81 frames 832 x 480 -> 16 x 21 x 60 x 104 (SPEC-models §3.4).
-WAN_480P_LATENT = (16, 21, 60, 104)
+
+# 480p training latents, 832 x 480 (SPEC-models §3.4): the official rCM runs train the 1.3B on 20 latent
+# frames (77 pixel frames; `state_t=20` in NVlabs/rcm rcm/configs/experiments/rcm/wan2pt1_t2v.py:107) and
+# the 14B on 21 (81 frames; `state_t=21`, same file :185). The official inference script defaults to 77
+# frames for both sizes (rcm/inference/wan2pt1_t2v_rcm_infer.py:79); here each size samples at the frame
+# count it trained on, 81 for the 14B as the paper's VBench runs (Table 2, 832 x 480 x 81).
+WAN_1_3B_480P_LATENT = (16, 20, 60, 104)
+WAN_14B_480P_LATENT = (16, 21, 60, 104)
 # Cosmos-Predict2 (SPEC-models §2.5): text-to-image 1024 px 1:1 -> 16 x 1 x 128 x 128; Video2World
 # 720p, 93 frames of 1280 x 704 -> 16 x 24 x 88 x 160 (needs a condition mask, see CosmosDiT).
 COSMOS_1024PX_LATENT = (16, 1, 128, 128)
@@ -54,10 +67,10 @@ COSMOS_720P_LATENT = (16, 24, 88, 160)
 
 MODELS: dict[str, ModelSpec] = {
     "wan1.3b": ModelSpec(
-        "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
+        "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_1_3B_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
     ),
     "wan14b": ModelSpec(
-        "wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
+        "wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_14B_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
     ),
     "cosmos2b": ModelSpec("cosmos", COSMOS_2B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
     "cosmos14b": ModelSpec("cosmos", COSMOS_14B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
