@@ -15,6 +15,7 @@ class ModelPreset:
     description: str
     iterations: int
     guidance: float
+    """teacher CFG as the standard weight w of F_u + w (F_c - F_u) (--guidance; docs/guidance.md)"""
     p_G: TimeDistribution
     p_D: TimeDistribution
     tangent_warmup: int
@@ -74,6 +75,10 @@ MODELS: dict[str, ModelPreset] = {
     "cosmos2b": ModelPreset(
         description="Cosmos-Predict2 2B text-to-image (paper's Cosmos settings)",
         iterations=30_000,
+        # Paper Table 4 "CFG Scale 4.5", read as the standard w like the Wan 5.0 in the same row (the released
+        # rCM code applies that one as F_u + w (F_c - F_u)). If the 4.5 is in the Cosmos code's form
+        # x0_c + g (x0_c - x0_u) instead, the standard weight is standard_guidance_from_cosmos(4.5) = 5.5
+        # (--guidance 5.5). The sources do not settle which: docs/guidance.md.
         guidance=4.5,
         p_G=LogNormal(-0.8, 1.6),
         p_D=LogNormal(0.0, 1.6),
@@ -85,7 +90,7 @@ MODELS: dict[str, ModelPreset] = {
     "cosmos14b": ModelPreset(
         description="Cosmos-Predict2 14B text-to-image (paper's Cosmos settings)",
         iterations=25_000,
-        guidance=4.5,
+        guidance=4.5,  # standard w; see cosmos2b and docs/guidance.md (5.5 under the Cosmos-form reading)
         p_G=LogNormal(-0.8, 1.6),
         p_D=LogNormal(0.0, 1.6),
         tangent_warmup=0,

@@ -118,6 +118,17 @@ def check_guidance(guidance: float, name: str = "guidance") -> float:
     return value
 
 
+def standard_guidance_from_cosmos(g: float) -> float:
+    """The standard CFG weight w equal to Cosmos-Predict2's guidance g: w = g + 1.
+
+    Cosmos applies guidance as x0_c + g (x0_c - x0_u) (nvidia-cosmos/cosmos-predict2
+    cosmos_predict2/pipelines/text2image.py:462, video2world.py:777), which is x0_u + (g + 1)(x0_c - x0_u);
+    rcmfn's `guidance` is always the standard w (docs/guidance.md). E.g. the Cosmos T2I pipeline's default
+    g = 4 is w = 5.
+    """
+    return float(g) + 1.0
+
+
 def guided_velocity(
     denoise: Denoiser,
     params,
@@ -127,7 +138,7 @@ def guided_velocity(
     uncond: torch.Tensor | None,
     guidance: float,
 ) -> torch.Tensor:
-    """Classifier-free guided TrigFlow velocity F_u + w (F_c - F_u). SPEC-rcm §2.3.
+    """Classifier-free guided TrigFlow velocity F_u + w (F_c - F_u), w the standard weight. SPEC-rcm §2.3.
 
     CFG on F equals CFG on x0 and on the raw velocity (all affine with the same x_t term, §1.2), so
     this one function serves sCM targets, DMD's real score and the teacher sampler. Two separate

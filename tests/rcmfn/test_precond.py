@@ -11,6 +11,7 @@ from rcmfn.precond import (
     check_guidance,
     guided_velocity,
     noise_from_velocity,
+    standard_guidance_from_cosmos,
     trigflow_coefficients,
     trigflow_denoiser,
     velocity_from_x0,
@@ -95,6 +96,23 @@ def test_bad_inputs_name_the_problem(small_net):
     for bad in (float("nan"), float("inf"), float("-inf"), 0.5, 0.0, -2.0):
         with pytest.raises(ValueError, match="guidance scale must be finite and >= 1"):
             guided_velocity(denoise, params, x_t, t, cond, cond, bad)
+
+
+@pytest.mark.parametrize("g", [4.0, 4.5, 7.0])
+def test_cosmos_guidance_g_is_the_standard_weight_g_plus_one(small_net, g):
+    """Cosmos' x0_c + g (x0_c - x0_u) equals rcmfn's standard-form CFG at w = g + 1 (docs/guidance.md)."""
+    net, params = small_net
+    denoise = trigflow_denoiser(net)
+    gen = torch.Generator().manual_seed(4)
+    x_t = torch.randn(2, 3, 1, 2, 2, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    cond, uncond = torch.randn(2, 2, 4, 5, generator=gen, dtype=torch.float64)
+    x0_c = x0_from_velocity(x_t, t, denoise(params, x_t, t, cond))
+    x0_u = x0_from_velocity(x_t, t, denoise(params, x_t, t, uncond))
+    w = standard_guidance_from_cosmos(g)
+    assert w == g + 1
+    guided = x0_from_velocity(x_t, t, guided_velocity(denoise, params, x_t, t, cond, uncond, w))
+    torch.testing.assert_close(guided, x0_c + g * (x0_c - x0_u), rtol=1e-12, atol=1e-12)
 
 
 def test_guidance_applies_only_above_one_and_below_one_is_refused():
