@@ -27,7 +27,7 @@ from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
 from rcmfn.models.cosmos.configs import TINY_T2I
 from rcmfn.models.cosmos.model import init_random_
-from rcmfn.models.registry import build_model, cast_params, get_spec
+from rcmfn.models.registry import build_model, cast_params, get_spec, trainable_spec
 from rcmfn.models.wan.configs import WAN_TINY
 from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
 
@@ -128,9 +128,11 @@ def run_distributed(cfg) -> dict:
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
     train_cfg = ParallelConfig(param_dtype=None if master == compute else compute, ac=d.ac, compile=cfg.compile)
     frozen_cfg = replace(train_cfg, param_dtype=None)
+    # The teacher runs the released numerics; student and fake score the float32 time path (trainable_spec).
     teacher = build_network(spec, full_state, meshes, compute, frozen_cfg, device)
-    student = build_network(spec, full_state, meshes, master, train_cfg, device)
-    fake = build_network(spec, full_state, meshes, master, train_cfg, device) if lcfg.loss.uses_critic else None
+    trainable = trainable_spec(spec)
+    student = build_network(trainable, full_state, meshes, master, train_cfg, device)
+    fake = build_network(trainable, full_state, meshes, master, train_cfg, device) if lcfg.loss.uses_critic else None
     del full_state
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)

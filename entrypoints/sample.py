@@ -28,7 +28,7 @@ from entrypoints.presets import MODELS as PRESETS
 from rcmfn import codecs, media
 from rcmfn.models import cosmos, gmm, wan
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
-from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
+from rcmfn.models.registry import MODELS, ModelSpec, get_spec, trainable_spec, unconditional_prompt
 from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.precond import TIME_SCALE, check_guidance, trigflow_denoiser
 from rcmfn.samplers import (
@@ -313,7 +313,8 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     conds = cond_prompts[[p for p, _ in jobs]]
     sigma_max = cfg.sigma_max or (PRESETS[cfg.model].sigma_max if cfg.model in PRESETS else 80.0)
     latents, rows = {}, {}
-    denoise, params = load_denoiser(spec, student_path, ours, cfg, device)
+    # The student computes as distillation trained it (float32 time path); the teacher as released.
+    denoise, params = load_denoiser(trainable_spec(spec), student_path, ours, cfg, device)
     for k in cfg.steps:
         times = consistency_times(k, sigma_max, sampler_mid_times(cfg))
         latents[f"student {k}-step"], seconds = run_sampler(

@@ -3,6 +3,7 @@
 STYLE example 15 (presets as typed instances), 17 (key maps as data); SPEC-models §3, §4.
 """
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Callable, Mapping
@@ -104,6 +105,20 @@ def unconditional_prompt(spec: ModelSpec, negative_prompt: str | None) -> str | 
     if negative_prompt is None or (negative_prompt == "" and spec.negative_prompt is None):
         return spec.negative_prompt
     return negative_prompt
+
+
+def trainable_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec distillation builds the student and the fake score from: `spec` with the high-precision
+    (float32) time path on wherever the architecture has that switch (CosmosConfig.high_precision_time).
+
+    rCM paper §4.2 "High-Precision Time": the full-JVP tangent with every time-embedding layer in FP32
+    (as Wan does), accepting an initial mismatch with the pretrained Cosmos network; SPEC-rcm §8.4. The
+    teacher keeps `spec` itself, i.e. the released network's numerics (Cosmos: bf16 time path). Wan's
+    time path is float32 in the release already (SPEC-models §3.4), so a Wan spec comes back unchanged.
+    """
+    if not any(f.name == "high_precision_time" for f in dataclasses.fields(spec.config)):
+        return spec
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, high_precision_time=True))
 
 
 def cast_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
