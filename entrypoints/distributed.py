@@ -104,10 +104,33 @@ def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
     ).state_dict()
 
 
-def build_network(spec, full_state, meshes, storage, pcfg, device):
-    """Meta-built net: storage dtypes (fp32 patterns kept), CP/AC/compile/FSDP, then rank 0's weights."""
-    module = cast_params(build_model(spec, None, device="meta")[0], storage)
+def build_network(spec, full_state, meshes, storage, pcfg, device, keep_fp32: bool = True):
+    """Meta-built net: storage dtypes (fp32 patterns kept unless `keep_fp32` is off), CP/AC/compile/FSDP,
+    then rank 0's weights."""
+    module = cast_params(build_model(spec, None, device="meta")[0], storage, keep_fp32)
     return materialize(parallelize(module, meshes, pcfg), full_state, device)
+
+
+def build_networks(spec, full_state, meshes, compute, pcfg, device, critic: bool, trainable=None):
+    """(teacher, student, fake score or None) as the run trains them, the teacher frozen.
+
+    Student and fake score keep float32 (float64) master weights that FSDP all-gathers in `compute`; they
+    are built from `trainable` (default `trainable_spec(spec)`: the float32 time path, rCM paper §4.2).
+    The teacher is built from `spec` and stored wholly in `compute`: its float32 tables too (Wan's time MLP
+    and modulation), so at iteration 0 the trainable nets compute exactly what the teacher computes (for
+    Cosmos up to the trainable nets' time path) -- and what the official trainer runs, which casts teacher,
+    student and fake score wholly to bf16 (NVlabs/rcm rcm/models/t2v_model_distill_rcm.py:327-331).
+    Guarded by tests/parallel/test_distributed.py::test_fake_score_and_student_start_bit_for_bit_as_the_teacher.
+    """
+    master = torch.float64 if compute == torch.float64 else torch.float32
+    train_cfg = replace(pcfg, param_dtype=None if master == compute else compute)
+    teacher = build_network(spec, full_state, meshes, compute, replace(train_cfg, param_dtype=None), device, False)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    trainable = trainable_spec(spec) if trainable is None else trainable
+    student = build_network(trainable, full_state, meshes, master, train_cfg, device)
+    fake = build_network(trainable, full_state, meshes, master, train_cfg, device) if critic else None
+    return teacher, student, fake
 
 
 def run_distributed(cfg) -> dict:
@@ -121,18 +144,12 @@ def run_distributed(cfg) -> dict:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
-    compute = DTYPES[d.dtype]
-    master = torch.float64 if compute == torch.float64 else torch.float32
     lcfg = loop_config(cfg)
     lcfg = replace(lcfg, seed=lcfg.seed + meshes.dp_rank * 1_000_000_007)  # distinct draws per batch, shared in CP
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
-    train_cfg = ParallelConfig(param_dtype=None if master == compute else compute, ac=d.ac, compile=cfg.compile)
-    frozen_cfg = replace(train_cfg, param_dtype=None)
-    # The teacher runs the released numerics; student and fake score the float32 time path (trainable_spec).
-    teacher = build_network(spec, full_state, meshes, compute, frozen_cfg, device)
-    trainable = trainable_spec(spec)
-    student = build_network(trainable, full_state, meshes, master, train_cfg, device)
-    fake = build_network(trainable, full_state, meshes, master, train_cfg, device) if lcfg.loss.uses_critic else None
+    pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile)
+    critic = lcfg.loss.uses_critic
+    teacher, student, fake = build_networks(spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic)
     del full_state
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)

@@ -121,9 +121,10 @@ def trainable_spec(spec: ModelSpec) -> ModelSpec:
     return dataclasses.replace(spec, config=dataclasses.replace(spec.config, high_precision_time=True))
 
 
-def cast_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters/buffers to `dtype` in place, keeping the module's fp32_patterns fp32."""
-    keep = tuple(getattr(module, FP32_PATTERNS_ATTR, ()))
+def cast_params(module: nn.Module, dtype: torch.dtype, keep_fp32: bool = True) -> nn.Module:
+    """Cast floating parameters/buffers to `dtype` in place, keeping the module's fp32_patterns fp32
+    (the release's float32 tables, e.g. Wan's time MLP and modulation) unless `keep_fp32` is off."""
+    keep = tuple(getattr(module, FP32_PATTERNS_ATTR, ())) if keep_fp32 else ()
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if not tensor.is_floating_point():

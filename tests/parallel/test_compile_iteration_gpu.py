@@ -54,7 +54,7 @@ def process_group():
 def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
     """(state, networks, loop config, batch_fn) of the sharded trainer for `model` cut to BLOCKS blocks."""
     from entrypoints.distill import DistillConfig, loop_config
-    from entrypoints.distributed import build_network, model_spec, teacher_weights
+    from entrypoints.distributed import build_networks, model_spec, teacher_weights
     from entrypoints.distributed_config import DistributedConfig
     from parallel.fsdp import init_sharded_state, sharded_networks
     from parallel.parallelize import ParallelConfig, ParallelDims
@@ -70,11 +70,8 @@ def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, 
     spec = replace(spec, config=replace(spec.config, **{blocks: BLOCKS}))
     full = teacher_weights(cfg, spec)
     meshes = ParallelDims(1).build_meshes(device.type)
-    pcfg = ParallelConfig(param_dtype=None if dtype == torch.float32 else dtype, compile=compile_)
     lcfg = loop_config(cfg)
-    teacher = build_network(spec, full, meshes, dtype, replace(pcfg, param_dtype=None), device)
-    student = build_network(spec, full, meshes, torch.float32, pcfg, device)
-    fake = build_network(spec, full, meshes, torch.float32, pcfg, device)
+    teacher, student, fake = build_networks(spec, full, meshes, dtype, ParallelConfig(compile=compile_), device, True)
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
     latent = (16, 1, 8, 8) if tiny else spec.latent_shape
