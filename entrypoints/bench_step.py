@@ -104,7 +104,7 @@ def build_trainer(
     initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
     """
     from entrypoints.distill import DistillConfig, loop_config
-    from entrypoints.distributed import build_network, model_spec, teacher_weights
+    from entrypoints.distributed import build_networks, model_spec, teacher_weights
     from entrypoints.distributed_config import DistributedConfig
     from parallel.fsdp import init_sharded_state, sharded_networks
     from parallel.parallelize import ParallelConfig, ParallelDims
@@ -125,11 +125,11 @@ def build_trainer(
         spec = replace(spec, config=replace(spec.config, **{field: blocks}))
     full = teacher_weights(cfg, spec)
     meshes = ParallelDims(1).build_meshes(device.type)
-    pcfg = ParallelConfig(param_dtype=None if dtype == torch.float32 else dtype, ac=ac, compile=compile_)
     lcfg = loop_config(cfg)
-    teacher = build_network(spec, full, meshes, dtype, replace(pcfg, param_dtype=None), device)
-    student = build_network(spec, full, meshes, torch.float32, pcfg, device)
-    fake = build_network(spec, full, meshes, torch.float32, pcfg, device)
+    # As the runner builds them: float32 master weights all-gathered in `dtype`, the float32 time path
+    teacher, student, fake = build_networks(
+        spec, full, meshes, dtype, ParallelConfig(ac=ac, compile=compile_), device, True
+    )
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
     channels = spec.config.in_dim if spec.family == "wan" else spec.config.in_channels

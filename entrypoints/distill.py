@@ -20,6 +20,7 @@ from entrypoints.run_folder import prepare_output
 from rcmfn.compile import compiled
 from rcmfn.divergence import DivergenceError
 from rcmfn.loop import LoopConfig, Networks
+from rcmfn.precond import check_guidance
 from rcmfn.run_lock import run_lock
 from rcmfn.step import LossConfig
 from rcmfn.tangent import scm_tangent
@@ -41,7 +42,8 @@ class DistillConfig:
     dmd_weight: float = 0.01
     """lambda of L_sCM + lambda L_DMD (paper: 0.01); stored as loss_scale_dmd = lambda * sCM loss_scale"""
     guidance: float | None = None
-    """teacher CFG scale; preset value if unset"""
+    """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1); preset value
+    if unset"""
     student_lr: float | None = None
     """student AdamW learning rate; preset value if unset"""
     fake_lr: float | None = None
@@ -80,6 +82,8 @@ class DistillConfig:
 
     def __post_init__(self):
         get_preset(self.model)
+        if self.guidance is not None:
+            check_guidance(self.guidance, "--guidance")
         if self.dmd_weight < 0 or not math.isfinite(self.dmd_weight):
             raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
         if self.method == "dmd" and self.tangent_warmup not in (None, 0):

@@ -22,21 +22,21 @@ import tyro
 from entrypoints.distill import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
 from entrypoints.distributed_config import export_name
 from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
+from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
-from parallel.fsdp import init_sharded_state, materialize, sharded_networks
-from parallel.parallelize import ParallelConfig, ParallelDims, parallelize
+from parallel.fsdp import init_sharded_state, sharded_networks
+from parallel.parallelize import ParallelConfig, ParallelDims
 from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import train_iteration
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
 from rcmfn.models.cosmos.configs import TINY_T2I
-from rcmfn.models.cosmos.model import init_random_
-from rcmfn.models.registry import build_model, cast_params, get_spec
+from rcmfn.models.registry import get_spec
 from rcmfn.models.wan.configs import WAN_TINY
 from rcmfn.run_lock import run_lock
-from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
+from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
 from rcmfn.train_checkpoint import config_differences
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -100,27 +100,6 @@ def token_count(spec, latent_shape) -> int:
     return math.prod(n // p for n, p in zip(latent_shape[1:], patch, strict=True))
 
 
-def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
-    """Rank 0's full teacher state dict (CPU, release dtype), from the checkpoint or random."""
-    d = cfg.distributed
-    if not d.random_init:
-        module, report = build_model(spec, d.teacher, d.teacher_layout, strict=d.strict, seed=cfg.seed)
-        if not report.ok or report.initialised:
-            print(f"non-strict teacher load (--distributed.no-strict):\n{report.describe()}", flush=True)
-        return module.state_dict()
-    torch.manual_seed(cfg.seed)
-    module = build_model(spec, None, dtype=torch.bfloat16)[0]
-    return (
-        init_random_(module, torch.Generator().manual_seed(cfg.seed)) if spec.family == "cosmos" else module
-    ).state_dict()
-
-
-def build_network(spec, full_state, meshes, storage, pcfg, device):
-    """Meta-built net: storage dtypes (fp32 patterns kept), CP/AC/compile/FSDP, then rank 0's weights."""
-    module = cast_params(build_model(spec, None, device="meta")[0], storage)
-    return materialize(parallelize(module, meshes, pcfg), full_state, device)
-
-
 def take_output(cfg, held: contextlib.ExitStack) -> tuple[str, Path | None]:
     """Rank 0, before any rank writes: create the output folder and lock it until `held` closes; a fresh run
     removes the old checkpoints (--overwrite; refused otherwise). Returns the run id (the resumed one's, or
@@ -166,24 +145,20 @@ def train_sharded(
     """Build the sharded networks, resume, train, checkpoint, export (rank 0); return the summary."""
     d = cfg.distributed
     rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
-    compute = DTYPES[d.dtype]
-    master = torch.float64 if compute == torch.float64 else torch.float32
     lcfg = loop_config(cfg)
     lcfg = replace(lcfg, seed=lcfg.seed + meshes.dp_rank * 1_000_000_007)  # distinct draws per batch, shared in CP
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
-    train_cfg = ParallelConfig(param_dtype=None if master == compute else compute, ac=d.ac, compile=cfg.compile)
-    frozen_cfg = replace(train_cfg, param_dtype=None)
-    teacher = build_network(spec, full_state, meshes, compute, frozen_cfg, device)
-    student = build_network(spec, full_state, meshes, master, train_cfg, device)
-    fake = build_network(spec, full_state, meshes, master, train_cfg, device) if lcfg.loss.uses_critic else None
+    pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile)
+    critic = lcfg.loss.uses_critic
+    teacher, student, fake = build_networks(spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic)
     del full_state
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
     loader = ShardLoader(d.data, d.batch_size, meshes.dp_rank, meshes.dp_size, cfg.seed)
     if ckpt is not None:
         loader.load_state_dict(checkpoint.load_checkpoint(ckpt, state, student, fake)["loader"])
-    negative = read_negative_embedding(d.data)
-    uncond = None if negative is None else negative.to(device).expand(d.batch_size, *negative.shape)
+    negative = read_uncondition(d.data)  # the negative prompt's embedding or zeros, as prepare recorded it
+    uncond = negative.to(device).expand(d.batch_size, *negative.shape)
 
     def batch_fn(generator):
         batch = next(loader)

@@ -1,8 +1,9 @@
 """`python -m entrypoints.prepare`: captioned images / videos (or the toy mixture) -> training shards.
 
 Real models: every medium is read, fitted to the training size, VAE-encoded to a normalised latent and
-its caption encoded by the text encoder; the pairs go to rcmfn.shards through a ShardWriter, with the
-negative prompt's embedding beside them (SPEC-rcm §11). Unreadable or unfit media and over-long
+its caption encoded by the text encoder; the pairs go to rcmfn.shards through a ShardWriter, with CFG's
+unconditional input recorded beside them (SPEC-rcm §11): the negative prompt's embedding, or all zeros
+(Cosmos without a negative prompt; rcmfn.models.registry.unconditional_prompt). Unreadable or unfit media and over-long
 captions are skipped and listed, never fatal. Resumable: prepare_progress.json records which inputs
 each shard holds and which were skipped, so a rerun continues after the last complete shard.
 Toy (`--model toy`): exact samples of the Gaussian mixture with their class embeddings.
@@ -23,8 +24,8 @@ from tqdm.auto import tqdm
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
 from rcmfn.models import gmm
-from rcmfn.models.registry import MODELS, ModelSpec, get_spec
-from rcmfn.shards import ShardWriter, read_manifest, write_negative_embedding
+from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
+from rcmfn.shards import ShardWriter, read_manifest, write_negative_embedding, write_zero_uncondition
 
 PROGRESS = "prepare_progress.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -32,7 +33,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Write training shards (latents, text embeddings, prompts, manifest, negative embedding)."""
+    """Write training shards (latents, text embeddings, prompts, manifest, CFG's unconditional input)."""
 
     output: Path = Path("data/toy")
     """dataset folder (created; an existing one is resumed)"""
@@ -49,7 +50,7 @@ class PrepareConfig:
     width: int | None = None
     """pixel width (default: the model's training resolution)"""
     frames: int | None = None
-    """pixel frames per sample, 1 + 4k (default: the model's)"""
+    """pixel frames per sample, 1 + 4k (default: the model's training frames: Wan 1.3B 77, 14B 81, Cosmos T2I 1)"""
     frame_stride: int = 1
     """take every n-th video frame"""
     fit: Literal["crop", "exact"] = "crop"
@@ -57,7 +58,8 @@ class PrepareConfig:
     truncate_prompts: bool = False
     """cut captions longer than the encoder's 512 tokens (default: skip and list them)"""
     negative_prompt: str | None = None
-    """prompt of the uncondition embedding (default: Wan's default negative prompt for Wan, empty for Cosmos)"""
+    """CFG's unconditional input is this prompt's embedding (default: Wan's default negative prompt for Wan;
+    all-zero text embedding for Cosmos, also when empty)"""
     shard_size: int = 256
     """samples per shard file"""
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
@@ -164,8 +166,8 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
     if cfg.input is None:
         raise ValueError(f"--model {cfg.model} needs --input (a media folder or a .csv / .jsonl list)")
     items = list_inputs(cfg.input)
-    C, T, H, W = spec.latent_shape
-    frames, height, width = cfg.frames or 1 + 4 * (T - 1), cfg.height or 8 * H, cfg.width or 8 * W
+    default_frames, default_height, default_width = spec.pixel_shape  # the model's training size
+    frames, height, width = cfg.frames or default_frames, cfg.height or default_height, cfg.width or default_width
     shape = codecs.latent_shape(frames, height, width)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     vae = codecs.load_vae(cfg.vae, device)
@@ -174,12 +176,11 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
         raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")
     writer = ShardWriter(cfg.output, shape, (spec.text_len, spec.text_dim), cfg.dtype or "bfloat16", cfg.shard_size)
     progress = Progress(cfg.output, len(writer.manifest.shards))
-    negative = (
-        cfg.negative_prompt
-        if cfg.negative_prompt is not None
-        else (codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
-    )
-    write_negative_embedding(cfg.output, encoder.encode([negative], what="negative prompt")[0].float().cpu())
+    negative = unconditional_prompt(spec, cfg.negative_prompt)
+    if negative is None:
+        write_zero_uncondition(cfg.output)
+    else:
+        write_negative_embedding(cfg.output, encoder.encode([negative], what="negative prompt")[0].float().cpu())
     done, pending, skipped_now = progress.done(), [], {}
     todo = [item for item in items if item[0] not in done]
     for key, path, caption in tqdm(todo, disable=not cfg.progress, desc="encode"):
@@ -222,7 +223,8 @@ def main() -> None:
     manifest = read_manifest(cfg.output)
     print(
         f"{cfg.output}: {result['written']} samples written now, {manifest.count} in {len(manifest.shards)} shards; "
-        f"latent {list(manifest.latent_shape)}, text {list(manifest.text_shape)}, {manifest.dtype}"
+        f"latent {list(manifest.latent_shape)}, text {list(manifest.text_shape)}, {manifest.dtype}, "
+        f"uncondition {manifest.uncondition}"
     )
     for key, reason in list(result["skipped"].items())[:20]:
         print(f"  skipped {key}: {reason}")

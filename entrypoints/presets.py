@@ -3,6 +3,8 @@
 from dataclasses import dataclass, field
 
 from rcmfn.loop import OptimConfig
+from rcmfn.rollout import BACKWARD_TIMESTEPS
+from rcmfn.samplers import PAPER_MID_TIMES
 from rcmfn.time import LogNormal, TimeDistribution, UniformShift
 
 
@@ -13,12 +15,16 @@ class ModelPreset:
     description: str
     iterations: int
     guidance: float
+    """teacher CFG as the standard weight w of F_u + w (F_c - F_u) (--guidance; docs/guidance.md)"""
     p_G: TimeDistribution
     p_D: TimeDistribution
     tangent_warmup: int
     student_update_freq: int
     optim: OptimConfig = field(default_factory=OptimConfig)
     sigma_max: float = 80.0
+    """start noise level of the few-step student sampler (entrypoints/sample.py --sigma-max default)"""
+    mid_times: tuple[float, ...] = PAPER_MID_TIMES
+    """intermediate trig times of the multi-step student sampler (--mid-times default): the model's own"""
 
 
 MODELS: dict[str, ModelPreset] = {
@@ -36,16 +42,20 @@ MODELS: dict[str, ModelPreset] = {
         optim=OptimConfig(
             student_lr=1e-4, fake_lr=2e-4, betas=(0.0, 0.999), weight_decay=0.0, lr_warmup_steps=50, ema_rate=0.05
         ),
+        mid_times=BACKWARD_TIMESTEPS,  # entrypoints/toy.py samples with consistency_times' default
     ),
     "wan1.3b": ModelPreset(
         description="Wan2.1 T2V 1.3B (SPEC-rcm §10.1, 1.3B experiment)",
         iterations=100_000,
         guidance=5.0,
+        # -0.8 + ln(20) / 2 = 0.698: the paper's p_G rule (Table 4) at the 1.3B's 20 latent frames, the
+        # registry's latent_shape (rcmfn/models/registry.py) and prepare's default size.
         p_G=LogNormal(0.7, 1.6),
         p_D=UniformShift(5.0),
         tangent_warmup=1000,
         student_update_freq=5,
         optim=OptimConfig(student_lr=2e-6, fake_lr=4e-7),
+        mid_times=BACKWARD_TIMESTEPS,  # the official Wan inference script (NVlabs/rcm wan2pt1_t2v_rcm_infer.py:145)
     ),
     "wan14b": ModelPreset(
         description="Wan2.1 T2V 14B (SPEC-rcm §10.1, 14B experiment)",
@@ -56,28 +66,38 @@ MODELS: dict[str, ModelPreset] = {
         tangent_warmup=0,
         student_update_freq=10,
         optim=OptimConfig(student_lr=1e-6, fake_lr=1e-7),
-        sigma_max=200.0,
+        # Inference as the official Wan script for both sizes: sigma_max 80 (NVlabs/rcm
+        # rcm/inference/wan2pt1_t2v_rcm_infer.py:73), mid times (1.5, 1.4, 1.0) (:145). The 14B experiment's
+        # 200 (rcm/configs/experiments/rcm/wan2pt1_t2v.py:194) only feeds its training-time sample callback.
+        sigma_max=80.0,
+        mid_times=BACKWARD_TIMESTEPS,
     ),
     "cosmos2b": ModelPreset(
         description="Cosmos-Predict2 2B text-to-image (paper's Cosmos settings)",
         iterations=30_000,
+        # Paper Table 4 "CFG Scale 4.5", read as the standard w like the Wan 5.0 in the same row (the released
+        # rCM code applies that one as F_u + w (F_c - F_u)). If the 4.5 is in the Cosmos code's form
+        # x0_c + g (x0_c - x0_u) instead, the standard weight is standard_guidance_from_cosmos(4.5) = 5.5
+        # (--guidance 5.5). The sources do not settle which: docs/guidance.md.
         guidance=4.5,
         p_G=LogNormal(-0.8, 1.6),
         p_D=LogNormal(0.0, 1.6),
         tangent_warmup=0,
         student_update_freq=5,
         optim=OptimConfig(student_lr=1e-6, fake_lr=2e-7),
+        mid_times=PAPER_MID_TIMES,  # paper App. D and the Cosmos distilled sampler (rcmfn/samplers.py)
     ),
     "cosmos14b": ModelPreset(
         description="Cosmos-Predict2 14B text-to-image (paper's Cosmos settings)",
         iterations=25_000,
-        guidance=4.5,
+        guidance=4.5,  # standard w; see cosmos2b and docs/guidance.md (5.5 under the Cosmos-form reading)
         p_G=LogNormal(-0.8, 1.6),
         p_D=LogNormal(0.0, 1.6),
         tangent_warmup=0,
         student_update_freq=5,
         optim=OptimConfig(student_lr=1e-6, fake_lr=2e-7),
-        sigma_max=800.0,
+        sigma_max=800.0,  # paper Table 4 (sigma_max 80 / 80 / 800 for 0.6B / 2B / 14B)
+        mid_times=PAPER_MID_TIMES,
     ),
 }
 

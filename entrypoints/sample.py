@@ -28,11 +28,16 @@ from entrypoints.presets import MODELS as PRESETS
 from rcmfn import codecs, media
 from rcmfn.models import cosmos, gmm, wan
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
-from rcmfn.models.registry import MODELS, ModelSpec, get_spec
+from rcmfn.models.registry import MODELS, ModelSpec, get_spec, trainable_spec, unconditional_prompt
 from rcmfn.models.tiny_dit import TinyDiTConfig
-from rcmfn.precond import TIME_SCALE, trigflow_denoiser
-from rcmfn.rollout import BACKWARD_TIMESTEPS
-from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
+from rcmfn.precond import TIME_SCALE, check_guidance, trigflow_denoiser
+from rcmfn.samplers import (
+    PAPER_MID_TIMES,
+    consistency_sample,
+    consistency_times,
+    teacher_euler_sample,
+    teacher_rf_times,
+)
 from rcmfn.train_checkpoint import latest_checkpoint
 from rcmfn.warm_start import WarmStartConfig
 
@@ -66,17 +71,20 @@ class SampleConfig:
     prompt_file: Path | None = None
     """text file with one prompt per non-empty line (added to the prompts)"""
     negative_prompt: str | None = None
-    """teacher CFG's negative prompt; default Wan's default negative prompt (Wan), empty (Cosmos)"""
+    """teacher CFG's negative prompt (default: Wan's default negative prompt for Wan; all-zero text
+    embedding for Cosmos, also when empty)"""
     steps: tuple[int, ...] = (1, 2, 4)
     """student step counts to sample"""
     sigma_max: float | None = None
-    """start noise level sigma_max (default: the model preset's, 80)"""
-    mid_times: tuple[float, ...] = BACKWARD_TIMESTEPS
-    """intermediate trig times of the multi-step student (official 1.5 1.4 1.0; paper 1.3 1.0 0.6)"""
+    """start noise level sigma_max (default: the model preset's; 80 without one)"""
+    mid_times: tuple[float, ...] | None = None
+    """intermediate trig times of the multi-step student (default: the model preset's own: Cosmos and the
+    paper 1.3 1.0 0.6, Wan's inference script 1.5 1.4 1.0)"""
     teacher_steps: int = 50
     """teacher Euler steps (0: no teacher rows)"""
     guidance: float | None = None
-    """teacher CFG scale (default: the run's / preset's)"""
+    """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1; default: the
+    run's / preset's)"""
     shift: float | None = None
     """teacher time shift (default 5.0; toy 1.0)"""
     seeds: tuple[int, ...] = (0,)
@@ -88,7 +96,8 @@ class SampleConfig:
     width: int | None = None
     """pixel width (default: the model's training resolution)"""
     frames: int | None = None
-    """pixel frames, 1 + 4k; 1 writes PNG, more MP4 (default: the model's)"""
+    """pixel frames, 1 + 4k; 1 writes PNG, more MP4 (default: the model's training frames: Wan 1.3B 77,
+    14B 81, Cosmos T2I 1)"""
     fps: int = 16
     """MP4 frame rate"""
     dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
@@ -101,10 +110,12 @@ class SampleConfig:
     def __post_init__(self):
         if self.model != "toy":
             get_spec(self.model)
-        if not self.steps or min(self.steps) < 1 or max(self.steps) > len(self.mid_times) + 1:
+        if self.guidance is not None:
+            check_guidance(self.guidance, "--guidance")
+        mid_times = sampler_mid_times(self)
+        if not self.steps or min(self.steps) < 1 or max(self.steps) > len(mid_times) + 1:
             raise ValueError(
-                f"steps must lie in 1..{len(self.mid_times) + 1} (one more than the mid times "
-                f"{self.mid_times}); got {self.steps}"
+                f"steps must lie in 1..{len(mid_times) + 1} (one more than the mid times {mid_times}); got {self.steps}"
             )
         for name in ("teacher_steps", "batch", "fps"):
             if getattr(self, name) < (0 if name == "teacher_steps" else 1):
@@ -113,6 +124,13 @@ class SampleConfig:
             raise ValueError("give either --run or --checkpoint, not both")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+
+
+def sampler_mid_times(cfg: SampleConfig) -> tuple[float, ...]:
+    """--mid-times, else the model preset's own, else the paper's evaluation grid (rcmfn.samplers)."""
+    if cfg.mid_times is not None:
+        return tuple(cfg.mid_times)
+    return PRESETS[cfg.model].mid_times if cfg.model in PRESETS else PAPER_MID_TIMES
 
 
 EXPORT = export_name("official")  # entrypoints.distributed's final EMA export, official key layout
@@ -171,8 +189,9 @@ def sample_toy(cfg: SampleConfig) -> dict:
     path, ours = student_weights(cfg)
     if not ours:
         raise ValueError(f"--model toy needs a distill run folder or an iter-N checkpoint folder; got {path}")
-    if tuple(cfg.mid_times) != BACKWARD_TIMESTEPS:  # entrypoints/toy.py sample_student has no mid-times argument
-        raise ValueError(f"the toy samples with the default mid times {BACKWARD_TIMESTEPS}; got {cfg.mid_times}")
+    toy_mid_times = PRESETS["toy"].mid_times  # entrypoints/toy.py sample_student has no mid-times argument
+    if sampler_mid_times(cfg) != toy_mid_times:
+        raise ValueError(f"the toy samples with the default mid times {toy_mid_times}; got {cfg.mid_times}")
     saved = json.loads((path.parent / "state.json").read_text())["config"]
     world = toy_world_from(saved)
     params = TensorDict(load_file(path), batch_size=[])
@@ -191,7 +210,7 @@ def sample_toy(cfg: SampleConfig) -> dict:
         }
         if cfg.teacher_steps:
             runs[f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"] = (
-                cfg.teacher_steps * (2 if guidance != 1.0 else 1),
+                cfg.teacher_steps * (2 if guidance > 1.0 else 1),
                 partial(toy_world.sample_teacher, world, cfg.teacher_steps, guidance, seed, shift, sigma_max),
             )
         rows = {}
@@ -269,8 +288,8 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     if not prompts:
         raise ValueError("no prompts: pass --prompts or --prompt-file")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    C, T, H, W = spec.latent_shape
-    shape = codecs.latent_shape(cfg.frames or 1 + 4 * (T - 1), cfg.height or 8 * H, cfg.width or 8 * W)
+    frames, height, width = spec.pixel_shape  # the model's training size
+    shape = codecs.latent_shape(cfg.frames or frames, cfg.height or height, cfg.width or width)
     student_path, ours = student_weights(cfg)
     if cfg.teacher is not None and not cfg.teacher.exists():  # fail before minutes of sampling, not after
         raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
@@ -279,12 +298,12 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     encoder = codecs.load_text_encoder(cfg.text_encoder, device, DTYPES[cfg.dtype], spec.text_len)
     if encoder.dim != spec.text_dim:
         raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")
-    negative = (
-        cfg.negative_prompt
-        if cfg.negative_prompt is not None
-        else (codecs.WAN_NEGATIVE_PROMPT if spec.family == "wan" else "")
-    )
-    cond_prompts, uncond = encoder.encode(prompts).cpu(), encoder.encode([negative], what="negative prompt").cpu()
+    negative = unconditional_prompt(spec, cfg.negative_prompt)  # the rule prepare used for the shards
+    cond_prompts = encoder.encode(prompts).cpu()
+    if negative is None:
+        uncond = torch.zeros_like(cond_prompts[:1])
+    else:
+        uncond = encoder.encode([negative], what="negative prompt").cpu()
     del encoder
     jobs = [(p, s) for p in range(len(prompts)) for s in cfg.seeds]
     # Per-sample noise from its own seed: results do not depend on --batch, and all samplers share noise[0].
@@ -294,9 +313,10 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     conds = cond_prompts[[p for p, _ in jobs]]
     sigma_max = cfg.sigma_max or (PRESETS[cfg.model].sigma_max if cfg.model in PRESETS else 80.0)
     latents, rows = {}, {}
-    denoise, params = load_denoiser(spec, student_path, ours, cfg, device)
+    # The student computes as distillation trained it (float32 time path); the teacher as released.
+    denoise, params = load_denoiser(trainable_spec(spec), student_path, ours, cfg, device)
     for k in cfg.steps:
-        times = consistency_times(k, sigma_max, cfg.mid_times)
+        times = consistency_times(k, sigma_max, sampler_mid_times(cfg))
         latents[f"student {k}-step"], seconds = run_sampler(
             lambda n, c, k=k, times=times: consistency_sample(denoise, params, n[:k], times, c),
             noises,
@@ -323,7 +343,7 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
             device,
         )
         rows[teacher] = {
-            "nfe": cfg.teacher_steps * (2 if guidance != 1.0 else 1),
+            "nfe": cfg.teacher_steps * (2 if guidance > 1.0 else 1),
             "seconds_per_sample": seconds / len(jobs),
         }
         del denoise, params

@@ -18,13 +18,6 @@ import torch
 TEXT_LEN = 512  # tokens per prompt fed to the DiTs (SPEC-models §4)
 VAE_STRIDE = (4, 8, 8)  # Wan2.1 VAE (time, height, width) compression (SPEC-models §4)
 LATENT_CHANNELS = 16
-# Wan2.1's default negative prompt (`sample_neg_prompt` in its shared config), the uncondition of the
-# official rCM data and teacher sampler (SPEC-rcm §6.2, §11.2).
-WAN_NEGATIVE_PROMPT = (
-    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
-    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
-    "三条腿，背景人很多，倒着走"
-)
 
 
 class PromptTooLongError(ValueError):

@@ -6,6 +6,7 @@ Every network in rCM (teacher, student, fake score) is a raw velocity predictor
 x0 = cos t x_t - sin t F.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -101,6 +102,33 @@ def trigflow_denoiser(
     return denoise
 
 
+def check_guidance(guidance: float, name: str = "guidance") -> float:
+    """`guidance` as a float if it is a usable CFG weight w: finite and >= 1 (1 = conditional only).
+
+    Guidance applies only when w > 1, the official rule (NVlabs/rcm rcm/models/t2v_model_distill_rcm.py:520,
+    :624, :657, `if self.config.teacher_guidance > 1.0`); w < 1 would extrapolate away from the condition,
+    so it is refused rather than silently ignored. `name` is the flag or field the error names.
+    """
+    value = float(guidance)
+    if not math.isfinite(value) or value < 1.0:
+        raise ValueError(
+            f"{name}: guidance scale must be finite and >= 1 (the standard CFG weight w of "
+            f"F_u + w (F_c - F_u); 1 = no guidance); got {guidance}"
+        )
+    return value
+
+
+def standard_guidance_from_cosmos(g: float) -> float:
+    """The standard CFG weight w equal to Cosmos-Predict2's guidance g: w = g + 1.
+
+    Cosmos applies guidance as x0_c + g (x0_c - x0_u) (nvidia-cosmos/cosmos-predict2
+    cosmos_predict2/pipelines/text2image.py:462, video2world.py:777), which is x0_u + (g + 1)(x0_c - x0_u);
+    rcmfn's `guidance` is always the standard w (docs/guidance.md). E.g. the Cosmos T2I pipeline's default
+    g = 4 is w = 5.
+    """
+    return float(g) + 1.0
+
+
 def guided_velocity(
     denoise: Denoiser,
     params,
@@ -110,17 +138,16 @@ def guided_velocity(
     uncond: torch.Tensor | None,
     guidance: float,
 ) -> torch.Tensor:
-    """Classifier-free guided TrigFlow velocity F_u + w (F_c - F_u). SPEC-rcm §2.3.
+    """Classifier-free guided TrigFlow velocity F_u + w (F_c - F_u), w the standard weight. SPEC-rcm §2.3.
 
     CFG on F equals CFG on x0 and on the raw velocity (all affine with the same x_t term, §1.2), so
     this one function serves sCM targets, DMD's real score and the teacher sampler. Two separate
-    passes, as in the official code; w = 1 or no uncondition gives the conditional velocity alone.
+    passes, as in the official code, and only when w > 1 (`check_guidance`); w = 1 or no uncondition
+    gives the conditional velocity alone.
     """
-    guidance = float(guidance)
-    if guidance != guidance or guidance in (float("inf"), float("-inf")):
-        raise ValueError(f"guidance scale must be finite; got {guidance}")
+    guidance = check_guidance(guidance)
     F_cond = denoise(params, x_t, t, cond)
-    if uncond is None or guidance == 1.0:
+    if uncond is None or guidance <= 1.0:
         return F_cond
     if uncond.shape != cond.shape:
         raise ValueError(f"uncondition shape {tuple(uncond.shape)} must equal condition shape {tuple(cond.shape)}")

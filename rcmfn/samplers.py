@@ -12,6 +12,14 @@ from rcmfn.precond import Denoiser, batch_view, guided_velocity
 from rcmfn.rollout import BACKWARD_TIMESTEPS, consistency_rollout
 from rcmfn.time import rf_to_trig, shift_rf_time, sigma_to_rf, unshift_rf_time
 
+# Mid times of the paper's evaluation grid [atan sigma_max, 1.3, 1.0, 0.6] (rCM paper, App. D "Evaluation
+# Details"; first k entries for fewer steps), also the Cosmos-Predict2 distilled sampler's: EDM sigmas
+# 3.6, 1.5574, 0.684 (nvidia-cosmos/cosmos-predict2 cosmos_predict2/pipelines/text2image.py:400) are trig
+# times atan(sigma) = 1.2998, 1.0000, 0.6000. The official Wan inference script uses BACKWARD_TIMESTEPS
+# (1.5, 1.4, 1.0) instead (NVlabs/rcm rcm/inference/wan2pt1_t2v_rcm_infer.py:145, the paper grid
+# commented out on line 143).
+PAPER_MID_TIMES = (1.3, 1.0, 0.6)
+
 
 def consistency_times(
     steps: int, sigma_max: float = 80.0, mid_times: tuple[float, ...] = BACKWARD_TIMESTEPS

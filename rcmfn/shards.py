@@ -1,16 +1,23 @@
 """Training data on disk: safetensors shards of (latent, text embedding), and a deterministic per-rank loader.
 
-SPEC-rcm §11 (what a sample holds: a clean latent, the text-encoder states, the prompt; one negative
-embedding for CFG's uncondition). The official code reads webdataset tars; this is our own format:
+SPEC-rcm §11 (what a sample holds: a clean latent, the text-encoder states, the prompt; one
+unconditional input for CFG). The official code reads webdataset tars; this is our own format:
 
   <folder>/manifest.json            {"format": "rcmfn-shards", "version": 1, "latent_shape": [C, T, H, W],
                                      "text_shape": [L, D], "dtype": "bfloat16",
                                      "shards": [{"file": "shard-00000.safetensors", "count": N,
                                                  "prompts": "shard-00000.json" | null}, ...],
-                                     "negative_embedding": "negative.safetensors" | null}
+                                     "negative_embedding": "negative.safetensors" | null,
+                                     "uncondition": "negative_prompt" | "zeros"}
   <folder>/shard-00000.safetensors  "latents" [N, C, T, H, W], "text_embeddings" [N, L, D]
   <folder>/shard-00000.json         optional sidecar: the N prompts, a JSON list of strings
-  <folder>/negative.safetensors     optional: "text_embedding" [L, D]
+  <folder>/negative.safetensors     with "uncondition": "negative_prompt": "text_embedding" [L, D]
+
+"uncondition" says what CFG's unconditional text input is (`read_uncondition`): the negative prompt's
+embedding in negative.safetensors (Wan; the toy's null class embedding), or an all-zero embedding of the
+text shape (Cosmos without a negative prompt; rcmfn.models.registry.unconditional_prompt says which).
+A manifest written before the field existed is read as "negative_prompt" when it lists a negative
+embedding and "zeros" otherwise.
 
 Every file is written under a temporary name and renamed into place, and the manifest only ever lists
 complete shards, so a crash while writing never leaves a dataset that reads wrong. No torch.distributed
@@ -35,6 +42,7 @@ from safetensors.torch import save_file
 FORMAT, VERSION = "rcmfn-shards", 1
 MANIFEST, NEGATIVE = "manifest.json", "negative.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+UNCONDITIONS = ("negative_prompt", "zeros")
 _SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -61,6 +69,8 @@ class Manifest:
     dtype: str
     shards: tuple[ShardInfo, ...]
     negative_embedding: str | None
+    uncondition: str = "zeros"
+    """CFG's unconditional text input: "negative_prompt" (the stored negative embedding) or "zeros"."""
 
     @property
     def count(self) -> int:
@@ -75,6 +85,7 @@ class Manifest:
             "dtype": self.dtype,
             "shards": [{"file": s.file, "count": s.count, "prompts": s.prompts} for s in self.shards],
             "negative_embedding": self.negative_embedding,
+            "uncondition": self.uncondition,
         }
 
 
@@ -139,6 +150,7 @@ def _parse(folder: Path, raw: object) -> Manifest:
         )
         shards = tuple(ShardInfo(s["file"], int(s["count"]), s.get("prompts")) for s in raw["shards"])
         dtype, negative = raw["dtype"], raw.get("negative_embedding")
+        uncondition = raw.get("uncondition", "zeros" if negative is None else "negative_prompt")
     except (KeyError, TypeError, ValueError) as err:
         raise DatasetError(f"{where}: malformed field ({err!r})") from err
     if len(latent_shape) != 4 or len(text_shape) != 2 or min(latent_shape + text_shape) < 1:
@@ -148,7 +160,12 @@ def _parse(folder: Path, raw: object) -> Manifest:
         )
     if dtype not in DTYPES:
         raise DatasetError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    return Manifest(folder, latent_shape, text_shape, dtype, shards, negative)
+    if uncondition not in UNCONDITIONS or (uncondition == "negative_prompt") != (negative is not None):
+        raise DatasetError(
+            f"{where}: uncondition {uncondition!r} with negative_embedding {negative!r}; expected "
+            '"negative_prompt" with a negative embedding file or "zeros" without one'
+        )
+    return Manifest(folder, latent_shape, text_shape, dtype, shards, negative, uncondition)
 
 
 def read_manifest(folder: str | os.PathLike, check_files: bool = True) -> Manifest:
@@ -216,8 +233,16 @@ def write_negative_embedding(folder: str | os.PathLike, embedding: torch.Tensor)
     path = manifest.folder / NEGATIVE
     tensor = embedding.detach().to("cpu", DTYPES[manifest.dtype]).contiguous()
     _atomic_write(path, lambda tmp: save_file({"text_embedding": tensor}, tmp))
-    _write_manifest(Manifest(**{**manifest.__dict__, "negative_embedding": NEGATIVE}))
+    _write_manifest(Manifest(**{**manifest.__dict__, "negative_embedding": NEGATIVE, "uncondition": "negative_prompt"}))
     return path
+
+
+def write_zero_uncondition(folder: str | os.PathLike) -> None:
+    """Record an all-zero unconditional text input (Cosmos-Predict2's, see
+    rcmfn.models.registry.unconditional_prompt) in the manifest, dropping a stored negative embedding."""
+    manifest = read_manifest(folder, check_files=False)
+    _write_manifest(Manifest(**{**manifest.__dict__, "negative_embedding": None, "uncondition": "zeros"}))
+    (manifest.folder / NEGATIVE).unlink(missing_ok=True)
 
 
 def read_negative_embedding(folder: str | os.PathLike) -> torch.Tensor | None:
@@ -229,6 +254,15 @@ def read_negative_embedding(folder: str | os.PathLike) -> torch.Tensor | None:
     _expect(path, "text_embedding", manifest.text_shape, manifest.dtype)
     with safe_open(str(path), framework="pt", device="cpu") as f:
         return f.get_tensor("text_embedding")
+
+
+def read_uncondition(folder: str | os.PathLike) -> torch.Tensor:
+    """CFG's unconditional text input [L, D] in the stored dtype, as the manifest's "uncondition" says:
+    the stored negative embedding, or zeros of the text shape."""
+    manifest = read_manifest(folder, check_files=False)
+    if manifest.uncondition == "zeros":
+        return torch.zeros(manifest.text_shape, dtype=DTYPES[manifest.dtype])
+    return read_negative_embedding(folder)
 
 
 class ShardWriter:
@@ -302,11 +336,16 @@ class ShardWriter:
         if any(p is not None for p in self._prompts):
             sidecar = f"{name}.json"
             _write_text(self.folder / sidecar, json.dumps([p or "" for p in self._prompts], ensure_ascii=False))
-        # Re-read: keeps a negative embedding written meanwhile by write_negative_embedding.
+        # Re-read: keeps an uncondition written meanwhile by write_negative_embedding / write_zero_uncondition.
         current = read_manifest(self.folder, check_files=False)
         shards = (*self.manifest.shards, ShardInfo(f"{name}.safetensors", len(self._latents), sidecar))
         self.manifest = Manifest(
-            **{**self.manifest.__dict__, "shards": shards, "negative_embedding": current.negative_embedding}
+            **{
+                **self.manifest.__dict__,
+                "shards": shards,
+                "negative_embedding": current.negative_embedding,
+                "uncondition": current.uncondition,
+            }
         )
         _write_manifest(self.manifest)
         self._latents, self._texts, self._prompts = [], [], []

@@ -6,14 +6,13 @@ generator, so that ranks and resumed runs agree without broadcasts) and returns 
 plus detached diagnostics. The loop sums, backpropagates and steps the optimisers.
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from rcmfn.losses import dcm_loss, dmd_loss, fake_score_loss, nonfinite_samples, scm_loss
-from rcmfn.precond import Denoiser, batch_view, guided_velocity, x0_from_velocity
+from rcmfn.precond import Denoiser, batch_view, check_guidance, guided_velocity, x0_from_velocity
 from rcmfn.rollout import BACKWARD_TIMESTEPS, consistency_rollout, rollout_times
 from rcmfn.tangent import TangentMethod, scm_tangent
 from rcmfn.time import LogNormal, TimeDistribution, UniformShift, rf_to_trig, sample_time, shift_rf_time
@@ -43,8 +42,7 @@ class LossConfig:
     def __post_init__(self):
         if self.method not in ("rcm", "scm", "dmd", "dcm"):
             raise ValueError(f"method must be one of rcm, scm, dmd, dcm; got {self.method!r}")
-        if not math.isfinite(self.guidance):
-            raise ValueError(f"guidance must be finite; got {self.guidance}")
+        check_guidance(self.guidance)
         if self.max_rollout_steps < 1:
             raise ValueError(f"max_rollout_steps must be >= 1; got {self.max_rollout_steps}")
 

@@ -3,6 +3,7 @@
 STYLE example 15 (presets as typed instances), 17 (key maps as data); SPEC-models §3, §4.
 """
 
+import dataclasses
 import fnmatch
 import os
 from collections.abc import Callable, Mapping
@@ -16,6 +17,7 @@ from rcmfn.models.cosmos import COSMOS_2B_T2I, COSMOS_2B_V2W, COSMOS_14B_T2I, CO
 from rcmfn.models.cosmos import KEY_MAPS as COSMOS_KEY_MAPS
 from rcmfn.models.wan import WAN_1_3B, WAN_14B, WanModel
 from rcmfn.models.wan import key_maps as wan_key_maps
+from rcmfn.models.wan.configs import NEGATIVE_PROMPT as WAN_NEGATIVE_PROMPT
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,25 +33,46 @@ class ModelSpec:
     key_maps: Mapping[str, KeyMap]
     """Checkpoint layouts by name; "official" (the release) first, e.g. also "diffusers"."""
     latent_shape: tuple[int, int, int, int]
-    """(C, T, H, W) of one latent at the default training resolution."""
+    """(C, T, H, W) of one latent at the default training resolution (prepare's and sample's default size)."""
     text_len: int
     """Text tokens per sample fed to cross-attention (zero-padded)."""
     text_dim: int
     """Width of the text-encoder states the net takes."""
     timestep_scale: float
     """The net's timestep input is timestep_scale * r for rectified-flow time r (SPEC-models §1)."""
+    negative_prompt: str | None = None
+    """The teacher's unconditional text input when the user gives no negative prompt: this prompt's
+    encoding (Wan: its default negative prompt), or None for an all-zero text embedding (Cosmos);
+    see `unconditional_prompt`."""
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(frames, height, width) in pixels of `latent_shape` through the Wan2.1 VAE that both families
+        use (stride 4 in time with the first frame kept, 8 in space; SPEC-models §3.4, §4):
+        1 + 4 (T - 1) frames of 8 H x 8 W."""
+        _, T, H, W = self.latent_shape
+        return 1 + 4 * (T - 1), 8 * H, 8 * W
 
 
-# 480p training latents: 81 frames 832 x 480 -> 16 x 21 x 60 x 104 (SPEC-models §3.4).
-WAN_480P_LATENT = (16, 21, 60, 104)
+# 480p training latents, 832 x 480 (SPEC-models §3.4): the official rCM runs train the 1.3B on 20 latent
+# frames (77 pixel frames; `state_t=20` in NVlabs/rcm rcm/configs/experiments/rcm/wan2pt1_t2v.py:107) and
+# the 14B on 21 (81 frames; `state_t=21`, same file :185). The official inference script defaults to 77
+# frames for both sizes (rcm/inference/wan2pt1_t2v_rcm_infer.py:79); here each size samples at the frame
+# count it trained on, 81 for the 14B as the paper's VBench runs (Table 2, 832 x 480 x 81).
+WAN_1_3B_480P_LATENT = (16, 20, 60, 104)
+WAN_14B_480P_LATENT = (16, 21, 60, 104)
 # Cosmos-Predict2 (SPEC-models §2.5): text-to-image 1024 px 1:1 -> 16 x 1 x 128 x 128; Video2World
 # 720p, 93 frames of 1280 x 704 -> 16 x 24 x 88 x 160 (needs a condition mask, see CosmosDiT).
 COSMOS_1024PX_LATENT = (16, 1, 128, 128)
 COSMOS_720P_LATENT = (16, 24, 88, 160)
 
 MODELS: dict[str, ModelSpec] = {
-    "wan1.3b": ModelSpec("wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_480P_LATENT, 512, 4096, 1000.0),
-    "wan14b": ModelSpec("wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_480P_LATENT, 512, 4096, 1000.0),
+    "wan1.3b": ModelSpec(
+        "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_1_3B_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
+    ),
+    "wan14b": ModelSpec(
+        "wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_14B_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
+    ),
     "cosmos2b": ModelSpec("cosmos", COSMOS_2B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
     "cosmos14b": ModelSpec("cosmos", COSMOS_14B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
     "cosmos2b-video": ModelSpec(
@@ -68,9 +91,40 @@ def get_spec(name: str) -> ModelSpec:
     return MODELS[name]
 
 
-def cast_params(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Cast floating parameters/buffers to `dtype` in place, keeping the module's fp32_patterns fp32."""
-    keep = tuple(getattr(module, FP32_PATTERNS_ATTR, ()))
+def unconditional_prompt(spec: ModelSpec, negative_prompt: str | None) -> str | None:
+    """The prompt whose encoding is the teacher's unconditional input (CFG), or None for all zeros.
+
+    SPEC-rcm §11.2. One rule for prepare (the shards' uncondition), distill (which reads it) and sample
+    (the teacher rows). A given negative prompt is used as is, except that an empty one means zeros
+    for a family whose uncondition is zeros: Cosmos-Predict2 learned "unconditional" as the text
+    embedding times 0 (nvidia-cosmos/cosmos-predict2 cosmos_predict2/conditioner.py:126-134 and
+    :573-579, with TextAttr dropout_rate 0.2 in configs/base/config_text2image.py:128-129) and its
+    text2image pipeline uses that uncondition when the negative prompt is empty
+    (pipelines/text2image.py:331, :371-374). Wan encodes its default negative prompt.
+    """
+    if negative_prompt is None or (negative_prompt == "" and spec.negative_prompt is None):
+        return spec.negative_prompt
+    return negative_prompt
+
+
+def trainable_spec(spec: ModelSpec) -> ModelSpec:
+    """The spec distillation builds the student and the fake score from: `spec` with the high-precision
+    (float32) time path on wherever the architecture has that switch (CosmosConfig.high_precision_time).
+
+    rCM paper §4.2 "High-Precision Time": the full-JVP tangent with every time-embedding layer in FP32
+    (as Wan does), accepting an initial mismatch with the pretrained Cosmos network; SPEC-rcm §8.4. The
+    teacher keeps `spec` itself, i.e. the released network's numerics (Cosmos: bf16 time path). Wan's
+    time path is float32 in the release already (SPEC-models §3.4), so a Wan spec comes back unchanged.
+    """
+    if not any(f.name == "high_precision_time" for f in dataclasses.fields(spec.config)):
+        return spec
+    return dataclasses.replace(spec, config=dataclasses.replace(spec.config, high_precision_time=True))
+
+
+def cast_params(module: nn.Module, dtype: torch.dtype, keep_fp32: bool = True) -> nn.Module:
+    """Cast floating parameters/buffers to `dtype` in place, keeping the module's fp32_patterns fp32
+    (the release's float32 tables, e.g. Wan's time MLP and modulation) unless `keep_fp32` is off."""
+    keep = tuple(getattr(module, FP32_PATTERNS_ATTR, ())) if keep_fp32 else ()
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if not tensor.is_floating_point():

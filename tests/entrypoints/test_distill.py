@@ -92,6 +92,11 @@ def test_bad_inputs_name_the_problem(tmp_path):
         tiny_config(tmp_path, dmd_weight=-1.0)
     with pytest.raises(ValueError, match="tangent_warmup must be 0"):
         tiny_config(tmp_path, method="dmd", tangent_warmup=5)
+    for bad in (0.5, 0.0, float("nan"), float("inf")):  # refused at the flag, before the run folder exists
+        with pytest.raises(ValueError, match="--guidance: guidance scale must be finite and >= 1"):
+            tiny_config(tmp_path / "never", guidance=bad)
+    assert not (tmp_path / "never").exists()
+    tiny_config(tmp_path, guidance=1.0)  # 1 = no guidance, allowed
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):

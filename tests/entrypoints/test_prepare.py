@@ -17,11 +17,15 @@ from entrypoints import prepare
 from entrypoints.prepare import PrepareConfig, list_inputs, prepare_media, prepare_toy
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
-from rcmfn.models import gmm
+from rcmfn.models import cosmos, gmm
 from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN_TINY, key_maps
-from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding
+from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding, read_uncondition
 
+# The registered Cosmos spec with a tiny architecture: single 16 x 16 images, 16 text tokens of width 24.
+TINY_COSMOS = dataclasses.replace(
+    get_spec("cosmos2b"), config=cosmos.CONFIGS["cosmos-tiny"], latent_shape=(16, 1, 2, 2), text_len=16, text_dim=24
+)
 # The registered Wan spec with a tiny architecture: 5 frames of 16 x 16 pixels, 16 text tokens of width 24.
 TINY_WAN = dataclasses.replace(
     get_spec("wan1.3b"),
@@ -224,6 +228,27 @@ def test_media_become_shards_and_unfit_inputs_are_skipped_with_reasons(codec_dir
     media.write_mp4(source / "new.mp4", clip(5, 16, 16, 6))
     (source / "new.txt").write_text("w9")
     assert prepare_media(media_config(codec_dir, source, tmp_path / "out"), TINY_WAN)["total"] == 3
+
+
+@needs_codecs
+def test_cosmos_uncondition_is_zeros_unless_a_negative_prompt_is_given(codec_dir, tmp_path):
+    """The manifest records CFG's unconditional input: all zeros for Cosmos by default and for an empty
+    negative prompt (no embedding stored), the prompt's T5 embedding when one is given."""
+    codecs.write_tiny_text_encoder(tmp_path / "t5", "t5", dim=24)
+    source = media_folder(tmp_path / "in")
+    encoder = codecs.load_text_encoder(tmp_path / "t5", max_length=16)
+    for name, negative in (("default", None), ("empty", ""), ("given", "x y")):
+        out = tmp_path / name
+        cfg = media_config(codec_dir, source, out, model="cosmos2b", text_encoder=tmp_path / "t5", frames=1)
+        result = prepare_media(dataclasses.replace(cfg, negative_prompt=negative), TINY_COSMOS)
+        manifest = read_manifest(out)
+        assert result["total"] > 0 and manifest.latent_shape == (16, 1, 2, 2)
+        if negative == "x y":
+            assert manifest.uncondition == "negative_prompt"
+            assert torch.equal(read_uncondition(out), encoder.encode(["x y"])[0].float().to(torch.bfloat16))
+        else:
+            assert manifest.uncondition == "zeros" and read_negative_embedding(out) is None
+            assert torch.equal(read_uncondition(out), torch.zeros(16, 24, dtype=torch.bfloat16))
 
 
 @needs_codecs

@@ -265,6 +265,86 @@ def test_cosmos_image_student_writes_pngs(wan_files, tmp_path):
 
 
 @needs_codecs
+@pytest.mark.parametrize("negative", [None, "", "x y"])
+def test_cosmos_teacher_uncondition_is_zeros_unless_a_negative_prompt(wan_files, tmp_path, monkeypatch, negative):
+    """The teacher rows' CFG uncondition follows prepare's rule: all zeros for Cosmos by default and for an
+    empty negative prompt, the prompt's T5 embedding when one is given."""
+    codecs.write_tiny_text_encoder(tmp_path / "t5", "t5", dim=24)
+    model = cosmos.build_cosmos(TINY_COSMOS.config).to_empty(device="cpu")
+    for name, seed in (("student", 5), ("teacher", 6)):
+        path = tmp_path / f"{name}.safetensors"
+        export_checkpoint(random_weights(model, seed), path, TINY_COSMOS.key_maps["official"])
+    seen = []
+
+    def teacher_sampler(denoise, params, noise, rf, cond, uncond, guidance):
+        seen.append(uncond)
+        return noise
+
+    monkeypatch.setattr("entrypoints.sample.teacher_euler_sample", teacher_sampler)
+    cfg = wan_config(
+        wan_files,
+        tmp_path / "out",
+        model="cosmos2b",
+        checkpoint=tmp_path / "student.safetensors",
+        teacher=tmp_path / "teacher.safetensors",
+        text_encoder=tmp_path / "t5",
+        vae=None,
+        negative_prompt=negative,
+        steps=(1,),
+        teacher_steps=2,
+        frames=1,
+        height=32,
+        width=48,
+        seeds=(0,),
+    )
+    sample_model(cfg, TINY_COSMOS)
+    encoder = codecs.load_text_encoder(tmp_path / "t5", torch.device("cpu"), torch.float32, max_length=16)
+    want = encoder.encode(["x y"]) if negative == "x y" else torch.zeros(1, 16, 24)
+    assert seen and all(torch.equal(u, want.expand_as(u)) for u in seen)
+
+
+@needs_codecs
+@pytest.mark.parametrize(
+    ("model", "mid_times", "sigma_max"),
+    [
+        ("wan1.3b", (1.5, 1.4, 1.0), 80.0),  # the official Wan inference script, both sizes
+        ("wan14b", (1.5, 1.4, 1.0), 80.0),
+        ("cosmos2b", (1.3, 1.0, 0.6), 80.0),  # the paper's grid and the Cosmos distilled sampler
+        ("cosmos14b", (1.3, 1.0, 0.6), 800.0),
+        ("cosmos2b-video", (1.3, 1.0, 0.6), 80.0),  # no preset: the paper's grid
+    ],
+)
+def test_student_grid_defaults_to_the_models_mid_times(wan_files, tmp_path, monkeypatch, model, mid_times, sigma_max):
+    """Without --mid-times / --sigma-max the 4-step grid is [atan sigma_max, the model's mid times, 0];
+    --mid-times still overrides it."""
+    family = "wan" if model.startswith("wan") else "cosmos"
+    spec = TINY_WAN if family == "wan" else TINY_COSMOS
+    if model == "cosmos2b-video":
+        spec = dataclasses.replace(spec, config=cosmos.CONFIGS["cosmos-tiny-video"])
+    encoder = wan_files
+    if family == "cosmos":
+        encoder = tmp_path / "t5"
+        codecs.write_tiny_text_encoder(encoder, "t5", dim=24)
+    module = WanModel(WAN_TINY) if family == "wan" else cosmos.build_cosmos(spec.config).to_empty(device="cpu")
+    export_checkpoint(random_weights(module, 3), tmp_path / "student.safetensors", spec.key_maps["official"])
+    grids = []
+
+    def student_sampler(denoise, params, noise, times, cond):
+        grids.append(times)
+        return noise[0]
+
+    monkeypatch.setattr("entrypoints.sample.consistency_sample", student_sampler)
+    base = dict(model=model, checkpoint=tmp_path / "student.safetensors", teacher=None, vae=None, text_encoder=encoder)
+    base |= dict(steps=(4,), seeds=(0,), prompts=("a b",), frames=5 if family == "wan" else 1, height=32, width=48)
+    sample_model(wan_config(wan_files, tmp_path / "out", **base), spec)
+    want = torch.tensor([math.atan(sigma_max), *mid_times, 0.0], dtype=torch.float64)
+    assert len(grids) == 2 and all(torch.equal(g, want) for g in grids)  # warm-up call and timed call
+    grids.clear()
+    sample_model(wan_config(wan_files, tmp_path / "out", **base, mid_times=(1.2, 0.9, 0.5), sigma_max=5.0), spec)
+    assert torch.equal(grids[-1], torch.tensor([math.atan(5.0), 1.2, 0.9, 0.5, 0.0], dtype=torch.float64))
+
+
+@needs_codecs
 def test_bad_inputs_are_reported_clearly(wan_files, tmp_path):
     shutil.copytree(wan_files / "text_encoder", tmp_path / "solo")  # an encoder without its tokenizer
     cases = [
@@ -325,6 +405,9 @@ def test_config_validation_names_the_field():
         SampleConfig(batch=0)
     with pytest.raises(ValueError, match="unknown model 'sdxl'"):
         SampleConfig(model="sdxl")
+    for bad in (0.5, float("nan"), float("-inf")):
+        with pytest.raises(ValueError, match="--guidance: guidance scale must be finite and >= 1"):
+            SampleConfig(guidance=bad)
 
 
 def test_cli_flags_match_snapshot():

@@ -1,7 +1,7 @@
 """On CUDA, at real width: the `--compile` training iteration equals the eager one, and divergence stops it.
 
 The real trainer's networks (FSDP of world size 1, float32 master weights, bf16 compute, random init),
-cut to `BLOCKS` blocks of cosmos2b and wan1.3b at their training shapes (4,096 and 32,760 tokens, 512
+cut to `BLOCKS` blocks of cosmos2b and wan1.3b at their training shapes (4,096 and 31,200 tokens, 512
 text tokens). Learning rates are 0, so every variant sees the same weights at every iteration: iterations
 0 and 1 compile the blocks and their JVP graphs, 2 (student: sCM with the compiled tangent, DMD) and 3
 (critic) are compared. Tolerance, from a float32 eager run of the same: the compiled bf16 value may be no

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from entrypoints.distill import fingerprint
-from entrypoints.distributed import ScaleConfig, check_before_gpu, model_spec, teacher_weights
+from entrypoints.distributed import ScaleConfig, build_networks, check_before_gpu, model_spec, teacher_weights
 from entrypoints.distributed_config import DistributedConfig
 from parallel import checkpoint
+from parallel.parallelize import ParallelConfig, ParallelDims
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.registry import build_model
 from rcmfn.shards import ShardWriter, write_negative_embedding
@@ -138,6 +139,58 @@ def test_teacher_with_a_missing_key_fails_strict_and_loads_non_strict(tmp_path, 
     assert set(weights) == set(state) and torch.equal(weights[missing], torch.ones_like(state[missing]))
     assert all(torch.equal(weights[name], tensor) for name, tensor in kept.items())
     assert f"1 initialised fresh (not loadable from the file; non-strict load): {missing}" in capsys.readouterr().out
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of world size 1 in this process (the sharded nets need one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield ParallelDims(1).build_meshes("cpu")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("model", ["wan1.3b", "cosmos2b"])
+def test_fake_score_and_student_start_bit_for_bit_as_the_teacher(one_rank_group, model):
+    """bf16 on the CPU, tiny nets built as the run builds them: at iteration 0 the fake score's and the
+    student's outputs equal the teacher's bit for bit (Wan's float32 tables included: the teacher is stored
+    in bf16 as FSDP all-gathers the trainable nets). Cosmos' trainable nets run the float32 time path
+    (trainable_spec), so there the teacher is built with it too; with the run's default they differ."""
+    from parallel.fsdp import init_sharded_state, sharded_networks
+    from rcmfn.loop import LoopConfig
+    from rcmfn.models.registry import trainable_spec
+
+    cfg = ScaleConfig(model=model, distributed=DistributedConfig(random_init=True, tiny=True, dtype="bfloat16"))
+    spec, lcfg = model_spec(cfg), LoopConfig()
+    full = teacher_weights(cfg, spec)
+    if spec.family == "wan":  # the release's float32 tables, not bf16-representable (random_init draws them)
+        assert full["blocks.0.modulation"].dtype == torch.float32
+
+    def build(teacher_spec):
+        meshes, cpu = one_rank_group, torch.device("cpu")
+        return build_networks(
+            teacher_spec, full, meshes, torch.bfloat16, ParallelConfig(), cpu, True, trainable_spec(spec)
+        )
+
+    teacher, student, fake = build(trainable_spec(spec))  # = spec for Wan
+    if spec.family == "cosmos":
+        assert student.config.high_precision_time and fake.config.high_precision_time
+    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
+    state = init_sharded_state(student, fake, lcfg)
+    g = torch.Generator().manual_seed(5)
+    x_t = torch.randn(2, 16, 2, 4, 4, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, 3, 24, generator=g).to(torch.bfloat16)
+    t = torch.tensor([0.4, 1.3], dtype=torch.float64)
+    with torch.no_grad():
+        F_teacher = nets.teacher(nets.teacher_params, x_t, t, cond)
+        assert torch.equal(nets.fake(state.fake, x_t, t, cond), F_teacher)
+        assert torch.equal(nets.student(state.student, x_t, t, cond), F_teacher)
+    if spec.family == "cosmos":  # the run's own teacher keeps the released bf16 time path: not bit-equal
+        teacher = build(spec)[0]
+        released = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
+        with torch.no_grad():
+            assert not torch.equal(released.teacher(released.teacher_params, x_t, t, cond), F_teacher)
 
 
 def _torchrun(tmp_path, iterations: int, nproc: int = 2, extra=()) -> subprocess.Popen:

@@ -8,13 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rcmfn.precond import (
+    check_guidance,
     guided_velocity,
     noise_from_velocity,
+    standard_guidance_from_cosmos,
     trigflow_coefficients,
     trigflow_denoiser,
     velocity_from_x0,
     x0_from_velocity,
 )
+from rcmfn.step import LossConfig
 from rcmfn.time import trig_to_rf
 
 trig = st.floats(1e-4, math.pi / 2 - 1e-4)
@@ -90,6 +93,44 @@ def test_bad_inputs_name_the_problem(small_net):
     with pytest.raises(ValueError, match="time must have shape"):
         denoise(params, x_t, t[:1], torch.randn(2, 4, 5, dtype=torch.float64))
     cond = torch.randn(2, 4, 5, dtype=torch.float64)
-    for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="guidance scale must be finite"):
+    for bad in (float("nan"), float("inf"), float("-inf"), 0.5, 0.0, -2.0):
+        with pytest.raises(ValueError, match="guidance scale must be finite and >= 1"):
             guided_velocity(denoise, params, x_t, t, cond, cond, bad)
+
+
+@pytest.mark.parametrize("g", [4.0, 4.5, 7.0])
+def test_cosmos_guidance_g_is_the_standard_weight_g_plus_one(small_net, g):
+    """Cosmos' x0_c + g (x0_c - x0_u) equals rcmfn's standard-form CFG at w = g + 1 (docs/guidance.md)."""
+    net, params = small_net
+    denoise = trigflow_denoiser(net)
+    gen = torch.Generator().manual_seed(4)
+    x_t = torch.randn(2, 3, 1, 2, 2, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0.4, 1.1], dtype=torch.float64)
+    cond, uncond = torch.randn(2, 2, 4, 5, generator=gen, dtype=torch.float64)
+    x0_c = x0_from_velocity(x_t, t, denoise(params, x_t, t, cond))
+    x0_u = x0_from_velocity(x_t, t, denoise(params, x_t, t, uncond))
+    w = standard_guidance_from_cosmos(g)
+    assert w == g + 1
+    guided = x0_from_velocity(x_t, t, guided_velocity(denoise, params, x_t, t, cond, uncond, w))
+    torch.testing.assert_close(guided, x0_c + g * (x0_c - x0_u), rtol=1e-12, atol=1e-12)
+
+
+def test_guidance_applies_only_above_one_and_below_one_is_refused():
+    """The official rule (teacher_guidance > 1.0): w = 1 is the conditional velocity, one network pass;
+    w < 1 or a non-finite w is a named error, at the loss config too."""
+    calls = []
+
+    def denoise(params, x_t, t, cond):
+        calls.append(cond)
+        return x_t * cond.mean()
+
+    x_t, t = torch.ones(2, 3, dtype=torch.float64), torch.tensor([0.3, 1.2], dtype=torch.float64)
+    cond, uncond = torch.full((2, 4), 2.0, dtype=torch.float64), torch.zeros(2, 4, dtype=torch.float64)
+    assert torch.equal(guided_velocity(denoise, None, x_t, t, cond, uncond, 1.0), 2 * x_t) and len(calls) == 1
+    assert torch.equal(guided_velocity(denoise, None, x_t, t, cond, uncond, 1.5), 3 * x_t) and len(calls) == 3
+    assert check_guidance(4.5) == 4.5
+    for bad in (0.99, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--guidance: guidance scale must be finite and >= 1"):
+            check_guidance(bad, "--guidance")
+        with pytest.raises(ValueError, match="guidance scale must be finite and >= 1"):
+            LossConfig(guidance=bad)

@@ -14,7 +14,9 @@ from rcmfn.shards import (
     ShardWriter,
     read_manifest,
     read_negative_embedding,
+    read_uncondition,
     write_negative_embedding,
+    write_zero_uncondition,
 )
 
 LATENT, TEXT = (2, 1, 3, 5), (4, 3)
@@ -97,6 +99,42 @@ def test_negative_embedding_round_trips_and_survives_later_shards(tmp_path):
     torch.testing.assert_close(read_negative_embedding(tmp_path), negative.bfloat16(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="text shape"):
         write_negative_embedding(tmp_path, torch.randn(3, 4))
+
+
+def test_manifest_says_which_unconditional_input_cfg_uses(tmp_path):
+    """The manifest's uncondition is "negative_prompt" with a stored embedding, "zeros" without one, and
+    read_uncondition returns the embedding or zeros of the text shape; switching drops the stored file."""
+    writer = ShardWriter(tmp_path, LATENT, TEXT, "bfloat16", 2)
+    write_zero_uncondition(tmp_path)
+    for i in range(3):
+        writer.add(*_sample(i))
+    writer.close()
+    assert read_manifest(tmp_path).uncondition == "zeros"
+    assert json.loads((tmp_path / "manifest.json").read_text())["uncondition"] == "zeros"
+    zeros = read_uncondition(tmp_path)
+    assert zeros.dtype == torch.bfloat16 and torch.equal(zeros, torch.zeros(TEXT, dtype=torch.bfloat16))
+    negative = torch.randn(TEXT)
+    write_negative_embedding(tmp_path, negative)
+    assert read_manifest(tmp_path).uncondition == "negative_prompt"
+    assert torch.equal(read_uncondition(tmp_path), negative.bfloat16())
+    write_zero_uncondition(tmp_path)
+    assert read_negative_embedding(tmp_path) is None and not (tmp_path / "negative.safetensors").exists()
+    assert read_manifest(tmp_path).uncondition == "zeros"
+
+
+def test_a_manifest_without_the_uncondition_field_is_read_from_its_negative_embedding(tmp_path):
+    for folder, negative in ((tmp_path / "with", torch.randn(TEXT)), (tmp_path / "without", None)):
+        _write(folder, 2, 2)
+        if negative is not None:
+            write_negative_embedding(folder, negative)
+        raw = json.loads((folder / "manifest.json").read_text())
+        del raw["uncondition"]
+        (folder / "manifest.json").write_text(json.dumps(raw))
+        assert read_manifest(folder).uncondition == ("zeros" if negative is None else "negative_prompt")
+    raw["uncondition"] = "negative_prompt"  # but no negative embedding listed
+    (tmp_path / "without" / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DatasetError, match="uncondition 'negative_prompt' with negative_embedding None"):
+        read_manifest(tmp_path / "without")
 
 
 def _corrupt(folder, how):

@@ -49,7 +49,9 @@ class CosmosConfig:
     high_precision_time: bool = False
     """Run the time path in float32 whatever the weights' dtype (rCM "high-precision time",
     SPEC-rcm §8.4): time MLP, time RMSNorm, every adaLN modulation MLP, shift/scale and the gated
-    residual adds. Off reproduces the official bf16 numerics (sinusoid fp32, the rest in bf16)."""
+    residual adds. Off reproduces the official bf16 numerics (sinusoid fp32, the rest in bf16): the
+    teacher's. Distillation builds the student and the fake score with it on
+    (rcmfn.models.registry.trainable_spec; rCM paper §4.2)."""
 
     def __post_init__(self):
         for name in (

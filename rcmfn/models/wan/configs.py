@@ -57,6 +57,15 @@ class WanConfig:
         return self.head_dim - 2 * spatial, spatial, spatial
 
 
+# Wan2.1's default negative prompt (`sample_neg_prompt` in Wan-Video/Wan2.1 wan/configs/shared_config.py),
+# the unconditional input of the official rCM data and teacher (NVlabs/rcm
+# rcm/configs/experiments/rcm/wan2pt1_t2v.py:120 neg_embed_path; SPEC-rcm §6.2, §11.2).
+NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
+
 WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 # SPEC-models §5: two heads of dim 16 (RoPE split 8/4/4), text width 24, two blocks.

@@ -367,9 +367,17 @@ def test_registry_lists_valid_names_for_an_unknown_one():
     for name in ("wan1.3b", "wan14b"):
         spec = get_spec(name)
         assert spec.timestep_scale == 1000.0 and spec.text_dim == 4096 and spec.text_len == 512
-        assert spec.latent_shape == (16, 21, 60, 104)
-        assert math.prod(spec.latent_shape[2:]) // 4 * spec.latent_shape[1] == 32760
         assert set(spec.key_maps) == {"official", "diffusers"}
+
+
+@pytest.mark.parametrize(("name", "frames", "tokens"), [("wan1.3b", 20, 31_200), ("wan14b", 21, 32_760)])
+def test_registry_latents_are_the_official_training_frames(name, frames, tokens):
+    """The official rCM runs train the 1.3B on 20 latent frames (77 pixel frames) and the 14B on 21 (81),
+    at 832 x 480; prepare and sample default to that size (SPEC-rcm §10.1 state_t)."""
+    spec = get_spec(name)
+    assert spec.latent_shape == (16, frames, 60, 104)
+    assert spec.pixel_shape == (1 + 4 * (frames - 1), 480, 832)
+    assert math.prod(spec.latent_shape[2:]) // 4 * spec.latent_shape[1] == tokens
 
 
 def test_scm_tangent_through_wan_agrees_between_jvp_and_finite_difference():
