@@ -11,6 +11,7 @@ SPEC-rcm §6 (samplers), SPEC-models §4 (encoders, VAE). Reading order: SampleC
 # distill path will need too; they move to rcmfn/models/registry.py then.
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -124,6 +125,10 @@ class SampleConfig:
             raise ValueError("give either --run or --checkpoint, not both")
         if not self.seeds:
             raise ValueError("seeds must not be empty")
+        for name in ("sigma_max", "shift"):  # 0 used to mean "unset" and silently became the default
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be finite and > 0 (leave it unset for the default); got {value}")
 
 
 def sampler_mid_times(cfg: SampleConfig) -> tuple[float, ...]:
@@ -200,7 +205,8 @@ def sample_toy(cfg: SampleConfig) -> dict:
         raise ValueError(f"{path} does not fit the run's toy net; keys in one but not the other: {diff}")
     preset = PRESETS["toy"]
     guidance = next(g for g in (cfg.guidance, saved.get("guidance"), preset.guidance) if g is not None)
-    sigma_max, shift = cfg.sigma_max or preset.sigma_max, 1.0 if cfg.shift is None else cfg.shift
+    sigma_max = preset.sigma_max if cfg.sigma_max is None else cfg.sigma_max
+    shift = 1.0 if cfg.shift is None else cfg.shift
     cfg.output.mkdir(parents=True, exist_ok=True)
     report = {}
     for seed in cfg.seeds:
@@ -311,7 +317,10 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         [torch.randn(max(cfg.steps), *shape, generator=torch.Generator().manual_seed(s)) for _, s in jobs], dim=1
     )
     conds = cond_prompts[[p for p, _ in jobs]]
-    sigma_max = cfg.sigma_max or (PRESETS[cfg.model].sigma_max if cfg.model in PRESETS else 80.0)
+    if cfg.sigma_max is not None:
+        sigma_max = cfg.sigma_max
+    else:
+        sigma_max = PRESETS[cfg.model].sigma_max if cfg.model in PRESETS else 80.0
     latents, rows = {}, {}
     # The student computes as distillation trained it (float32 time path); the teacher as released.
     denoise, params = load_denoiser(trainable_spec(spec), student_path, ours, cfg, device)

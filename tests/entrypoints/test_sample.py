@@ -408,6 +408,11 @@ def test_config_validation_names_the_field():
     for bad in (0.5, float("nan"), float("-inf")):
         with pytest.raises(ValueError, match="--guidance: guidance scale must be finite and >= 1"):
             SampleConfig(guidance=bad)
+    for bad in (0.0, -80.0, float("nan")):  # 0 used to become the default 80 without a word
+        with pytest.raises(ValueError, match="sigma_max must be finite and > 0"):
+            SampleConfig(sigma_max=bad)
+    with pytest.raises(ValueError, match="shift must be finite and > 0"):
+        SampleConfig(shift=0.0)
 
 
 def test_cli_flags_match_snapshot():
