@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from parallel.fsdp import dual_jvp
 from parallel.parallelize import apply_ac, apply_compile
 from rcmfn.compile import compiled
 from rcmfn.models import cosmos, wan
 from rcmfn.models.registry import MODELS, cast_params
+from rcmfn.tangent import dual_jvp
 
 
 @dataclass(frozen=True)

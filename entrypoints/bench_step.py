@@ -106,8 +106,9 @@ def build_trainer(
     from entrypoints.distill import DistillConfig, loop_config
     from entrypoints.distributed import build_networks, model_spec, teacher_weights
     from entrypoints.distributed_config import DistributedConfig
-    from parallel.fsdp import init_sharded_state, sharded_networks
-    from parallel.parallelize import ParallelConfig, ParallelDims
+    from parallel.mesh import ParallelDims
+    from parallel.parallelize import ParallelConfig
+    from parallel.sharded_training import init_sharded_state, sharded_networks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = DistillConfig(

@@ -26,8 +26,9 @@ from entrypoints.sharded_networks import build_network, build_networks, teacher_
 from entrypoints.stop_signal import StopSignal, stop_signals
 from parallel import checkpoint
 from parallel.context_parallel import check_cp_size
-from parallel.fsdp import init_sharded_state, sharded_networks
-from parallel.parallelize import ParallelConfig, ParallelDims
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig
+from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import train_iteration
 from rcmfn.metrics_log import MetricsLog

@@ -25,78 +25,15 @@ from typing import Literal
 import torch
 from torch import nn
 from torch.autograd import forward_ad
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from parallel.block_jvp import BlockJVP
 from parallel.context_parallel import apply_cp
 from parallel.fsdp import apply_fsdp
+from parallel.mesh import Meshes
 from rcmfn.compile import compiled
 
 ACMode = Literal["none", "full", "mm_only"]
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """Sizes of the data-parallel and context-parallel axes (torchtitan's names); product = world size."""
-
-    world_size: int
-    dp_replicate: int = 1
-    """HSDP replicas (parameters replicated across them, sharded within)."""
-    dp_shard: int = -1
-    """FSDP shard degree for data; -1 = world_size / (dp_replicate * cp)."""
-    cp: int = 1
-    """Ulysses context-parallel degree: ranks sharing one sample's tokens (must divide the heads)."""
-
-    def __post_init__(self):
-        for name in ("world_size", "dp_replicate", "cp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.dp_shard == -1:
-            if self.world_size % (self.dp_replicate * self.cp):
-                raise ValueError(
-                    f"world size {self.world_size} is not divisible by dp_replicate {self.dp_replicate} x cp {self.cp}"
-                )
-            object.__setattr__(self, "dp_shard", self.world_size // (self.dp_replicate * self.cp))
-        if self.dp_shard < 1 or self.dp_replicate * self.dp_shard * self.cp != self.world_size:
-            raise ValueError(
-                f"dp_replicate {self.dp_replicate} x dp_shard {self.dp_shard} x cp {self.cp} must equal "
-                f"the world size {self.world_size} (torchrun --nproc_per_node x nodes)"
-            )
-
-    @property
-    def dp(self) -> int:
-        """Data-parallel degree: how many distinct batches one step sees."""
-        return self.dp_replicate * self.dp_shard
-
-    def build_meshes(self, device_type: str) -> "Meshes":
-        """The meshes of this layout over the default process group (ranks row-major in
-        (dp_replicate, dp_shard, cp), so the ranks of one CP group are consecutive)."""
-        world = init_device_mesh(
-            device_type, (self.dp_replicate, self.dp_shard, self.cp), mesh_dim_names=("dp_replicate", "dp_shard", "cp")
-        )
-        if self.dp_replicate > 1:  # HSDP: replicate x (dp_shard cp), the same rank order as `world`
-            fsdp = init_device_mesh(
-                device_type,
-                (self.dp_replicate, self.dp_shard * self.cp),
-                mesh_dim_names=("dp_replicate", "dp_shard_cp"),
-            )
-        else:
-            fsdp = world["dp_shard", "cp"]._flatten("dp_shard_cp")
-        rank = world.get_rank()
-        return Meshes(world=world, fsdp=fsdp, cp=world["cp"], dp_rank=rank // self.cp, dp_size=self.dp)
-
-
-@dataclass(frozen=True)
-class Meshes:
-    """Device meshes of one run: FSDP over dp_shard x cp (2-D with dp_replicate for HSDP), the CP group,
-    and this rank's data-parallel coordinate (which batch it reads; equal across a CP group)."""
-
-    world: DeviceMesh
-    fsdp: DeviceMesh
-    cp: DeviceMesh
-    dp_rank: int
-    dp_size: int
 
 
 @dataclass(frozen=True)
@@ -169,7 +106,7 @@ def _compiled_block(block: nn.Module, forward, backend: str):
     A function compiled with inductor and called on dual tensors sees their primals only: the
     tangents are dropped without an error (tiny Cosmos net, torch 2.13: output tangent 81 % off in
     float32, 98 % in float64; the aot_eager backend keeps them). And inside the sharded sCM tangent
-    pass (parallel/fsdp.py `dual_jvp`, an active forward-AD level) a compiled torch.func.jvp cannot
+    pass (rcmfn/tangent.py `dual_jvp`, an active forward-AD level) a compiled torch.func.jvp cannot
     run ("Nested forward mode AD is not supported"). Dual calls therefore go to `BlockJVP`: the first
     one with new shapes runs the eager block, the next plain call compiles the block's JVP graph, and
     later dual calls run that. Guarded by tests/parallel/test_compile.py.

@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from entrypoints.distributed import build_network, model_spec, teacher_weights
 from entrypoints.distributed_config import DistributedConfig
-from parallel.fsdp import sharded_velocity_net
-from parallel.parallelize import ParallelConfig, ParallelDims
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig
+from parallel.sharded_training import sharded_velocity_net
 from rcmfn.losses import fake_score_loss
 from rcmfn.precond import trigflow_denoiser, x0_from_velocity
 

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 from tensordict import TensorDict
 
-from parallel.fsdp import init_sharded_state, sharded_networks
-from parallel.parallelize import ParallelConfig, ParallelDims, parallelize
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig, parallelize
+from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.loop import LoopConfig, Networks, OptimConfig, train_iteration
 from rcmfn.models.cosmos import CosmosDiT, init_random_
 from rcmfn.models.cosmos import velocity_net as cosmos_velocity_net

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
-from parallel.fsdp import dual_jvp
 from parallel.parallelize import apply_compile
 from rcmfn.models import cosmos, wan
+from rcmfn.tangent import dual_jvp
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -16,7 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from parallel import checkpoint
-from parallel.parallelize import ParallelConfig, ParallelDims
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig
 from rcmfn.run_lock import RunLockedError
 from tests.parallel.parallel_harness import (
     assert_same_run,

@@ -18,8 +18,8 @@ from torch._dynamo.utils import counters
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from parallel.block_jvp import prune_zero_products
-from parallel.fsdp import dual_jvp
 from parallel.parallelize import apply_ac, apply_compile
+from rcmfn.tangent import dual_jvp
 from tests.parallel.parallel_harness import tiny_batch, tiny_model
 
 

@@ -17,7 +17,8 @@ from entrypoints.distill import fingerprint
 from entrypoints.distributed import ScaleConfig, build_networks, check_before_gpu, model_spec, teacher_weights
 from entrypoints.distributed_config import DistributedConfig
 from parallel import checkpoint
-from parallel.parallelize import ParallelConfig, ParallelDims
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.registry import build_model
 from rcmfn.shards import ShardWriter, write_negative_embedding
@@ -157,7 +158,7 @@ def test_fake_score_and_student_start_bit_for_bit_as_the_teacher(one_rank_group,
     student's outputs equal the teacher's bit for bit (Wan's float32 tables included: the teacher is stored
     in bf16 as FSDP all-gathers the trainable nets). Cosmos' trainable nets run the float32 time path
     (trainable_spec), so there the teacher is built with it too; with the run's default they differ."""
-    from parallel.fsdp import init_sharded_state, sharded_networks
+    from parallel.sharded_training import init_sharded_state, sharded_networks
     from rcmfn.loop import LoopConfig
     from rcmfn.models.registry import trainable_spec
 

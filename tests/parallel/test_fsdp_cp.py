@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from parallel.fsdp import sharded_velocity_net
-from parallel.parallelize import ParallelConfig, ParallelDims
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig
+from parallel.sharded_training import sharded_velocity_net
 from tests.parallel.parallel_harness import (
     assert_same_run,
     free_port,

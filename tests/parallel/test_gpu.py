@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from parallel.parallelize import ParallelConfig, ParallelDims
+from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig
 from tests.parallel import parallel_harness as harness
 
 pytestmark = [
