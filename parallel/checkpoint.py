@@ -16,7 +16,6 @@ The counterpart of rcmfn/train_checkpoint.py (single process, safetensors) for s
 import json
 import os
 import shutil
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -27,7 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from rcmfn.checksums import CorruptCheckpointError, folder_digests, verify_digests
+from rcmfn.checksums import CorruptCheckpointError, folder_digests, newest_sound, verify_digests
 from rcmfn.loop import TrainState
 
 PREFIX, TMP_PREFIX, META = "step-", ".tmp-step-", "meta.json"
@@ -132,27 +131,15 @@ def newest_sound_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     damaged, raise naming the newest one's fault: a run never restarts from scratch unasked."""
     root = Path(run_dir) / "checkpoints"
     done = [p for p in sorted(root.glob(f"{PREFIX}*"), reverse=True) if (p / META).is_file()]
-    faults = []
-    for path in done:
+
+    def verify(path: Path) -> None:
         try:
             meta = read_meta(path)
         except (OSError, ValueError) as err:
-            faults.append(f"checkpoint {path}: {META} cannot be read ({err})")
-            continue
-        try:
-            verify_digests(path, meta.get("files", {}))  # checkpoints from before checksums have none
-        except CorruptCheckpointError as err:
-            faults.append(str(err))
-            continue
-        for fault in faults:
-            warnings.warn(f"{fault}; resuming from the previous complete checkpoint {path.name}", stacklevel=2)
-        return path
-    if faults:
-        raise CorruptCheckpointError(
-            f"every checkpoint in {root} is damaged (newest: {faults[0]}); move them away, or start a new run "
-            "with --no-resume --overwrite"
-        )
-    return None
+            raise CorruptCheckpointError(f"checkpoint {path}: {META} cannot be read ({err})") from None
+        verify_digests(path, meta.get("files", {}))  # checkpoints from before checksums have none
+
+    return newest_sound(done, verify, root)
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -6,6 +6,8 @@ fails. Files are hashed in parallel threads (hashlib releases the GIL on large b
 """
 
 import hashlib
+import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,3 +49,25 @@ def verify_digests(folder: str | Path, expected: dict[str, str]) -> None:
             raise CorruptCheckpointError(
                 f"checkpoint {folder}: file {name} was altered or damaged since it was written (checksum mismatch)"
             )
+
+
+def newest_sound(candidates: list[Path], verify: Callable[[Path], None], root: Path) -> Path | None:
+    """The first of `candidates` (newest first) that `verify` passes, warning for each damaged one passed
+    over; None if there are none. If every candidate is damaged, raise naming the newest one's fault: a run
+    never restarts from scratch without being told to (--no-resume --overwrite)."""
+    faults = []
+    for path in candidates:
+        try:
+            verify(path)
+        except CorruptCheckpointError as err:
+            faults.append(str(err))
+            continue
+        for fault in faults:
+            warnings.warn(f"{fault}; resuming from the previous complete checkpoint {path.name}", stacklevel=3)
+        return path
+    if faults:
+        raise CorruptCheckpointError(
+            f"every checkpoint in {root} is damaged (newest: {faults[0]}); move them away, or start a new run "
+            "with --no-resume --overwrite"
+        )
+    return None

@@ -16,14 +16,13 @@ the weights' finiteness before a resume trusts a checkpoint, and falls back to t
 import json
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
-from rcmfn.checksums import CorruptCheckpointError, folder_digests, verify_digests
+from rcmfn.checksums import CorruptCheckpointError, folder_digests, newest_sound, verify_digests
 from rcmfn.loop import TrainState
 
 PREFIX, TMP_PREFIX = "iter-", ".tmp-"
@@ -178,22 +177,7 @@ def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
     one's fault: a run never restarts from scratch without being told to (--overwrite)."""
     root = Path(run_dir) / "checkpoints"
     done = [p for p in sorted(root.glob(f"{PREFIX}*"), reverse=True) if (p / "state.json").is_file()]
-    faults = []
-    for path in done:
-        try:
-            verify_checkpoint(path)
-        except CorruptCheckpointError as err:
-            faults.append(str(err))
-            continue
-        for fault in faults:
-            warnings.warn(f"{fault}; resuming from the previous complete checkpoint {path.name}", stacklevel=2)
-        return path
-    if faults:
-        raise CorruptCheckpointError(
-            f"every checkpoint in {root} is damaged (newest: {faults[0]}); move them away, or start a new run "
-            "with --no-resume --overwrite"
-        )
-    return None
+    return newest_sound(done, verify_checkpoint, root)
 
 
 def load_checkpoint(path: str | Path, state: TrainState, config: dict) -> TrainState:
