@@ -44,6 +44,12 @@ class DistillConfig:
     """total iterations (student + critic); preset value if unset"""
     dmd_weight: float = 0.01
     """lambda of L_sCM + lambda L_DMD (paper: 0.01); stored as loss_scale_dmd = lambda * sCM loss_scale"""
+    dmd_reference_elements: int | None = None
+    """N_ref: lambda acts as lambda * sqrt(N_ref / N) on latents of N = C*T*H*W elements, so the DMD:sCM
+    gradient balance does not depend on the latent size (sCM's direction is normalised per sample, DMD's
+    per element). 2096640 = Wan 480p (16x21x60x104), where the paper's lambda = 0.01 was set: with it,
+    lambda means the paper's balance at any size. 0 = the official loss (balance grows like sqrt(N));
+    preset value if unset (0 but for the toy)"""
     guidance: float | None = None
     """teacher CFG scale; preset value if unset"""
     student_lr: float | None = None
@@ -84,6 +90,8 @@ class DistillConfig:
         get_preset(self.model)
         if self.dmd_weight < 0 or not math.isfinite(self.dmd_weight):
             raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
+        if self.dmd_reference_elements is not None and self.dmd_reference_elements < 0:
+            raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
         if self.method == "dmd" and self.tangent_warmup not in (None, 0):
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
         for name in ("save_every", "log_every", "max_bad_steps"):
@@ -100,6 +108,7 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
         guidance=pick(cfg.guidance, preset.guidance),
         loss_scale=100.0,
         loss_scale_dmd=1.0 if cfg.method == "dmd" else 100.0 * cfg.dmd_weight,
+        dmd_reference_elements=pick(cfg.dmd_reference_elements, preset.dmd_reference_elements),
         p_G=preset.p_G if cfg.p_g_mean is None else LogNormal(cfg.p_g_mean, 1.6),
         p_D=preset.p_D,
         tangent_method=cfg.tangent_method,

@@ -19,6 +19,8 @@ class ModelPreset:
     student_update_freq: int
     optim: OptimConfig = field(default_factory=OptimConfig)
     sigma_max: float = 80.0
+    dmd_reference_elements: int = 0
+    """N_ref of rcmfn.losses.dmd_size_factor (lambda times sqrt(N_ref / N)); 0 = the official per-element DMD"""
 
 
 MODELS: dict[str, ModelPreset] = {

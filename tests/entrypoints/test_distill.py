@@ -164,3 +164,16 @@ def test_output_folder_probe_survives_ranks_probing_at_once(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda _: prepare_output(folder), range(400)))
     assert folder.is_dir() and not list(folder.iterdir())
+
+
+def test_dmd_reference_elements_reach_the_loss_from_the_preset_or_the_flag():
+    """--dmd-reference-elements overrides the preset's N_ref; 0 is the official per-element DMD."""
+    from entrypoints.distill import loop_config
+    from entrypoints.presets import MODELS
+
+    for name, preset in MODELS.items():
+        assert loop_config(DistillConfig(model=name)).loss.dmd_reference_elements == preset.dmd_reference_elements
+    assert loop_config(DistillConfig(dmd_reference_elements=0)).loss.dmd_reference_elements == 0
+    assert loop_config(DistillConfig(model="cosmos2b", dmd_reference_elements=7)).loss.dmd_reference_elements == 7
+    with pytest.raises(ValueError, match="dmd_reference_elements must be >= 0"):
+        DistillConfig(dmd_reference_elements=-1)
