@@ -183,7 +183,8 @@ def run(cfg: DistillConfig) -> dict:
     if ckpt is not None:
         state = load_checkpoint(ckpt, state, config)
     (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
-    total = cfg.iterations or get_preset(cfg.model).iterations
+    preset = get_preset(cfg.model)
+    total = cfg.iterations or preset.iterations
     batch_fn = toy_world.toy_batch_fn(world)
     bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
     start, first = time.perf_counter(), state.iteration
@@ -202,10 +203,10 @@ def run(cfg: DistillConfig) -> dict:
                 )
                 save_checkpoint(cfg.output, state, config)
     bar.close()
-    final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
+    final, figure = toy_world.final_report(world, state.ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max)
     final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
     (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
-    toy_world.save_figure(world, state.ema, cfg.seed, cfg.output / "samples.png", lcfg.loss.guidance)
+    toy_world.save_sets_figure(world, figure, cfg.output / "samples.png")
     return final
 
 
