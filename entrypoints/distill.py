@@ -62,6 +62,9 @@ class DistillConfig:
     """one student step every F iterations after warm-up; preset value if unset"""
     p_g_mean: float | None = None
     """mean of log sigma for the sCM time distribution p_G (LogNormal); preset value if unset"""
+    mid_times: tuple[float, ...] | None = None
+    """trig times t = atan(sigma) between atan(sigma_max) and 0 of the toy evaluation's few-step sampler
+    (k steps use the first k - 1; the evaluation samples 1, 2 and 4 steps); preset value if unset"""
     tangent_method: Literal["jvp", "semi_fd", "fd"] = "jvp"
     """sCM tangent: full torch.func.jvp, jvp in x plus finite difference in t, or finite differences"""
     seed: int = 0
@@ -92,6 +95,11 @@ class DistillConfig:
             raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
         if self.dmd_reference_elements is not None and self.dmd_reference_elements < 0:
             raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
+        mid = self.mid_times
+        if mid is not None and (
+            len(mid) < 3 or any(not 0 < m < math.pi / 2 for m in mid) or list(mid) != sorted(mid)[::-1]
+        ):
+            raise ValueError(f"mid_times must be >= 3 non-increasing trig times in (0, pi/2); got {mid}")
         if self.method == "dmd" and self.tangent_warmup not in (None, 0):
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
         for name in ("save_every", "log_every", "max_bad_steps"):
@@ -138,6 +146,7 @@ def fingerprint(cfg: DistillConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
     the teacher is checked or the student exported: those change no trained value)."""
     skip = {"output", "iterations", "save_every", "log_every", "resume", "progress", "compile", "max_bad_steps"}
+    skip |= {"mid_times"}  # evaluation only
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}
@@ -203,7 +212,8 @@ def run(cfg: DistillConfig) -> dict:
                 )
                 save_checkpoint(cfg.output, state, config)
     bar.close()
-    final, figure = toy_world.final_report(world, state.ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max)
+    mid_times = cfg.mid_times or preset.mid_times
+    final, figure = toy_world.final_report(world, state.ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max, mid_times)
     final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
     (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
     toy_world.save_sets_figure(world, figure, cfg.output / "samples.png")

@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from rcmfn.loop import OptimConfig
+from rcmfn.rollout import BACKWARD_TIMESTEPS
 from rcmfn.time import LogNormal, TimeDistribution, UniformShift
 
 
@@ -21,12 +22,16 @@ class ModelPreset:
     sigma_max: float = 80.0
     dmd_reference_elements: int = 0
     """N_ref of rcmfn.losses.dmd_size_factor (lambda times sqrt(N_ref / N)); 0 = the official per-element DMD"""
+    mid_times: tuple[float, ...] = BACKWARD_TIMESTEPS
+    """trig mid times of the few-step sampler (SPEC-rcm §6.1)"""
 
 
 MODELS: dict[str, ModelPreset] = {
     # The CPU toy: learning rates are those of a 100k-parameter net, not a 1B one; a short tangent
     # warm-up because the run is short; p_G centred lower than Wan's because the toy's modes are
-    # resolved at small sigma (the latent has 256 dims, not 1.3M).
+    # resolved at small sigma (the latent has 256 dims, not 1.3M); mid times below the official 1.5 / 1.4
+    # (sigma 14, 5.8), where the student's one-step map from the exact marginal still leaves 11-13 % of
+    # samples between modes (the table's band rows; docs/toy.md "Mid times").
     "toy": ModelPreset(
         description="analytic Gaussian-mixture teacher, tiny DiT student (CPU, minutes)",
         iterations=2500,
@@ -38,6 +43,7 @@ MODELS: dict[str, ModelPreset] = {
         optim=OptimConfig(
             student_lr=1e-4, fake_lr=2e-4, betas=(0.0, 0.999), weight_decay=0.0, lr_warmup_steps=50, ema_rate=0.05
         ),
+        mid_times=(1.1, 0.9, 0.6),
     ),
     "wan1.3b": ModelPreset(
         description="Wan2.1 T2V 1.3B (SPEC-rcm §10.1, 1.3B experiment)",
