@@ -41,6 +41,12 @@ class DistillConfig:
     """total iterations (student + critic), >= 1; preset value if unset"""
     dmd_weight: float = 0.01
     """lambda of L_sCM + lambda L_DMD (paper: 0.01); stored as loss_scale_dmd = lambda * sCM loss_scale"""
+    dmd_reference_elements: int | None = None
+    """N_ref: lambda acts as lambda * sqrt(N_ref / N) on latents of N = C*T*H*W elements, so the DMD:sCM
+    gradient balance does not depend on the latent size (sCM's direction is normalised per sample, DMD's
+    per element). 2096640 = Wan 480p (16x21x60x104), where the paper's lambda = 0.01 was set: with it,
+    lambda means the paper's balance at any size. 0 = the official loss (balance grows like sqrt(N));
+    preset value if unset (0 but for the toy)"""
     guidance: float | None = None
     """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1); preset value
     if unset"""
@@ -54,6 +60,9 @@ class DistillConfig:
     """one student step every F iterations after warm-up; preset value if unset"""
     p_g_mean: float | None = None
     """mean of log sigma for the sCM time distribution p_G (LogNormal); preset value if unset"""
+    mid_times: tuple[float, ...] | None = None
+    """trig times t = atan(sigma) between atan(sigma_max) and 0 of the toy evaluation's few-step sampler
+    (k steps use the first k - 1; the evaluation samples 1, 2 and 4 steps); preset value if unset"""
     tangent_method: Literal["jvp", "semi_fd", "fd"] = "jvp"
     """sCM tangent: full torch.func.jvp, jvp in x plus finite difference in t, or finite differences"""
     seed: int = 0
@@ -86,6 +95,13 @@ class DistillConfig:
             check_guidance(self.guidance, "--guidance")
         if self.dmd_weight < 0 or not math.isfinite(self.dmd_weight):
             raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
+        if self.dmd_reference_elements is not None and self.dmd_reference_elements < 0:
+            raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
+        mid = self.mid_times
+        if mid is not None and (
+            len(mid) < 3 or any(not 0 < m < math.pi / 2 for m in mid) or list(mid) != sorted(mid)[::-1]
+        ):
+            raise ValueError(f"mid_times must be >= 3 non-increasing trig times in (0, pi/2); got {mid}")
         if self.method == "dmd" and self.tangent_warmup not in (None, 0):
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
         if self.iterations is not None and self.iterations < 1:
@@ -115,6 +131,7 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
         guidance=pick(cfg.guidance, preset.guidance),
         loss_scale=100.0,
         loss_scale_dmd=1.0 if cfg.method == "dmd" else 100.0 * cfg.dmd_weight,
+        dmd_reference_elements=pick(cfg.dmd_reference_elements, preset.dmd_reference_elements),
         p_G=preset.p_G if cfg.p_g_mean is None else LogNormal(cfg.p_g_mean, 1.6),
         p_D=preset.p_D,
         tangent_method=cfg.tangent_method,
@@ -148,7 +165,7 @@ def fingerprint(cfg: DistillConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
     the teacher is checked or the student exported: those change no trained value)."""
     skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
-    skip |= {"max_bad_steps"}
+    skip |= {"max_bad_steps", "mid_times"}  # mid_times: evaluation only
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}

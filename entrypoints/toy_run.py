@@ -89,8 +89,10 @@ def run_toy(cfg: DistillConfig) -> dict:
     if stop():
         print(f"stopped at iteration {state.iteration}, checkpoint saved; the same command resumes", file=sys.stderr)
         return {"iteration": state.iteration, "stopped_by_signal": True}
-    final = toy_world.final_report(world, state.ema, cfg.seed, get_preset(cfg.model))
+    preset = get_preset(cfg.model)
+    mid_times = cfg.mid_times or preset.mid_times
+    final, figure = toy_world.final_report(world, state.ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max, mid_times)
     final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
     (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
-    toy_world.save_figure(world, state.ema, cfg.seed, cfg.output / "samples.png", lcfg.loss.guidance)
+    toy_world.save_sets_figure(world, figure, cfg.output / "samples.png")
     return final

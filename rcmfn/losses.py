@@ -7,11 +7,14 @@ that one bad sample never turns a whole batch's gradient into NaN (the official 
 nan_to_num of the gradients for those; we do both).
 """
 
+import math
+
 import torch
 
 from rcmfn.precond import batch_view
 
 TANGENT_NORM_EPS = 0.1  # g / (||g|| + 0.1), SPEC-rcm §2.9
+WAN_480P_ELEMENTS = 16 * 21 * 60 * 104  # one Wan2.1 480p latent (C, T, H, W), where the paper set lambda = 0.01
 
 
 def per_sample_sum(x: torch.Tensor) -> torch.Tensor:
@@ -78,17 +81,46 @@ def scm_loss(
     return loss_scale * per_sample_sum((F_theta - F_sg - g_hat) ** 2)
 
 
+def dmd_size_factor(elements: int, reference_elements: int | None) -> float:
+    """sqrt(N_ref / N): the factor on lambda that gives N-element latents the DMD:sCM balance of N_ref.
+
+    SPEC-rcm errata "DMD vs sCM balance" (derived). The sCM direction is normalised per sample,
+    g / (||g|| + 0.1), so its norm is at most 1 whatever N; the DMD direction is normalised per element,
+    Delta = (x0_fake - x0_real) / mean |G - x0_real|, so its entries are O(1) and its norm grows like
+    sqrt(N). A fixed lambda therefore means a DMD:sCM gradient ratio proportional to sqrt(N): the paper's
+    0.01, set on Wan 480p latents (2.1M elements), is 90x weaker on a 256-element toy and 2.8x weaker on
+    a Cosmos 1024 px latent (262k). Scaling lambda by sqrt(N_ref / N) keeps the ratio of N_ref-element
+    latents: exactly so when the N elements repeat N_ref elements' statistics (a test replicates them).
+
+    Why a reference size and not a per-sample DMD normalisation (Delta / sqrt(N)): the two differ by the
+    constant sqrt(N_ref), but only this one keeps lambda in the paper's units (0.01 means the official
+    balance at N_ref, and N = N_ref is the official loss bit for bit), and it scales the loss value and
+    the gradient alike (dividing Delta would scale the value by 1 / N and the gradient by 1 / sqrt(N)).
+    None (or 0) = no scaling, the official per-element normalisation.
+    """
+    if elements < 1:
+        raise ValueError(f"elements must be >= 1; got {elements}")
+    if not reference_elements:
+        return 1.0
+    if reference_elements < 0:
+        raise ValueError(f"reference_elements must be >= 0 (0 = off); got {reference_elements}")
+    return math.sqrt(reference_elements / elements)
+
+
 def dmd_loss(
     generated: torch.Tensor,
     fake_x0: torch.Tensor,
     real_x0: torch.Tensor,
     loss_scale: float = 1.0,
+    reference_elements: int | None = None,
 ) -> torch.Tensor:
     """DMD loss scale * sum (G - sg(G - Delta))^2, Delta = (x0_fake - x0_real) / lambda_w, per sample.
 
     SPEC-rcm §3.5-3.7. lambda_w = mean |G - x0_real| per sample, clamped at 1e-5, in float64. The value
-    is sum Delta^2; the gradient 2 Delta dG/dtheta moves G toward x0_real - x0_fake.
+    is sum Delta^2; the gradient 2 Delta dG/dtheta moves G toward x0_real - x0_fake. With
+    `reference_elements` the scale is multiplied by `dmd_size_factor` of the sample's element count.
     """
+    loss_scale = loss_scale * dmd_size_factor(math.prod(generated.shape[1:]), reference_elements)
     bad = nonfinite_samples(generated, fake_x0, real_x0)
     keep = batch_view(~bad, generated)
     # Mask before any arithmetic: a NaN sample must give a zero gradient, not NaN * 0.

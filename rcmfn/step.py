@@ -28,6 +28,7 @@ class LossConfig:
     guidance: float = 5.0
     loss_scale: float = 100.0
     loss_scale_dmd: float = 1.0
+    dmd_reference_elements: int | None = None  # lambda scaled by sqrt(N_ref / N) (losses.dmd_size_factor)
     p_G: TimeDistribution = field(default_factory=lambda: LogNormal(-0.8, 1.6))
     p_D: TimeDistribution = field(default_factory=lambda: LogNormal(0.0, 1.6))
     tangent_method: TangentMethod = "jvp"
@@ -45,6 +46,8 @@ class LossConfig:
         check_guidance(self.guidance)
         if self.max_rollout_steps < 1:
             raise ValueError(f"max_rollout_steps must be >= 1; got {self.max_rollout_steps}")
+        if self.dmd_reference_elements is not None and self.dmd_reference_elements < 0:
+            raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
 
     @property
     def uses_consistency(self) -> bool:
@@ -140,7 +143,8 @@ def dmd_student_loss(
         F_real = guided_velocity(teacher, teacher_params, x_D, t_D, cond, uncond, cfg.guidance)
         real_x0 = x0_from_velocity(x_D, t_D, F_real.double())
     masked = nonfinite_samples(generated, fake_x0, real_x0).sum()  # the samples dmd_loss zeroes
-    return dmd_loss(generated, fake_x0, real_x0, cfg.loss_scale_dmd), {"dmd_masked": masked}
+    loss = dmd_loss(generated, fake_x0, real_x0, cfg.loss_scale_dmd, cfg.dmd_reference_elements)
+    return loss, {"dmd_masked": masked}
 
 
 def critic_loss(

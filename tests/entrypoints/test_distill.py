@@ -311,3 +311,28 @@ def test_optimiser_settings_are_checked_where_they_are_defined():
     for bad in ({"betas": (0.9, 1.0)}, {"eps": 0.0}, {"ema_rate": -0.1}, {"weight_decay": -1.0}):
         with pytest.raises(ValueError):
             OptimConfig(**bad)
+
+
+def test_dmd_reference_elements_reach_the_loss_from_the_preset_or_the_flag():
+    """--dmd-reference-elements overrides the preset's N_ref; 0 is the official per-element DMD."""
+    from entrypoints.distill import loop_config
+    from entrypoints.presets import MODELS
+
+    for name, preset in MODELS.items():
+        assert loop_config(DistillConfig(model=name)).loss.dmd_reference_elements == preset.dmd_reference_elements
+    assert loop_config(DistillConfig(dmd_reference_elements=0)).loss.dmd_reference_elements == 0
+    assert loop_config(DistillConfig(model="cosmos2b", dmd_reference_elements=7)).loss.dmd_reference_elements == 7
+    with pytest.raises(ValueError, match="dmd_reference_elements must be >= 0"):
+        DistillConfig(dmd_reference_elements=-1)
+
+
+def test_mid_times_set_the_evaluation_sampler_and_do_not_block_a_resume(tmp_path):
+    """--mid-times changes the 2- and 4-step rows, not the 1-step one, and is not part of the checkpoint's
+    fingerprint: re-running a finished run with other mid times only re-evaluates it."""
+    first = run(tiny_config(tmp_path, mid_times=(1.5, 1.4, 1.0)))["rows"]
+    again = run(tiny_config(tmp_path, mid_times=(1.2, 1.0, 0.7)))["rows"]
+    assert first["student 1-step"]["sliced_w2"] == again["student 1-step"]["sliced_w2"]
+    assert first["student 2-step"]["sliced_w2"] != again["student 2-step"]["sliced_w2"]
+    for bad in [(1.2, 1.0), (1.0, 1.2, 0.7), (1.6, 1.0, 0.7), (1.2, 1.0, 0.0)]:
+        with pytest.raises(ValueError, match="mid_times must be"):
+            tiny_config(tmp_path, mid_times=bad)
