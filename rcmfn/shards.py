@@ -404,10 +404,6 @@ class ShardLoader:
     def global_batch(self) -> int:
         return self.batch_size * self.world
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.manifest.count // self.global_batch
-
     def epoch_order(self, epoch: int) -> torch.Tensor:
         """The sample permutation of `epoch` (identical on every rank)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

@@ -50,10 +50,6 @@ class LossConfig:
             raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
 
     @property
-    def uses_consistency(self) -> bool:
-        return self.method != "dmd"
-
-    @property
     def uses_critic(self) -> bool:
         return self.method in ("rcm", "dmd") and self.loss_scale_dmd > 0
 
