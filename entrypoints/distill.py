@@ -48,8 +48,9 @@ class DistillConfig:
     """N_ref: lambda acts as lambda * sqrt(N_ref / N) on latents of N = C*T*H*W elements, so the DMD:sCM
     gradient balance does not depend on the latent size (sCM's direction is normalised per sample, DMD's
     per element). 2096640 = Wan 480p (16x21x60x104), where the paper's lambda = 0.01 was set: with it,
-    lambda means the paper's balance at any size. 0 = the official loss (balance grows like sqrt(N));
-    preset value if unset (0 but for the toy)"""
+    lambda is the paper's lambda at any size (0.01 acts as 0.01 on Wan 480p, 0.028 on a 1024 px Cosmos
+    latent, 0.905 on the toy's 256 elements). 0 = the official loss (balance grows like sqrt(N)); preset
+    value if unset (0 but for the toy)"""
     guidance: float | None = None
     """teacher CFG scale; preset value if unset"""
     student_lr: float | None = None
