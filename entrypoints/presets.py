@@ -3,6 +3,7 @@
 from dataclasses import dataclass, field
 
 from rcmfn.loop import OptimConfig
+from rcmfn.losses import WAN_480P_ELEMENTS
 from rcmfn.rollout import BACKWARD_TIMESTEPS
 from rcmfn.samplers import PAPER_MID_TIMES
 from rcmfn.time import LogNormal, TimeDistribution, UniformShift
@@ -23,6 +24,8 @@ class ModelPreset:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sigma_max: float = 80.0
     """start noise level of the few-step student sampler (entrypoints/sample.py --sigma-max default)"""
+    dmd_weight: float = 0.01
+    """lambda of L_sCM + lambda L_DMD (SPEC-rcm §3, paper: 0.01)"""
     dmd_reference_elements: int = 0
     """N_ref of rcmfn.losses.dmd_size_factor (lambda times sqrt(N_ref / N)); 0 = the official per-element DMD"""
     mid_times: tuple[float, ...] = PAPER_MID_TIMES
@@ -31,15 +34,17 @@ class ModelPreset:
 
 MODELS: dict[str, ModelPreset] = {
     # The CPU toy: learning rates are those of a 100k-parameter net, not a 1B one; a short tangent
-    # warm-up because the run is short; p_G centred lower than Wan's because the toy's modes are
-    # resolved at small sigma (the latent has 256 dims, not 1.3M); mid times below the official 1.5 / 1.4
-    # (sigma 14, 5.8), where the student's one-step map from the exact marginal still leaves 11-13 % of
-    # samples between modes (the table's band rows; docs/toy.md "Mid times").
+    # warm-up because the run is short; p_G centred at sigma 1, lower than Wan's (the toy's modes are
+    # resolved at small sigma: the latent has 256 dims, not 1.3M) but above the paper's -0.8, because the
+    # band rows put the students' between-mode samples at sigma >= 2 (TV 0.06 -> 0.04 at 2 steps); mid
+    # times below the official 1.5 / 1.4 (sigma 14, 5.8), where the student's one-step map from the exact
+    # marginal still leaves 11-13 % of samples between modes; lambda with N_ref = Wan 480p (paper units)
+    # at a third of the paper's balance, 0.3 per element on 256 elements (docs/toy.md).
     "toy": ModelPreset(
         description="analytic Gaussian-mixture teacher, tiny DiT student (CPU, minutes)",
         iterations=2500,
         guidance=2.0,
-        p_G=LogNormal(-0.8, 1.6),
+        p_G=LogNormal(0.0, 1.6),
         p_D=LogNormal(0.0, 1.6),
         tangent_warmup=100,
         student_update_freq=3,
@@ -47,6 +52,8 @@ MODELS: dict[str, ModelPreset] = {
             student_lr=1e-4, fake_lr=2e-4, betas=(0.0, 0.999), weight_decay=0.0, lr_warmup_steps=50, ema_rate=0.05
         ),
         mid_times=(1.1, 0.9, 0.6),  # chosen on the toy by its band diagnostic (docs/toy.md)
+        dmd_weight=0.0033,
+        dmd_reference_elements=WAN_480P_ELEMENTS,
     ),
     "wan1.3b": ModelPreset(
         description="Wan2.1 T2V 1.3B (SPEC-rcm §10.1, 1.3B experiment)",

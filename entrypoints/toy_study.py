@@ -23,8 +23,9 @@ COLUMNS = ("coverage", "weight_tv", "spread", "off_mode", "sliced_w2", "class_ma
 class StudyConfig:
     """Which runs make up the study and where the report goes."""
 
-    runs: tuple[str, ...] = ("scm", "dmd", "rcm:0.01", "rcm:0.1")
-    """runs as method[:dmd_weight]"""
+    runs: tuple[str, ...] = ("scm", "dmd", "rcm", "rcm:0.01")
+    """runs as method[:dmd_weight]; lambda in the toy preset's units (N_ref = Wan 480p), so rcm is the
+    preset's lambda and rcm:0.01 the paper's balance"""
     output: Path = Path("runs/toy_study")
     """folder of the distillation runs (one sub-folder each; finished runs are reused)"""
     report: Path = Path("docs/toy.md")

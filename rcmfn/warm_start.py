@@ -100,12 +100,15 @@ def fit_to_teacher(
 
     Loss per step: mean over the batch of the per-sample mean squared velocity error. All randomness
     (labels, x0, eps, r) comes from `generator`; params are copied, not modified. The data dtype follows
-    the params. Eager on purpose: on 2 CPU cores compiling costs longer than the fit.
+    the params. Eager on purpose: on 2 CPU cores compiling costs about what it saves (width 128 x depth 3,
+    inductor: 102 -> 81 ms per step after 57 s of compiling; docs/toy.md "Default run").
     """
     fitted = params.clone().apply(lambda p: p.detach().requires_grad_(True))
     leaves = list(fitted.values())
     dtype = leaves[0].dtype
-    optimizer = torch.optim.AdamW(leaves, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all ~100 tensors instead of a Python loop over them (CPU, width 128 x depth 3:
+    # 7.0 -> 2.5 ms of a 104 ms step)
+    optimizer = torch.optim.AdamW(leaves, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     losses = []
     for step in tqdm(range(cfg.steps), disable=not progress, desc="warm start"):
         labels = draw_labels(mixture, cfg.batch_size, cfg.null_fraction, generator)

@@ -35,6 +35,7 @@ def tiny_config(output: Path, **overrides) -> DistillConfig:
         save_every=3,
         log_every=1,
         progress=False,
+        cpu_threads=1,
         toy=TINY_TOY,
     )
     return DistillConfig(**(base | overrides))
@@ -336,3 +337,20 @@ def test_mid_times_set_the_evaluation_sampler_and_do_not_block_a_resume(tmp_path
     for bad in [(1.2, 1.0), (1.0, 1.2, 0.7), (1.6, 1.0, 0.7), (1.2, 1.0, 0.0)]:
         with pytest.raises(ValueError, match="mid_times must be"):
             tiny_config(tmp_path, mid_times=bad)
+
+
+def test_toy_preset_asks_for_a_third_of_the_papers_dmd_balance_and_the_big_presets_for_the_official_loss():
+    """The toy's lambda is in the paper's units (N_ref = Wan 480p): 0.3 per element on its 256 elements;
+    Wan and Cosmos keep the official per-element loss with lambda 0.01."""
+    from entrypoints.distill import loop_config
+    from rcmfn.losses import WAN_480P_ELEMENTS, dmd_size_factor
+
+    toy = loop_config(DistillConfig()).loss
+    assert toy.dmd_reference_elements == WAN_480P_ELEMENTS
+    assert toy.loss_scale_dmd / toy.loss_scale * dmd_size_factor(256, WAN_480P_ELEMENTS) == pytest.approx(
+        0.3, abs=0.005
+    )
+    for name in ("wan1.3b", "wan14b", "cosmos2b", "cosmos14b"):
+        loss = loop_config(DistillConfig(model=name)).loss
+        assert (loss.loss_scale_dmd, loss.dmd_reference_elements) == (1.0, 0), name
+    assert loop_config(DistillConfig(dmd_weight=0.01)).loss.loss_scale_dmd == 1.0
