@@ -193,9 +193,9 @@ def main(argv=None):
     add_models(subparsers)
     add_step(subparsers)
     args = parser.parse_args(argv)
-    tiny = (args.benchmark == "models" and args.config.endswith("-tiny")) or (args.benchmark == "step" and args.tiny)
+    tiny = args.benchmark in ("models", "step") and args.config.endswith("-tiny")
     if not torch.cuda.is_available() and not tiny:
-        parser.error("benchmarks need a CUDA device (only `models --config *-tiny` and `step --tiny` run on the CPU)")
+        parser.error("benchmarks need a CUDA device (only `models` and `step` with `--config *-tiny` run on the CPU)")
     result = args.run(args)
     if args.json:
         with open(args.json, "w") as f:

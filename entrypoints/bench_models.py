@@ -20,44 +20,17 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 
 from parallel.parallelize import apply_ac, apply_compile
 from rcmfn.compile import compiled
-from rcmfn.models import cosmos, wan
-from rcmfn.models.registry import MODELS, cast_params
+from rcmfn.models.registry import MODELS, ModelSpec, random_model
 from rcmfn.tangent import dual_jvp
 
-
-@dataclass(frozen=True)
-class BenchCase:
-    """One network at one input shape."""
-
-    family: str
-    """"wan" or "cosmos": which builder, velocity net and FLOP count."""
-    config: object
-    """WanConfig or CosmosConfig."""
-    latent: tuple[int, int, int, int]
-    """(C, T, H, W) of one latent."""
-    text_len: int
-    """Text tokens fed to cross-attention."""
-    text_dim: int
-    """Width of the text states."""
-    timestep_scale: float
-    """The net's timestep is timestep_scale * r for rectified-flow time r in [0, 1]."""
-
-
-def _case(name: str) -> BenchCase:
-    spec = MODELS[name]
-    return BenchCase(spec.family, spec.config, spec.latent_shape, spec.text_len, spec.text_dim, spec.timestep_scale)
-
-
-CONFIGS: dict[str, BenchCase] = {
-    **{name: _case(name) for name in ("wan1.3b", "wan14b", "cosmos2b", "cosmos14b")},
-    "wan-tiny": BenchCase("wan", wan.WAN_TINY, (16, 3, 8, 12), 12, wan.WAN_TINY.text_dim, 1000.0),
-    "cosmos-tiny": BenchCase("cosmos", cosmos.CONFIGS["cosmos-tiny"], (16, 2, 8, 12), 12, 24, 1.0),
+# The registry's specs: their default shapes are the training shapes; the tiny ones run on the CPU.
+CONFIGS: dict[str, ModelSpec] = {
+    name: MODELS[name] for name in ("wan1.3b", "wan14b", "cosmos2b", "cosmos14b", "wan-tiny", "cosmos-tiny")
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ROWS = (
@@ -75,41 +48,16 @@ FLOP_FORMULA = (
 )
 
 
-def model_flops(case: BenchCase, tokens: int) -> tuple[float, float]:
-    """(linear FLOPs, attention FLOPs) of one forward of one sample; formula in FLOP_FORMULA.
-
-    Per block: self-attention q, k, v, o (4 D^2 per token), cross-attention q, o (2 D^2 per token)
-    and k, v over the text (2 D^2 per text token for Wan, whose text is embedded to D first;
-    2 text_dim D for Cosmos, which feeds T5 states directly), MLP (2 D F per token). Once per sample
-    (one timestep): the time path, Wan's sinusoid -> D -> D -> 6 D MLP; Cosmos's D -> D -> 3 D MLP and
-    its adaLN-LoRA modulations (D -> r -> 3 D, three per block; D -> r -> 2 D in the final layer).
-    Exact: tests/entrypoints/test_bench_step.py counts every matmul of the tiny nets' forward.
-    """
-    cfg, L, Lc = case.config, tokens, case.text_len
-    if case.family == "wan":
-        D, F, N = cfg.dim, cfg.ffn_dim, cfg.num_layers
-        patch = cfg.in_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
-        per_token = N * (6 * D**2 + 2 * D * F) + 2 * patch * D  # blocks, patch embedding and head
-        per_text = N * 2 * D**2 + cfg.text_dim * D + D**2  # cross k, v and the text embedding MLP
-        per_sample = cfg.freq_dim * D + 7 * D**2
-    else:
-        D, F, N = cfg.dim, cfg.mlp_dim, cfg.num_blocks
-        patch_in, patch_out = cfg.patch_in_channels * cfg.patch_volume, cfg.out_channels * cfg.patch_volume
-        per_token = N * (6 * D**2 + 2 * D * F) + (patch_in + patch_out) * D
-        per_text = N * 2 * cfg.text_dim * D
-        r = cfg.adaln_lora_dim
-        per_sample = 4 * D**2 + N * 12 * D * r + 3 * D * r
-    return float(2 * (per_token * L + per_text * Lc + per_sample)), float(N * (4 * L**2 * D + 4 * L * Lc * D))
+def model_flops(spec: ModelSpec, tokens: int) -> tuple[float, float]:
+    """(linear FLOPs, attention FLOPs) of one forward of one sample; formula in FLOP_FORMULA, per family in
+    its `forward_flops` (rcmfn/models/*/family.py)."""
+    return spec.flops(tokens)
 
 
-def _build(case: BenchCase, dev: torch.device, dtype: torch.dtype, seed: int):
-    """(module with random weights on dev, velocity net) for the case's family."""
-    if case.family == "wan":
-        with dev:
-            model = cast_params(wan.WanModel(case.config), dtype)
-        return model, wan.velocity_net(model)
-    model = cosmos.random_cosmos(case.config, dev, dtype, seed)
-    return model, cosmos.velocity_net(model)
+def _build(spec: ModelSpec, dev: torch.device, dtype: torch.dtype, seed: int):
+    """(module with random weights on dev, velocity net with the family's time input)."""
+    model = random_model(spec, dtype, dev, seed)
+    return model, spec.family.velocity(model)
 
 
 def _block_compiled_model(case, dev, dtype, seed):
@@ -145,23 +93,13 @@ def _block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tange
     return step
 
 
-def step_inputs(case: BenchCase, batch: int, dev: torch.device, dtype: torch.dtype, seed: int):
+def step_inputs(case: ModelSpec, batch: int, dev: torch.device, dtype: torch.dtype, seed: int):
     """Random (latents, timesteps, text, (latent tangent, timestep tangent)) at `case`'s shape."""
     gen = torch.Generator(device=dev).manual_seed(seed)
-    x = torch.randn(batch, *case.latent, generator=gen, device=dev).to(dtype)
+    x = torch.randn(batch, *case.latent_shape, generator=gen, device=dev).to(dtype)
     timestep = case.timestep_scale * torch.rand(batch, generator=gen, device=dev)
     context = torch.randn(batch, case.text_len, case.text_dim, generator=gen, device=dev).to(dtype)
     return x, timestep, context, (torch.randn_like(x), torch.randn_like(timestep))
-
-
-def _tokens(case: BenchCase) -> int:
-    _, frames, height, width = case.latent
-    cfg = case.config
-    if case.family == "wan":
-        pt, ph, pw = cfg.patch_size
-    else:
-        pt, ph, pw = cfg.patch_temporal, cfg.patch_spatial, cfg.patch_spatial
-    return frames // pt * (height // ph) * (width // pw)
 
 
 def _commit() -> str:
@@ -263,7 +201,7 @@ def bench_models(
         "compiled jvp": lambda: lambda: compiled_jvp(params, x, timestep, *tangents),
         "forward+backward": lambda: fwd_bwd,
     }
-    tokens = _tokens(case)
+    tokens = case.tokens()
     linear, attention = (batch * f for f in model_flops(case, tokens))
     flops = {
         "forward": linear + attention,
@@ -302,7 +240,7 @@ def bench_models(
         command=" ".join(["python -m entrypoints.bench_models", *sys.argv[1:]]),
         torch=torch.__version__,
         dtype=dtype,
-        latent=[batch, *case.latent],
+        latent=[batch, *case.latent_shape],
         tokens=tokens,
         text_len=case.text_len,
         linear_flops=linear,

@@ -20,11 +20,12 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
-from entrypoints.bench_models import FLOP_FORMULA, BenchCase, _tokens, model_flops
+from entrypoints.bench_models import FLOP_FORMULA, model_flops
+from rcmfn.models.registry import get_spec
 from rcmfn.schedule import critic_iteration, effective_student_iteration, is_student_phase, rollout_steps
 
 # Multiples of one forward's (linear, attention) FLOPs per kind of call (bench_models.FLOP_FORMULA):
@@ -94,17 +95,16 @@ def build_trainer(
     blocks: int | None = None,
     batch: int = 1,
     ac: str = "none",
-    tiny: bool = False,
     max_bad_steps: int = 3,
     student_update_freq: int = 2,
 ):
     """The sharded trainer of entrypoints.distributed at `model`'s training shape, learning rates 0.
 
-    Returns (state, networks, loop config, batch_fn, student module, BenchCase of the shape). Needs an
+    Returns (state, networks, loop config, batch_fn, student module, ModelSpec of the net and shape). Needs an
     initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
     """
     from entrypoints.distill import DistillConfig, loop_config
-    from entrypoints.distributed import build_networks, model_spec, teacher_weights
+    from entrypoints.distributed import build_networks, teacher_weights
     from entrypoints.distributed_config import DistributedConfig
     from parallel.mesh import ParallelDims
     from parallel.parallelize import ParallelConfig
@@ -118,12 +118,9 @@ def build_trainer(
         tangent_warmup=0,
         student_update_freq=student_update_freq,
         max_bad_steps=max_bad_steps,
-        distributed=DistributedConfig(random_init=True, tiny=tiny, batch_size=batch, ac=ac),
+        distributed=DistributedConfig(random_init=True, batch_size=batch, ac=ac),
     )
-    spec = model_spec(cfg)
-    if blocks is not None:
-        field = "num_layers" if spec.family == "wan" else "num_blocks"
-        spec = replace(spec, config=replace(spec.config, **{field: blocks}))
+    spec = get_spec(model) if blocks is None else get_spec(model).with_blocks(blocks)
     full = teacher_weights(cfg, spec)
     meshes = ParallelDims(1).build_meshes(device.type)
     lcfg = loop_config(cfg)
@@ -133,14 +130,12 @@ def build_trainer(
     )
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
-    channels = spec.config.in_dim if spec.family == "wan" else spec.config.in_channels
-    latent, text_len = ((channels, 1, 8, 8), 8) if tiny else (spec.latent_shape, spec.text_len)
+    latent, text_len = spec.latent_shape, spec.text_len
     g = torch.Generator().manual_seed(11)
     x0 = torch.randn(batch, *latent, generator=g).to(device)
     text = (batch, text_len, spec.text_dim)
     cond, uncond = (torch.randn(text, generator=g).to(device, torch.bfloat16) for _ in range(2))
-    case = BenchCase(spec.family, spec.config, latent, text_len, spec.text_dim, spec.timestep_scale)
-    return state, nets, lcfg, (lambda gen: (x0, cond, uncond)), student, case
+    return state, nets, lcfg, (lambda gen: (x0, cond, uncond)), student, spec
 
 
 def _sync(device) -> None:
@@ -168,7 +163,6 @@ def bench_step(
     batch: int = 1,
     blocks: int | None = None,
     ac: str = "none",
-    tiny: bool = False,
     peak_tflops: float = H200_BF16_PEAK_TFLOPS,
     profile_dir: str | None = None,
     student_update_freq: int = 2,
@@ -179,9 +173,9 @@ def bench_step(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     state, nets, lcfg, batch_fn, _, case = build_trainer(
-        model, dtype, compile_, blocks, batch, ac, tiny, student_update_freq=student_update_freq
+        model, dtype, compile_, blocks, batch, ac, student_update_freq=student_update_freq
     )
-    tokens = _tokens(case)
+    tokens = case.tokens()
     linear, attention = (batch * f for f in model_flops(case, tokens))
     guided = lcfg.loss.guidance != 1.0
     seconds: dict[tuple, list[float]] = defaultdict(list)
@@ -229,7 +223,7 @@ def bench_step(
 
     return dict(
         benchmark="step",
-        model=model + (" (tiny)" if tiny else "") + (f" x{blocks} blocks" if blocks else ""),
+        model=model + (f" x{blocks} blocks" if blocks else ""),
         compile=compile_,
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -237,7 +231,7 @@ def bench_step(
         command=" ".join(["python -m entrypoints.bench", *sys.argv[1:]]),
         torch=torch.__version__,
         batch=batch,
-        latent=list(case.latent),
+        latent=list(case.latent_shape),
         tokens=tokens,
         activation_checkpointing=ac,
         linear_flops=linear,
@@ -283,7 +277,6 @@ def run_step(args: argparse.Namespace) -> dict:
             args.batch,
             args.blocks,
             args.ac,
-            args.tiny,
             args.peak_tflops,
             args.profile,
             args.student_update_freq,
@@ -296,7 +289,9 @@ def run_step(args: argparse.Namespace) -> dict:
 def add_step(subparsers) -> None:
     """Add `step` (this benchmark) to entrypoints.bench's subcommands."""
     p = subparsers.add_parser("step", help="a whole rCM training iteration (student and critic), eager and compiled")
-    p.add_argument("--config", default="cosmos2b", help="model preset (cosmos2b, wan1.3b, ...)")
+    p.add_argument(
+        "--config", default="cosmos2b", help="model preset (cosmos2b, wan1.3b, ...; cosmos-tiny, wan-tiny on the CPU)"
+    )
     p.add_argument("--compile", action="store_true", help="the trainer's --compile (per-block compile)")
     p.add_argument("--both", action="store_true", help="eager, then --compile, in one process")
     p.add_argument("--iterations", type=int, default=24, help="iterations (24: each phase x rollout kind 3 times)")
@@ -304,7 +299,6 @@ def add_step(subparsers) -> None:
     p.add_argument("--blocks", type=int, default=None, help="cut the network to this many blocks")
     p.add_argument("--ac", default="none", choices=("none", "full", "mm_only"), help="activation checkpointing")
     p.add_argument("--student-update-freq", type=int, default=2, help="one student iteration every F")
-    p.add_argument("--tiny", action="store_true", help="the family's tiny config (CPU smoke run)")
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="MFU denominator")
     p.add_argument("--profile", default=None, help="folder for Chrome traces of one iteration per kind (GPU)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")

@@ -33,9 +33,7 @@ from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import train_iteration
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
-from rcmfn.models.cosmos.configs import TINY_T2I
 from rcmfn.models.registry import get_spec
-from rcmfn.models.wan.configs import WAN_TINY
 from rcmfn.run_lock import run_lock
 from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
 from rcmfn.train_checkpoint import config_differences
@@ -46,20 +44,13 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch
 ScaleConfig = DistillConfig  # DistillConfig carries the sharded settings in its `distributed` field
 
 
-def model_spec(cfg):
-    spec = get_spec(cfg.model)
-    if cfg.distributed.tiny:
-        spec = replace(spec, config=WAN_TINY if spec.family == "wan" else TINY_T2I, text_dim=24)
-    return spec
-
-
 def check_before_gpu(cfg, world_size: int):
     """Every configuration error that needs no GPU: mesh vs world size, CP vs heads and tokens, the
     teacher and the data, a checkpoint written by another configuration or past the requested length, and
     (for a fresh run) another run's checkpoints without --overwrite. Returns (dims, spec, manifest)."""
     d = cfg.distributed
     dims = ParallelDims(world_size, d.dp_replicate, d.dp_shard, d.cp)
-    spec = model_spec(cfg)
+    spec = get_spec(cfg.model)
     if not d.random_init and (d.teacher is None or not d.teacher.exists()):
         raise ValueError(
             f"teacher checkpoint {d.teacher} not found (pass --distributed.teacher, or --distributed.random-init)"
@@ -72,13 +63,12 @@ def check_before_gpu(cfg, world_size: int):
     if d.data is None:
         raise ValueError("no training data: pass --distributed.data <shard folder>")
     manifest = read_manifest(d.data)
-    channels = spec.config.in_dim if spec.family == "wan" else spec.config.in_channels
-    if manifest.latent_shape[0] != channels or manifest.text_shape[1] != spec.text_dim:
+    if manifest.latent_shape[0] != spec.channels or manifest.text_shape[1] != spec.text_dim:
         raise ValueError(
             f"data {d.data} holds latents {manifest.latent_shape} and text {manifest.text_shape}; "
-            f"{cfg.model} takes {channels} latent channels and text width {spec.text_dim}"
+            f"{cfg.model} takes {spec.channels} latent channels and text width {spec.text_dim}"
         )
-    check_cp_size(spec.family, spec.config, dims.cp, manifest.latent_shape)
+    check_cp_size(spec, dims.cp, manifest.latent_shape)
     if manifest.count < d.batch_size * dims.dp:
         raise ValueError(f"{manifest.count} samples cannot fill one global batch of {d.batch_size} x {dims.dp}")
     ckpt = checkpoint.latest_checkpoint(cfg.output) if cfg.resume else None
@@ -92,13 +82,6 @@ def check_before_gpu(cfg, world_size: int):
         )
     check_resume_length(ckpt, checkpoint.read_meta(ckpt)["iteration"], total_iterations(cfg))
     return dims, spec, manifest
-
-
-def token_count(spec, latent_shape) -> int:
-    """Tokens of one sample: latent T H W over the patch (Wan patch_size, Cosmos patch_temporal/spatial)."""
-    c = spec.config
-    patch = c.patch_size if spec.family == "wan" else (c.patch_temporal, c.patch_spatial, c.patch_spatial)
-    return math.prod(n // p for n, p in zip(latent_shape[1:], patch, strict=True))
 
 
 def take_output(cfg, held: contextlib.ExitStack) -> tuple[str, Path | None]:
@@ -167,7 +150,7 @@ def train_sharded(
 
     total = total_iterations(cfg)
     meta = lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)}  # noqa: E731
-    tokens = token_count(spec, manifest.latent_shape) * d.batch_size * dims.dp  # per iteration, all ranks
+    tokens = spec.tokens(manifest.latent_shape) * d.batch_size * dims.dp  # per iteration, all ranks
     times: dict[str, list[float]] = {"student": [], "critic": []}
     log = MetricsLog(cfg.output / "metrics.jsonl", state.iteration) if rank == 0 else None
     while state.iteration < total:

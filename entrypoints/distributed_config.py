@@ -39,8 +39,6 @@ class DistributedConfig:
     """write the EMA student at the end, in each of --distributed.export-layouts"""
     export_layouts: tuple[str, ...] = ("official",)
     """key layouts of that export: official -> student_ema.safetensors, another -> student_ema.<layout>.safetensors"""
-    tiny: bool = False
-    """swap the architecture for the family's tiny test config (CPU smoke tests)"""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.keep_checkpoints < 1:

@@ -1,6 +1,6 @@
 """Model presets: a flat table of typed instances, looked up exactly (`--model` choices are its keys)."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rcmfn.loop import OptimConfig
 from rcmfn.losses import WAN_480P_ELEMENTS
@@ -111,6 +111,9 @@ MODELS: dict[str, ModelPreset] = {
         mid_times=PAPER_MID_TIMES,
     ),
 }
+# The registry's tiny nets (CPU runs and tests) train with their family's recipe.
+MODELS["wan-tiny"] = replace(MODELS["wan1.3b"], description="tiny random Wan2.1-architecture net (CPU tests)")
+MODELS["cosmos-tiny"] = replace(MODELS["cosmos2b"], description="tiny random Cosmos-architecture net (CPU tests)")
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -7,8 +7,8 @@ through the VAE into PNG / MP4 per sample and a contact sheet (rows: samplers; c
 SPEC-rcm §6 (samplers), SPEC-models §4 (encoders, VAE). Reading order: SampleConfig, sample_model.
 """
 # size budget: ~340 lines, over the 250 of an entrypoint: two paths (the toy's figure and metrics, real models
-# with media) behind 27 documented flags. `velocity_net` and `load_denoiser` are model wiring that the real-model
-# distill path will need too; they move to rcmfn/models/registry.py then.
+# with media) behind 27 documented flags. The model wiring (time input, condition mask) is the spec's
+# (`ModelSpec.velocity_net`, rcmfn/models/family.py).
 
 import json
 import math
@@ -27,11 +27,11 @@ from entrypoints import toy as toy_world
 from entrypoints.distributed_config import export_name
 from entrypoints.presets import MODELS as PRESETS
 from rcmfn import codecs, media
-from rcmfn.models import cosmos, gmm, wan
+from rcmfn.models import gmm
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, trainable_spec, unconditional_prompt
 from rcmfn.models.tiny_dit import TinyDiTConfig
-from rcmfn.precond import TIME_SCALE, check_guidance, trigflow_denoiser
+from rcmfn.precond import check_guidance, trigflow_denoiser
 from rcmfn.samplers import (
     PAPER_MID_TIMES,
     consistency_sample,
@@ -236,27 +236,9 @@ def sample_toy(cfg: SampleConfig) -> dict:
     return report
 
 
-def velocity_net(spec: ModelSpec, module: torch.nn.Module):
-    """The registry net as rcmfn's raw velocity net(params, x_in, c_noise = 1000 r, cond)."""
-    scale = spec.timestep_scale / TIME_SCALE  # Wan takes 1000 r, Cosmos r (SPEC-models §1)
-    if spec.family == "wan":
-        base = wan.velocity_net(module)
-        return lambda params, x, c_noise, cond: base(params, x, c_noise * scale, cond)
-    base = cosmos.velocity_net(module)
-    video2world = module.config.condition_mask
-
-    def net(params, x, c_noise, cond):  # Video2World with no conditioning frame: text-to-video
-        mask = x.new_zeros(x.shape[0], 1, *x.shape[2:]) if video2world else None
-        return base(params, x, c_noise * scale, cond, mask)
-
-    return net
-
-
 def load_denoiser(spec: ModelSpec, path: Path, ours: bool, cfg: SampleConfig, device: torch.device):
     """(denoise, params) of the network in `path`; strict loads raise listing every key problem,
     non-strict ones (--no-strict) print them and fresh-initialise what the file lacks."""
-    if spec.family not in ("wan", "cosmos"):
-        raise ValueError(f"sampling supports the wan and cosmos families; got {spec.family!r}")
     if not ours and cfg.layout not in spec.key_maps:
         raise ValueError(f"unknown --layout {cfg.layout!r}; valid: {sorted(spec.key_maps)}")
     with torch.device("meta"):
@@ -267,7 +249,7 @@ def load_denoiser(spec: ModelSpec, path: Path, ours: bool, cfg: SampleConfig, de
     if not report.ok or report.initialised:
         print(f"non-strict load (--no-strict):\n{report.describe()}", flush=True)
     params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return trigflow_denoiser(velocity_net(spec, module.eval()), net_dtype=DTYPES[cfg.dtype]), params
+    return trigflow_denoiser(spec.velocity_net(module.eval()), net_dtype=DTYPES[cfg.dtype]), params
 
 
 def run_sampler(fn, noises: torch.Tensor, conds: torch.Tensor, batch: int, device: torch.device, warmup=False):

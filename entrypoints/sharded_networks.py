@@ -8,8 +8,7 @@ import torch
 
 from parallel.fsdp import materialize
 from parallel.parallelize import parallelize
-from rcmfn.models.cosmos.model import init_random_
-from rcmfn.models.registry import build_model, cast_params, trainable_spec
+from rcmfn.models.registry import build_model, cast_params, random_model, trainable_spec
 
 
 def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
@@ -20,11 +19,7 @@ def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
         if not report.ok or report.initialised:
             print(f"non-strict teacher load (--distributed.no-strict):\n{report.describe()}", flush=True)
         return module.state_dict()
-    torch.manual_seed(cfg.seed)
-    module = build_model(spec, None, dtype=torch.bfloat16)[0]
-    return (
-        init_random_(module, torch.Generator().manual_seed(cfg.seed)) if spec.family == "cosmos" else module
-    ).state_dict()
+    return random_model(spec, torch.bfloat16, seed=cfg.seed).state_dict()
 
 
 def build_network(spec, full_state, meshes, storage, pcfg, device, keep_fp32: bool = True):

@@ -25,9 +25,6 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from rcmfn.models.cosmos.model import CosmosDiT
-from rcmfn.models.wan.model import WanModel
-
 _lib = torch.library.Library("rcmfn", "FRAGMENT")
 _DUAL_LEVEL = 0  # see ops/attention/op.py: forward AD has one dual level; functorch nests on top
 
@@ -196,28 +193,22 @@ def ulysses_attention(attention_fn, group: dist.ProcessGroup):
     return attend
 
 
-def token_dim(model: nn.Module) -> int:
-    """The dimension of a block's input x that holds the tokens CP cuts (Wan [B, L, D], Cosmos [B, T', S, D])."""
-    if isinstance(model, WanModel):
-        return 1
-    if isinstance(model, CosmosDiT):
-        return 2
-    raise TypeError(f"context parallelism supports WanModel and CosmosDiT; got {type(model).__name__}")
+def token_dim(x: torch.Tensor) -> int:
+    """The dimension of a block's input that holds the tokens CP cuts: the one before the features, in
+    every family's block layout (Wan [B, L, D]: all tokens; Cosmos [B, T', S, D]: the tokens of a frame)."""
+    return x.dim() - 2
 
 
-def check_cp_size(family: str, config, cp: int, latent_shape: tuple[int, int, int, int]) -> None:
+def check_cp_size(spec, cp: int, latent_shape: tuple[int, int, int, int]) -> None:
     """ValueError unless `cp` divides the heads and the CP-cut token count of a [C, T, H, W] latent.
 
-    Wan cuts all T'H'W' tokens, Cosmos the H'W' tokens of each latent frame (its blocks hold [B, T', S, D]).
+    `spec` is a rcmfn.models.registry.ModelSpec: Wan cuts all T'H'W' tokens, Cosmos the H'W' tokens of each
+    latent frame (its blocks hold [B, T', S, D]); `spec.cp_tokens` knows which.
     """
-    _, T, H, W = latent_shape
-    if family == "wan":
-        pt, ph, pw = config.patch_size
-        cut, what = (T // pt) * (H // ph) * (W // pw), "tokens T'H'W'"
-    else:
-        cut, what = (H // config.patch_spatial) * (W // config.patch_spatial), "tokens per frame H'W'"
-    if config.num_heads % cp:
-        raise ValueError(f"context-parallel size {cp} must divide the attention heads ({config.num_heads})")
+    cut = spec.cp_tokens(latent_shape)
+    what = "tokens T'H'W'" if spec.family.cp_axes == 3 else "tokens per frame H'W'"
+    if spec.config.num_heads % cp:
+        raise ValueError(f"context-parallel size {cp} must divide the attention heads ({spec.config.num_heads})")
     if cut % cp:
         raise ValueError(f"context-parallel size {cp} must divide the {what} ({cut}) of latent {latent_shape}")
 
@@ -229,12 +220,13 @@ def _local_rows(table: torch.Tensor, grid: tuple[int, ...], axis: int, rank: int
 
 
 def apply_cp(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
-    """Make `model` (WanModel or CosmosDiT) run its blocks on this rank's chunk of the tokens.
+    """Make `model` (a net whose `blocks` take (x, ..., rope_cos, rope_sin) with the tokens CP cuts on
+    axis `token_dim(x)`: WanModel, CosmosDiT) run its blocks on this rank's chunk of the tokens.
 
     In place, by forward hooks on `model.blocks` and by swapping the self-attention's attention call;
     parameter names are unchanged. Apply before activation checkpointing, compile and FSDP.
     """
-    dim, size, rank = token_dim(model), group.size(), group.rank()
+    size, rank = group.size(), group.rank()
     blocks = list(model.blocks)
     # One Ulysses wrapper per distinct attention function, shared by the blocks: a compiled block
     # guards on the identity of the function it calls, and a wrapper per block made Dynamo compile
@@ -249,7 +241,7 @@ def apply_cp(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
     def cut_inputs(first: bool):
         def hook(module, args):
             x, *middle, rope_cos, rope_sin = args
-            grid = list(x.shape[1:-1])
+            dim, grid = token_dim(x), list(x.shape[1:-1])
             if first:
                 if grid[dim - 1] % size:
                     raise ValueError(f"context-parallel size {size} must divide the token axis ({grid[dim - 1]})")
@@ -264,5 +256,5 @@ def apply_cp(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
 
     for i, block in enumerate(blocks):
         block.register_forward_pre_hook(cut_inputs(first=i == 0))
-    blocks[-1].register_forward_hook(lambda module, args, out: all_gather(out, dim, group))
+    blocks[-1].register_forward_hook(lambda module, args, out: all_gather(out, token_dim(out), group))
     return model

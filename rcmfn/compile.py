@@ -8,8 +8,9 @@ slices to fresh tensors and never writes the buffer: the gradients of every adaL
 MLP and everything upstream are uninitialised memory (pytorch#193061, fix pytorch#193103; not in torch
 2.11 - 2.13). Measured on one H200, torch 2.11, a Cosmos 2B block at 4,096 tokens: compiled modulation
 gradients inf in bf16 and 70-260 % off in float32, exact with the fusion off; the whole 2B net's
-`--compile` iteration gave an infinite gradient norm from step 0 (scripts/compile_block_check.py,
-scripts/compile_grad_check.py). The CPU backend has no such fusion, so the tiny CPU runs never saw it.
+`--compile` iteration gave an infinite gradient norm from step 0 (found with the diagnostic
+scripts compile_block_check.py and compile_grad_check.py, in scripts/ at commit b50e6aa). The CPU
+backend has no such fusion, so the tiny CPU runs never saw it.
 """
 
 from collections.abc import Callable

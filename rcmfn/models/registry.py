@@ -6,52 +6,18 @@ STYLE example 15 (presets as typed instances), 17 (key maps as data); SPEC-model
 import dataclasses
 import fnmatch
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rcmfn.models.checkpoint import FP32_PATTERNS_ATTR, KeyMap, LoadReport, load_into_meta_module
-from rcmfn.models.cosmos import COSMOS_2B_T2I, COSMOS_2B_V2W, COSMOS_14B_T2I, COSMOS_14B_V2W, CosmosDiT
-from rcmfn.models.cosmos import KEY_MAPS as COSMOS_KEY_MAPS
-from rcmfn.models.wan import WAN_1_3B, WAN_14B, WanModel
-from rcmfn.models.wan import key_maps as wan_key_maps
-from rcmfn.models.wan.configs import NEGATIVE_PROMPT as WAN_NEGATIVE_PROMPT
+from rcmfn.models.checkpoint import FP32_PATTERNS_ATTR, LoadReport, load_into_meta_module
+from rcmfn.models.cosmos.configs import COSMOS_2B_T2I, COSMOS_2B_V2W, COSMOS_14B_T2I, COSMOS_14B_V2W, TINY_T2I
+from rcmfn.models.cosmos.family import COSMOS
+from rcmfn.models.family import Family, ModelSpec
+from rcmfn.models.wan.configs import WAN_1_3B, WAN_14B, WAN_TINY
+from rcmfn.models.wan.family import WAN
 
-
-@dataclass(frozen=True, eq=False)
-class ModelSpec:
-    """One network: its architecture, how to build it, its checkpoint layouts and its data shapes."""
-
-    family: str
-    """Model family ("wan", "cosmos"): which forward signature and conditioning the net has."""
-    config: object
-    """Frozen architecture dataclass passed to `build`."""
-    build: Callable[..., nn.Module]
-    """build(config, **options) -> module; call it under torch.device("meta") to skip initialisation."""
-    key_maps: Mapping[str, KeyMap]
-    """Checkpoint layouts by name; "official" (the release) first, e.g. also "diffusers"."""
-    latent_shape: tuple[int, int, int, int]
-    """(C, T, H, W) of one latent at the default training resolution (prepare's and sample's default size)."""
-    text_len: int
-    """Text tokens per sample fed to cross-attention (zero-padded)."""
-    text_dim: int
-    """Width of the text-encoder states the net takes."""
-    timestep_scale: float
-    """The net's timestep input is timestep_scale * r for rectified-flow time r (SPEC-models §1)."""
-    negative_prompt: str | None = None
-    """The teacher's unconditional text input when the user gives no negative prompt: this prompt's
-    encoding (Wan: its default negative prompt), or None for an all-zero text embedding (Cosmos);
-    see `unconditional_prompt`."""
-
-    @property
-    def pixel_shape(self) -> tuple[int, int, int]:
-        """(frames, height, width) in pixels of `latent_shape` through the Wan2.1 VAE that both families
-        use (stride 4 in time with the first frame kept, 8 in space; SPEC-models §3.4, §4):
-        1 + 4 (T - 1) frames of 8 H x 8 W."""
-        _, T, H, W = self.latent_shape
-        return 1 + 4 * (T - 1), 8 * H, 8 * W
+__all__ = ["MODELS", "Family", "ModelSpec", "build_model", "cast_params", "get_spec", "random_model", "trainable_spec"]
 
 
 # 480p training latents, 832 x 480 (SPEC-models §3.4): the official rCM runs train the 1.3B on 20 latent
@@ -67,20 +33,16 @@ COSMOS_1024PX_LATENT = (16, 1, 128, 128)
 COSMOS_720P_LATENT = (16, 24, 88, 160)
 
 MODELS: dict[str, ModelSpec] = {
-    "wan1.3b": ModelSpec(
-        "wan", WAN_1_3B, WanModel, wan_key_maps(WAN_1_3B), WAN_1_3B_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
-    ),
-    "wan14b": ModelSpec(
-        "wan", WAN_14B, WanModel, wan_key_maps(WAN_14B), WAN_14B_480P_LATENT, 512, 4096, 1000.0, WAN_NEGATIVE_PROMPT
-    ),
-    "cosmos2b": ModelSpec("cosmos", COSMOS_2B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
-    "cosmos14b": ModelSpec("cosmos", COSMOS_14B_T2I, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_1024PX_LATENT, 512, 1024, 1.0),
-    "cosmos2b-video": ModelSpec(
-        "cosmos", COSMOS_2B_V2W, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_720P_LATENT, 512, 1024, 1.0
-    ),
-    "cosmos14b-video": ModelSpec(
-        "cosmos", COSMOS_14B_V2W, CosmosDiT, COSMOS_KEY_MAPS, COSMOS_720P_LATENT, 512, 1024, 1.0
-    ),
+    "wan1.3b": ModelSpec(WAN, WAN_1_3B, WAN_1_3B_480P_LATENT, 512, 4096),
+    "wan14b": ModelSpec(WAN, WAN_14B, WAN_14B_480P_LATENT, 512, 4096),
+    "cosmos2b": ModelSpec(COSMOS, COSMOS_2B_T2I, COSMOS_1024PX_LATENT, 512, 1024),
+    "cosmos14b": ModelSpec(COSMOS, COSMOS_14B_T2I, COSMOS_1024PX_LATENT, 512, 1024),
+    "cosmos2b-video": ModelSpec(COSMOS, COSMOS_2B_V2W, COSMOS_720P_LATENT, 512, 1024),
+    "cosmos14b-video": ModelSpec(COSMOS, COSMOS_14B_V2W, COSMOS_720P_LATENT, 512, 1024),
+    # Tiny random-weight nets of each family, for tests, benchmarks' CPU smoke runs and CPU distillation
+    # runs: ordinary entries, so every code path treats them as the real ones.
+    "wan-tiny": ModelSpec(WAN, WAN_TINY, (16, 3, 8, 12), 12, WAN_TINY.text_dim),
+    "cosmos-tiny": ModelSpec(COSMOS, TINY_T2I, (16, 2, 8, 12), 12, TINY_T2I.text_dim),
 }
 
 
@@ -155,9 +117,18 @@ def build_model(
             module = spec.build(spec.config, **options)
         return (cast_params(module, dtype) if dtype is not None else module), None
     if layout not in spec.key_maps:
-        raise ValueError(f"unknown layout {layout!r} for {spec.family}; valid: {sorted(spec.key_maps)}")
+        raise ValueError(f"unknown layout {layout!r} for {spec.family.name}; valid: {sorted(spec.key_maps)}")
     with torch.device("meta"):
         module = spec.build(spec.config, **options)
     fresh = None if strict else torch.Generator().manual_seed(seed)
     report = load_into_meta_module(module, checkpoint, spec.key_maps[layout], dtype, device, strict, fresh)
     return module, report
+
+
+def random_model(spec: ModelSpec, dtype: torch.dtype, device: torch.device | str = "cpu", seed: int = 0) -> nn.Module:
+    """`spec`'s network with random weights on `device`, stored as `build_model` stores a release in
+    `dtype` (float32 tables kept), drawn by the family's `random_init` from a generator seeded `seed`
+    (and torch's global generator seeded `seed`, which Wan's own init draws from)."""
+    torch.manual_seed(seed)
+    module = build_model(spec, None, dtype=dtype, device=device)[0]
+    return spec.random_init(module, torch.Generator(device=device).manual_seed(seed))

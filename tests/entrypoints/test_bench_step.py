@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from entrypoints.bench_models import CONFIGS, _build, _tokens, model_flops
+from entrypoints.bench_models import CONFIGS, _build, model_flops
 from entrypoints.bench_step import iteration_calls, iteration_flops, phase_and_rollout
 from entrypoints.toy import build_toy, toy_batch_fn
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
@@ -27,12 +27,12 @@ def test_model_flops_count_every_matmul_of_the_forward(name):
     case = CONFIGS[name]
     model, _ = _build(case, torch.device("cpu"), torch.float32, 0)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, *case.latent, generator=g)
+    x = torch.randn(1, *case.latent_shape, generator=g)
     context = torch.randn(1, case.text_len, case.text_dim, generator=g)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, torch.rand(1, generator=g) * case.timestep_scale, context)
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    linear, attention = model_flops(case, _tokens(case))
+    linear, attention = model_flops(case, case.tokens())
     assert counts.pop("aten.bmm") == attention
     assert sum(counts.values()) == linear
 
@@ -92,7 +92,7 @@ def test_iteration_flops_weights_each_kind_of_call():
 
 def test_bench_step_runs_tiny_on_the_cpu(tmp_path):
     out = tmp_path / "step.json"
-    command = [sys.executable, "-m", "entrypoints.bench", "step", "--tiny", "--iterations", "9", "--json", str(out)]
+    command = [sys.executable, "-m", "entrypoints.bench", "step", "--config", "cosmos-tiny", "--iterations", "9", "--json", str(out)]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| student | 1 |" in done.stdout and "2 x teacher forward" in done.stdout

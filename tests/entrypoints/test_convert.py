@@ -15,10 +15,10 @@ from entrypoints.convert import ConvertConfig, convert
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.cosmos import configs as cosmos_configs
 from rcmfn.models.registry import get_spec
-from rcmfn.models.wan import WAN_TINY, WanModel, key_maps
+from rcmfn.models.wan import WAN_TINY, WanModel
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_WAN = dataclasses.replace(get_spec("wan1.3b"), config=WAN_TINY, key_maps=key_maps(WAN_TINY))
+TINY_WAN = get_spec("wan-tiny")
 TINY_COSMOS = dataclasses.replace(get_spec("cosmos2b"), config=cosmos_configs.TINY_T2I)
 
 

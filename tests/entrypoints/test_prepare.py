@@ -19,7 +19,7 @@ from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
 from rcmfn.models import cosmos, gmm
 from rcmfn.models.registry import get_spec
-from rcmfn.models.wan import WAN_TINY, key_maps
+from rcmfn.models.wan import WAN_TINY
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding, read_uncondition
 
 # The registered Cosmos spec with a tiny architecture: single 16 x 16 images, 16 text tokens of width 24.
@@ -30,7 +30,6 @@ TINY_COSMOS = dataclasses.replace(
 TINY_WAN = dataclasses.replace(
     get_spec("wan1.3b"),
     config=WAN_TINY,
-    key_maps=key_maps(WAN_TINY),
     latent_shape=(16, 2, 2, 2),
     text_len=16,
     text_dim=24,

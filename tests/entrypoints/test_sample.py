@@ -16,14 +16,14 @@ from safetensors.torch import load_file
 
 from entrypoints.distill import DistillConfig
 from entrypoints.distill import run as distill
-from entrypoints.sample import SampleConfig, load_denoiser, main, sample_model, sample_toy, velocity_net
+from entrypoints.sample import SampleConfig, load_denoiser, main, sample_model, sample_toy
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
 from rcmfn.models import cosmos
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.registry import get_spec
 from rcmfn.models.tiny_dit import TinyDiTConfig
-from rcmfn.models.wan import WAN_TINY, WanModel, key_maps
+from rcmfn.models.wan import WAN_TINY, WanModel
 from rcmfn.warm_start import WarmStartConfig
 
 needs_codecs = pytest.mark.skipif(
@@ -40,7 +40,6 @@ TINY_TOY = ToyConfig(
 TINY_WAN = dataclasses.replace(
     get_spec("wan1.3b"),
     config=WAN_TINY,
-    key_maps=key_maps(WAN_TINY),
     latent_shape=(16, 2, 4, 6),
     text_len=16,
     text_dim=24,
@@ -241,7 +240,7 @@ def test_cosmos_velocity_net_feeds_rf_time_not_1000_r(name):
     params = dict(model.named_parameters())
     mask = {"condition_mask": torch.zeros(2, 1, 2, 4, 6, dtype=torch.float64)} if config.condition_mask else {}
     with torch.no_grad():
-        torch.testing.assert_close(velocity_net(spec, model)(params, x, 1000 * r, cond), model(x, r, cond, **mask))
+        torch.testing.assert_close(spec.velocity_net(model)(params, x, 1000 * r, cond), model(x, r, cond, **mask))
 
 
 @needs_codecs

@@ -54,7 +54,8 @@ def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, 
     """(state, networks, loop config, batch_fn, student module) of the sharded trainer, BLOCKS blocks."""
     from entrypoints.bench_step import build_trainer
 
-    return build_trainer(model, dtype, compile_, blocks=BLOCKS, tiny=tiny, max_bad_steps=max_bad_steps)[:5]
+    name = {"cosmos2b": "cosmos-tiny", "wan1.3b": "wan-tiny"}[model] if tiny else model  # registry entries
+    return build_trainer(name, dtype, compile_, blocks=BLOCKS, max_bad_steps=max_bad_steps)[:5]
 
 
 def iterate(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False) -> list[dict]:

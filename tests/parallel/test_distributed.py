@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from entrypoints.distill import fingerprint
-from entrypoints.distributed import ScaleConfig, build_networks, check_before_gpu, model_spec, teacher_weights
+from entrypoints.distributed import ScaleConfig, build_networks, check_before_gpu, teacher_weights
 from entrypoints.distributed_config import DistributedConfig
 from parallel import checkpoint
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
-from rcmfn.models.registry import build_model
+from rcmfn.models.registry import build_model, get_spec
 from rcmfn.shards import ShardWriter, write_negative_embedding
 from tests.conftest import write_lock
 from tests.parallel.parallel_harness import free_port
@@ -37,15 +37,15 @@ def _shards(folder: Path, latent=(16, 1, 4, 4), count: int = 8) -> Path:
     return folder
 
 
-def _config(tmp_path, model="cosmos2b", **distributed) -> ScaleConfig:
+def _config(tmp_path, model="cosmos-tiny", **distributed) -> ScaleConfig:
     data = distributed.pop("data", None) or _shards(tmp_path / "data")
-    d = DistributedConfig(**({"data": data, "random_init": True, "tiny": True, "dtype": "float64"} | distributed))
+    d = DistributedConfig(**({"data": data, "random_init": True, "dtype": "float64"} | distributed))
     return ScaleConfig(model=model, output=tmp_path / "run", distributed=d)
 
 
 def test_valid_configuration_passes_the_checks(tmp_path):
     dims, spec, manifest = check_before_gpu(_config(tmp_path, cp=2), world_size=4)
-    assert (dims.dp_shard, dims.cp, spec.family, manifest.count) == (2, 2, "cosmos", 8)
+    assert (dims.dp_shard, dims.cp, spec.family.name, manifest.count) == (2, 2, "cosmos", 8)
 
 
 @pytest.mark.parametrize(
@@ -68,7 +68,7 @@ def test_bad_configuration_fails_before_any_gpu_work(tmp_path, change, world, me
 def test_unknown_key_layouts_fail_before_any_gpu_work(tmp_path):
     teacher = tmp_path / "teacher.safetensors"
     teacher.write_bytes(b"")  # only its existence is checked here
-    unknown = r"export-layouts: unknown key layout \['comfy'\] for cosmos2b; valid: \['diffusers', 'official',"
+    unknown = r"export-layouts: unknown key layout \['comfy'\] for cosmos-tiny; valid: \['diffusers', 'official',"
     with pytest.raises(ValueError, match=unknown):
         check_before_gpu(_config(tmp_path, export_layouts=("official", "comfy")), world_size=1)
     with pytest.raises(ValueError, match=r"teacher-layout: unknown key layout \['comfy'\]"):
@@ -126,7 +126,7 @@ def test_checkpoint_past_the_requested_length_is_refused(tmp_path):
 def test_teacher_with_a_missing_key_fails_strict_and_loads_non_strict(tmp_path, capsys):
     """Strict (the default) raises naming the missing key; --distributed.no-strict prints the report and
     gives a full state dict, the missing norm weight freshly initialised to 1."""
-    spec = model_spec(_config(tmp_path))
+    spec = get_spec(_config(tmp_path).model)
     state = build_model(spec, None)[0].state_dict()
     missing = next(name for name, tensor in state.items() if tensor.dim() == 1 and name.endswith("weight"))
     kept = {name: tensor for name, tensor in state.items() if name != missing}
@@ -152,7 +152,7 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("model", ["wan1.3b", "cosmos2b"])
+@pytest.mark.parametrize("model", ["wan-tiny", "cosmos-tiny"])
 def test_fake_score_and_student_start_bit_for_bit_as_the_teacher(one_rank_group, model):
     """bf16 on the CPU, tiny nets built as the run builds them: at iteration 0 the fake score's and the
     student's outputs equal the teacher's bit for bit (Wan's float32 tables included: the teacher is stored
@@ -162,10 +162,10 @@ def test_fake_score_and_student_start_bit_for_bit_as_the_teacher(one_rank_group,
     from rcmfn.loop import LoopConfig
     from rcmfn.models.registry import trainable_spec
 
-    cfg = ScaleConfig(model=model, distributed=DistributedConfig(random_init=True, tiny=True, dtype="bfloat16"))
-    spec, lcfg = model_spec(cfg), LoopConfig()
+    cfg = ScaleConfig(model=model, distributed=DistributedConfig(random_init=True, dtype="bfloat16"))
+    spec, lcfg = get_spec(cfg.model), LoopConfig()
     full = teacher_weights(cfg, spec)
-    if spec.family == "wan":  # the release's float32 tables, not bf16-representable (random_init draws them)
+    if spec.family.name == "wan":  # the release's float32 tables, not bf16-representable (random_init draws them)
         assert full["blocks.0.modulation"].dtype == torch.float32
 
     def build(teacher_spec):
@@ -175,7 +175,7 @@ def test_fake_score_and_student_start_bit_for_bit_as_the_teacher(one_rank_group,
         )
 
     teacher, student, fake = build(trainable_spec(spec))  # = spec for Wan
-    if spec.family == "cosmos":
+    if spec.family.name == "cosmos":
         assert student.config.high_precision_time and fake.config.high_precision_time
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
@@ -187,7 +187,7 @@ def test_fake_score_and_student_start_bit_for_bit_as_the_teacher(one_rank_group,
         F_teacher = nets.teacher(nets.teacher_params, x_t, t, cond)
         assert torch.equal(nets.fake(state.fake, x_t, t, cond), F_teacher)
         assert torch.equal(nets.student(state.student, x_t, t, cond), F_teacher)
-    if spec.family == "cosmos":  # the run's own teacher keeps the released bf16 time path: not bit-equal
+    if spec.family.name == "cosmos":  # the run's own teacher keeps the released bf16 time path: not bit-equal
         teacher = build(spec)[0]
         released = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
         with torch.no_grad():
@@ -205,8 +205,7 @@ def _torchrun(tmp_path, iterations: int, nproc: int = 2, extra=()) -> subprocess
         "-m",
         "entrypoints.distill",
         "--model",
-        "cosmos2b",
-        "--distributed.tiny",
+        "cosmos-tiny",
         "--distributed.random-init",
         "--distributed.dtype",
         "float64",
@@ -266,7 +265,7 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     exported = load_file(run / "student_ema.safetensors")
     assert exported and all(t.dtype == torch.bfloat16 and torch.isfinite(t.float()).all() for t in exported.values())
     # The same tensors in the diffusers layout, under the names that layout gives them.
-    key_maps = model_spec(_config(tmp_path, data=tmp_path / "data")).key_maps
+    key_maps = get_spec("cosmos-tiny").key_maps
     as_ours = lambda state, layout: {key_maps[layout].to_ours(k): v for k, v in state.items()}
     diffusers = load_file(run / "student_ema.diffusers.safetensors")
     ours = as_ours(exported, "official")
@@ -344,9 +343,9 @@ def test_torchrun_resumes_past_a_damaged_checkpoint_from_the_previous_one(tmp_pa
 
 
 def test_the_sharded_path_runs_without_torchrun(tmp_path):
-    """`python -m entrypoints.distill --model cosmos2b ...` as the brief writes it: one process, world size 1."""
+    """`python -m entrypoints.distill --model cosmos-tiny ...` as the brief writes it: one process, world size 1."""
     data = _shards(tmp_path / "data")
-    command = [sys.executable, "-m", "entrypoints.distill", "--model", "cosmos2b", "--distributed.tiny"]
+    command = [sys.executable, "-m", "entrypoints.distill", "--model", "cosmos-tiny"]
     command += ["--distributed.random-init", "--distributed.dtype", "float64", "--distributed.data", str(data)]
     command += ["--output", str(tmp_path / "run"), "--iterations", "2", "--no-progress"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}

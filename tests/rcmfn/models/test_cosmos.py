@@ -228,7 +228,7 @@ def test_registry_entries_build_the_cosmos_configs(name, tmp_path):
     """Each registry entry carries its config, T5 text width, timestep scale 1 and the key maps;
     build_model streams an official file into its (here: tiny) net."""
     spec = get_spec(name)
-    assert spec.config is configs.CONFIGS[name] and spec.family == "cosmos"
+    assert spec.config is configs.CONFIGS[name] and spec.family.name == "cosmos"
     assert (spec.text_dim, spec.timestep_scale) == (1024, configs.TIMESTEP_SCALE)
     assert next(iter(spec.key_maps)) == "official"
     tiny = replace(spec.config, dim=32, num_blocks=1, num_heads=2, text_dim=24, adaln_lora_dim=8)

@@ -3,7 +3,6 @@
 SPEC-models §3 (architecture, keys), §5 (equivalence recipe); SPEC-rcm §8 (network-side JVP).
 """
 
-import dataclasses
 import math
 
 import pytest
@@ -19,7 +18,7 @@ from rcmfn.models.wan.keys import diffusers_to_ours, ours_to_diffusers
 
 TINY_1LAYER = WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=1, text_dim=24)
 # The registered 1.3B spec with the tiny architecture swapped in (key maps are per config).
-TINY_SPEC = dataclasses.replace(get_spec("wan1.3b"), config=WAN_TINY, key_maps=key_maps(WAN_TINY))
+TINY_SPEC = get_spec("wan-tiny")
 
 
 def tiny_diffusers_model(seed: int = 0):

@@ -1,0 +1,39 @@
+"""The Wan2.1 family's conventions (SPEC-models §3): see rcmfn.models.family."""
+
+from rcmfn.models.family import Family
+from rcmfn.models.wan.configs import NEGATIVE_PROMPT, WanConfig
+from rcmfn.models.wan.keys import key_maps
+from rcmfn.models.wan.model import WanModel, velocity_net
+
+
+def forward_flops(cfg: WanConfig, tokens: int, text_len: int) -> tuple[float, float]:
+    """(linear, attention) FLOPs of one forward of one sample (2 per multiply-add).
+
+    Per block: self-attention q, k, v, o (4 D^2 per token), cross-attention q, o (2 D^2 per token) and
+    k, v over the text embedded to D first (2 D^2 per text token), MLP (2 D F per token); the patch
+    embedding and head; the text embedding MLP; once per sample the sinusoid -> D -> D -> 6 D time MLP.
+    Exact: tests/entrypoints/test_bench_step.py counts every matmul of the tiny net's forward.
+    """
+    D, F, N = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    patch = cfg.in_dim * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+    per_token = N * (6 * D**2 + 2 * D * F) + 2 * patch * D
+    per_text = N * 2 * D**2 + cfg.text_dim * D + D**2
+    per_sample = cfg.freq_dim * D + 7 * D**2
+    L, Lc = tokens, text_len
+    return float(2 * (per_token * L + per_text * Lc + per_sample)), float(N * (4 * L**2 * D + 4 * L * Lc * D))
+
+
+WAN = Family(
+    name="wan",
+    build=WanModel,
+    key_maps=key_maps,
+    channels=lambda cfg: cfg.in_dim,
+    patch=lambda cfg: tuple(cfg.patch_size),
+    cp_axes=3,
+    depth_field="num_layers",
+    velocity=velocity_net,
+    timestep_scale=1000.0,
+    random_init=lambda module, generator: module,  # the module's own init, as built
+    flops=forward_flops,
+    negative_prompt=NEGATIVE_PROMPT,
+)
