@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
-from rcmfn.models import gmm
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
 from rcmfn.shards import ShardWriter, read_manifest, write_negative_embedding, write_zero_uncondition
+from rcmfn.toy import gmm
 
 PROGRESS = "prepare_progress.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

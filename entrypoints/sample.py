@@ -27,10 +27,8 @@ from entrypoints import toy as toy_world
 from entrypoints.distributed_config import export_name
 from entrypoints.presets import MODELS as PRESETS
 from rcmfn import codecs, media
-from rcmfn.models import gmm
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, trainable_spec, unconditional_prompt
-from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.precond import check_guidance, trigflow_denoiser
 from rcmfn.samplers import (
     PAPER_MID_TIMES,
@@ -39,8 +37,10 @@ from rcmfn.samplers import (
     teacher_euler_sample,
     teacher_rf_times,
 )
+from rcmfn.toy import gmm
+from rcmfn.toy.tiny_dit import TinyDiTConfig
+from rcmfn.toy.warm_start import WarmStartConfig
 from rcmfn.train_checkpoint import latest_checkpoint
-from rcmfn.warm_start import WarmStartConfig
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 

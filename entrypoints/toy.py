@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 import torch
 from tensordict import TensorDict
 
-from rcmfn.models import gmm
-from rcmfn.models.tiny_dit import TinyDiT, TinyDiTConfig, init_params, velocity_net
 from rcmfn.precond import trigflow_denoiser, x0_from_velocity
 from rcmfn.rollout import BACKWARD_TIMESTEPS
 from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
-from rcmfn.toy_figure import save_toy_figure
-from rcmfn.toy_metrics import toy_metrics
-from rcmfn.warm_start import WarmStartConfig, fit_to_teacher, velocity_error
+from rcmfn.toy import gmm
+from rcmfn.toy.figure import save_toy_figure
+from rcmfn.toy.metrics import toy_metrics
+from rcmfn.toy.tiny_dit import TinyDiT, TinyDiTConfig, init_params, velocity_net
+from rcmfn.toy.warm_start import WarmStartConfig, fit_to_teacher, velocity_error
 
 BAND_SIGMAS = (80.0, 3.6, 2.6, 1.6, 1.0)  # sigma_max, then the band where the toy's modes are decided
 

@@ -2,7 +2,7 @@
 
 Each method is one `entrypoints.distill` run (same seed, warm start and iteration count); the table has
 the exact data, the teacher's Euler sampler with CFG at 4 / 8 / 50 steps, and each student at 1 / 2 / 4
-steps (EMA weights), with the metrics of rcmfn/toy_metrics.py and the sampling wall time.
+steps (EMA weights), with the metrics of rcmfn/toy/metrics.py and the sampling wall time.
 """
 
 import datetime

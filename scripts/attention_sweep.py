@@ -3,7 +3,7 @@
 `python -m scripts.attention_sweep [--shape B SQ SKV H D] [--dtype bf16] [--configs BM,BN,W,S ...]`.
 Prints one line per config, fastest last, with the compiled kernel's register count and spills; times
 are CUDA-graph replays (device time), SDPA's forward timed the same way. For tuning TUNING_SPACE in
-ops/attention/kernel.py, not for recording results (entrypoints/bench.py does that).
+ops/attention/kernel.py, not for recording results (entrypoints/bench/ does that).
 """
 
 import argparse

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from entrypoints.bench import main
-from entrypoints.bench_models import CONFIGS, model_flops
+from entrypoints.bench.__main__ import main
+from entrypoints.bench.models import CONFIGS, model_flops
 
 
 @pytest.mark.parametrize("config, tokens", [("wan-tiny", 3 * 4 * 6), ("cosmos-tiny", 2 * 4 * 6)])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from entrypoints.bench_models import CONFIGS, _build, model_flops
-from entrypoints.bench_step import iteration_calls, iteration_flops, phase_and_rollout
+from entrypoints.bench.models import CONFIGS, _build, model_flops
+from entrypoints.bench.step import iteration_calls, iteration_flops, phase_and_rollout
 from entrypoints.toy import build_toy, toy_batch_fn
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.step import LossConfig
@@ -92,7 +92,18 @@ def test_iteration_flops_weights_each_kind_of_call():
 
 def test_bench_step_runs_tiny_on_the_cpu(tmp_path):
     out = tmp_path / "step.json"
-    command = [sys.executable, "-m", "entrypoints.bench", "step", "--config", "cosmos-tiny", "--iterations", "9", "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "entrypoints.bench",
+        "step",
+        "--config",
+        "cosmos-tiny",
+        "--iterations",
+        "9",
+        "--json",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| student | 1 |" in done.stdout and "2 x teacher forward" in done.stdout

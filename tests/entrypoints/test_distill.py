@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from entrypoints import toy as toy_world
 from entrypoints.distill import DistillConfig, fingerprint, run
 from entrypoints.toy import ToyConfig
-from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.run_lock import RunLockedError
-from rcmfn.warm_start import WarmStartConfig
+from rcmfn.toy.tiny_dit import TinyDiTConfig
+from rcmfn.toy.warm_start import WarmStartConfig
 from tests.conftest import write_lock
 
 TINY_TOY = ToyConfig(

@@ -17,10 +17,11 @@ from entrypoints import prepare
 from entrypoints.prepare import PrepareConfig, list_inputs, prepare_media, prepare_toy
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
-from rcmfn.models import cosmos, gmm
+from rcmfn.models import cosmos
 from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN_TINY
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding, read_uncondition
+from rcmfn.toy import gmm
 
 # The registered Cosmos spec with a tiny architecture: single 16 x 16 images, 16 text tokens of width 24.
 TINY_COSMOS = dataclasses.replace(

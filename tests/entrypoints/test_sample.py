@@ -22,9 +22,9 @@ from rcmfn import codecs, media
 from rcmfn.models import cosmos
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.registry import get_spec
-from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.models.wan import WAN_TINY, WanModel
-from rcmfn.warm_start import WarmStartConfig
+from rcmfn.toy.tiny_dit import TinyDiTConfig
+from rcmfn.toy.warm_start import WarmStartConfig
 
 needs_codecs = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")),

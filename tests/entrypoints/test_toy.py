@@ -7,12 +7,12 @@ import torch
 
 from entrypoints import toy as toy_world
 from entrypoints.toy import BAND_SIGMAS, ToyConfig, ToyWorld
-from rcmfn.models import gmm
-from rcmfn.models.tiny_dit import TinyDiTConfig
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.samplers import teacher_euler_sample, teacher_rf_times
-from rcmfn.toy_metrics import expected_counts
-from rcmfn.warm_start import WarmStartConfig
+from rcmfn.toy import gmm
+from rcmfn.toy.metrics import expected_counts
+from rcmfn.toy.tiny_dit import TinyDiTConfig
+from rcmfn.toy.warm_start import WarmStartConfig
 
 TEACHER = trigflow_denoiser(gmm.velocity, time_dtype=torch.float64)
 

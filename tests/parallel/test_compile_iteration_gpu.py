@@ -52,7 +52,7 @@ def process_group():
 
 def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
     """(state, networks, loop config, batch_fn, student module) of the sharded trainer, BLOCKS blocks."""
-    from entrypoints.bench_step import build_trainer
+    from entrypoints.bench.step import build_trainer
 
     name = {"cosmos2b": "cosmos-tiny", "wan1.3b": "wan-tiny"}[model] if tiny else model  # registry entries
     return build_trainer(name, dtype, compile_, blocks=BLOCKS, max_bad_steps=max_bad_steps)[:5]

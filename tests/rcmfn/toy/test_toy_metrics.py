@@ -1,4 +1,4 @@
-"""Tests for rcmfn/toy_metrics.py: exact samples score perfectly, collapse and blur are detected."""
+"""Tests for rcmfn/toy/metrics.py: exact samples score perfectly, collapse and blur are detected."""
 
 import math
 
@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rcmfn import toy_metrics
-from rcmfn.models import gmm
+from rcmfn.toy import gmm
+from rcmfn.toy import metrics as toy_metrics
 
 MIXTURE = gmm.build_mixture()
 LABELS = torch.arange(4).repeat(500)  # 500 samples per class

@@ -1,6 +1,6 @@
 """Sample-quality metrics of a toy sample set against the analytic Gaussian mixture.
 
-SPEC-rcm §6 (what the samplers produce) judged on the toy teacher of `rcmfn.models.gmm`. Samples are
+SPEC-rcm §6 (what the samplers produce) judged on the toy teacher of `rcmfn.toy.gmm`. Samples are
 grouped by label (each class, and UNCOND if present); each sample is assigned to the mode of highest
 posterior responsibility at r = 0 within its label's modes (`gmm.assign_modes`). Per group:
   coverage      fraction of the group's modes that receive at least min_share of their expected count
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from rcmfn.models import gmm
+from rcmfn.toy import gmm
 
 OFF_MODE_SIGMAS = 5.0  # threshold of `off_mode`, in within-mode standard deviations
 

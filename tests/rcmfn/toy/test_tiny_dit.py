@@ -1,11 +1,11 @@
-"""Tests for rcmfn/models/tiny_dit.py: shapes, jvp exactness, compile parity, input checks."""
+"""Tests for rcmfn/toy/tiny_dit.py: shapes, jvp exactness, compile parity, input checks."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rcmfn.models import tiny_dit
+from rcmfn.toy import tiny_dit
 
 SMALL = tiny_dit.TinyDiTConfig(width=16, depth=2, heads=2, mlp_ratio=2, text_dim=6, freq_dim=8)
 

@@ -13,18 +13,14 @@ GPU tests), its table and its CLI.
 """
 
 import argparse
-import datetime
-import json
-import math
 import statistics
-import sys
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
 
-from entrypoints.bench_models import FLOP_FORMULA, model_flops
+from entrypoints.bench.common import provenance, wall_seconds
+from entrypoints.bench.models import FLOP_FORMULA, model_flops
 from rcmfn.models.registry import get_spec
 from rcmfn.schedule import critic_iteration, effective_student_iteration, is_student_phase, rollout_steps
 
@@ -138,11 +134,6 @@ def build_trainer(
     return state, nets, lcfg, (lambda gen: (x0, cond, uncond)), student, spec
 
 
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _device_busy_ms(step, trace_path: str | None) -> float | None:
     """GPU time of one call of `step` (sum of its kernels' own device time), with an optional Chrome trace."""
     from torch.profiler import ProfilerActivity, profile
@@ -185,11 +176,7 @@ def bench_step(
         kind = phase_and_rollout(i, lcfg)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _sync(device)
-        start = time.perf_counter()
-        train_iteration(state, nets, batch_fn, lcfg)
-        _sync(device)
-        seconds[kind].append(time.perf_counter() - start)
+        seconds[kind].append(wall_seconds(lambda: train_iteration(state, nets, batch_fn, lcfg), device))
         if device.type == "cuda":
             peak[kind] = max(peak.get(kind, 0.0), torch.cuda.max_memory_allocated() / 2**30)
         if profile_dir and device.type == "cuda" and len(seconds[kind]) == 2 and kind not in busy:
@@ -219,17 +206,10 @@ def bench_step(
         if (phase, rollout) in busy:
             row["device_busy_s"] = busy[(phase, rollout)] / 1e3
         rows.append(row)
-    from entrypoints.bench import _commit
-
     return dict(
-        benchmark="step",
+        **provenance("step", device),
         model=model + (f" x{blocks} blocks" if blocks else ""),
         compile=compile_,
-        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=_commit(),
-        command=" ".join(["python -m entrypoints.bench", *sys.argv[1:]]),
-        torch=torch.__version__,
         batch=batch,
         latent=list(case.latent_shape),
         tokens=tokens,
@@ -303,14 +283,3 @@ def add_step(subparsers) -> None:
     p.add_argument("--profile", default=None, help="folder for Chrome traces of one iteration per kind (GPU)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.set_defaults(run=run_step)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m entrypoints.bench_step", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="benchmark")
-    add_step(sub)
-    parsed = parser.parse_args(["step", *sys.argv[1:]])
-    out = parsed.run(parsed)
-    if parsed.json:
-        with open(parsed.json, "w") as f:
-            json.dump(out, f, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)

@@ -1,6 +1,6 @@
 """PNG figure of toy sample sets: 2-D projections and per-mode assignment histograms.
 
-SPEC-rcm §6 (samplers) on the toy teacher of `rcmfn.models.gmm`. One column per sample set (truth,
+SPEC-rcm §6 (samplers) on the toy teacher of `rcmfn.toy.gmm`. One column per sample set (truth,
 teacher, student, ...), three rows:
   1. all samples on the two principal directions of the mode means (PCA of all means), coloured by
      label, mode means marked: where the classes are;
@@ -18,8 +18,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from rcmfn.models import gmm
-from rcmfn.toy_metrics import expected_counts, mode_counts
+from rcmfn.toy import gmm
+from rcmfn.toy.metrics import expected_counts, mode_counts
 
 UNCOND_COLOR = "0.55"
 

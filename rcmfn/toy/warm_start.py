@@ -13,9 +13,9 @@ import torch
 from tensordict import TensorDict
 from tqdm.auto import tqdm
 
-from rcmfn.models import gmm
 from rcmfn.precond import TIME_SCALE, VelocityNet
 from rcmfn.time import TimeDistribution, UniformShift, sample_time
+from rcmfn.toy import gmm
 
 UNIFORM_TIME = UniformShift(shift=1.0)  # shift 1 is the identity: r ~ U[0, 1)
 

@@ -1,4 +1,4 @@
-"""Tests for rcmfn/models/gmm.py: the analytic mixture teacher is exact, finite and strict about inputs."""
+"""Tests for rcmfn/toy/gmm.py: the analytic mixture teacher is exact, finite and strict about inputs."""
 
 import math
 
@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rcmfn.models import gmm
 from rcmfn.precond import trigflow_denoiser, x0_from_velocity
 from rcmfn.time import trig_to_rf
+from rcmfn.toy import gmm
 
 SMALL = dict(class_norm=2.0, mode_offset=1.0, std_range=(0.3, 0.6), num_classes=2, modes_per_class=2)
 

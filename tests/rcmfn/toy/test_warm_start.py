@@ -1,10 +1,9 @@
-"""Tests for rcmfn/warm_start.py: the flow-matching fit to the analytic teacher learns and is reproducible."""
+"""Tests for rcmfn/toy/warm_start.py: the flow-matching fit to the analytic teacher learns and is reproducible."""
 
 import pytest
 import torch
 
-from rcmfn import warm_start
-from rcmfn.models import gmm, tiny_dit
+from rcmfn.toy import gmm, tiny_dit, warm_start
 
 MIXTURE = gmm.build_mixture(gmm.MixtureConfig(height=4, width=4, num_classes=3, modes_per_class=2))
 NET_CFG = tiny_dit.TinyDiTConfig(width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16)

@@ -1,22 +1,12 @@
-"""Benchmarks (GPU): `python -m entrypoints.bench attention|models|step ... [--json PATH]`.
+"""The attention benchmark: `python -m entrypoints.bench attention [--only NAME ...] [--json PATH]` (GPU).
 
-One subcommand per benchmark family; add yours with `_add_<name>(subparsers)`. Timings are medians
-of many warm runs (triton.testing.do_bench, L2 flushed between runs; forward rows also replayed from
-a CUDA graph, the device time without the host's dispatch); TFLOP/s use the FLOP formula
-printed beside each row. Results go to stdout as a Markdown table and, with --json, to a file
-holding device, date, commit and command (docs/benchmarks.md records them).
+ops.attention (output, output + tangent) against SDPA's forward and the math reference at the models'
+shapes; medians of triton.testing.do_bench (L2 flushed), forward rows also replayed from a CUDA graph.
 """
-
-import argparse
-import datetime
-import json
-import subprocess
-import sys
 
 import torch
 
-from entrypoints.bench_models import add_models
-from entrypoints.bench_step import add_step
+from entrypoints.bench.common import provenance
 
 # name, batch, seq_q, seq_kv, heads, head_dim
 ATTENTION_SHAPES = [
@@ -26,15 +16,6 @@ ATTENTION_SHAPES = [
     ("self 8192 x16 d64 B2", 2, 8192, 8192, 16, 64),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _median_ms(fn, rep_ms: float) -> float:
@@ -164,19 +145,14 @@ def run_attention(args) -> dict:
             f"{r['x_sdpa_fwd']:.2f} {graph} | {r['flops']} |"
         )
     return dict(
-        benchmark="attention",
-        device=torch.cuda.get_device_name(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=args.commit or _commit(),
-        command=" ".join(["python -m entrypoints.bench", *sys.argv[1:]]),
-        torch=torch.__version__,
+        **provenance("attention", torch.device("cuda"), args.commit),
         triton=triton.__version__,
         dtype=args.dtype,
         rows=rows,
     )
 
 
-def _add_attention(subparsers):
+def add_attention(subparsers) -> None:
     p = subparsers.add_parser("attention", help="ops.attention vs SDPA and math attention (GPU)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype")
     p.add_argument("--rep-ms", type=float, default=1000.0, help="do_bench repetition budget per row (ms)")
@@ -184,23 +160,3 @@ def _add_attention(subparsers):
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.set_defaults(run=run_attention)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m entrypoints.bench", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="benchmark", required=True)
-    _add_attention(subparsers)
-    add_models(subparsers)
-    add_step(subparsers)
-    args = parser.parse_args(argv)
-    tiny = args.benchmark in ("models", "step") and args.config.endswith("-tiny")
-    if not torch.cuda.is_available() and not tiny:
-        parser.error("benchmarks need a CUDA device (only `models` and `step` with `--config *-tiny` run on the CPU)")
-    result = args.run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Model benchmarks: `python -m entrypoints.bench_models [--config wan1.3b|cosmos2b|...] [--json PATH]`.
+"""Model benchmarks: `python -m entrypoints.bench models [--config wan1.3b|cosmos2b|...] [--json PATH]`.
 
 Times one network step at the training shape (default: Wan2.1 1.3B, 480p latents 16x21x60x104,
 512 text tokens; cosmos2b: Cosmos-Predict2 2B at 1024 px, latents 16x1x128x128, 512 T5 tokens;
@@ -14,15 +14,11 @@ size budget: one benchmark, its FLOP count for both model families and its table
 """
 
 import argparse
-import datetime
-import json
 import statistics
-import subprocess
-import sys
-import time
 
 import torch
 
+from entrypoints.bench.common import provenance, wall_seconds
 from parallel.parallelize import apply_ac, apply_compile
 from rcmfn.compile import compiled
 from rcmfn.models.registry import MODELS, ModelSpec, random_model
@@ -102,19 +98,6 @@ def step_inputs(case: ModelSpec, batch: int, dev: torch.device, dtype: torch.dty
     return x, timestep, context, (torch.randn_like(x), torch.randn_like(timestep))
 
 
-def _commit() -> str:
-    try:
-        run = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return run.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_row(fn, device: torch.device, warmup: int, iters: int) -> dict:
     """First-call seconds (compile included), median ms of `iters` warm calls, and peak CUDA memory of
     the warm calls and of the first call apart: a first call can compile, autotune or (the dual jvp)
@@ -122,22 +105,13 @@ def _time_row(fn, device: torch.device, warmup: int, iters: int) -> dict:
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    first_s = time.perf_counter() - start
+    first_s = wall_seconds(fn, device)
     first_peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(max(warmup - 1, 0)):
         fn()
-    times = []
-    for _ in range(iters):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(1e3 * (time.perf_counter() - start))
+    times = [1e3 * wall_seconds(fn, device) for _ in range(iters)]
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     return dict(first_call_s=first_s, ms=statistics.median(times), peak_gib=peak, first_call_peak_gib=first_peak)
 
@@ -232,13 +206,8 @@ def bench_models(
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return dict(
-        benchmark="models",
+        **provenance("models", dev),
         model=config,
-        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        commit=_commit(),
-        command=" ".join(["python -m entrypoints.bench_models", *sys.argv[1:]]),
-        torch=torch.__version__,
         dtype=dtype,
         latent=[batch, *case.latent_shape],
         tokens=tokens,
@@ -307,19 +276,3 @@ def add_models(subparsers) -> None:
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     p.add_argument("--compile-times", action="store_true", help="print the compiler's time per phase at the end")
     p.set_defaults(run=run_models)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m entrypoints.bench_models", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="benchmark")
-    add_models(subparsers)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv if argv[:1] == ["models"] else ["models", *argv])
-    result = args.run(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,12 @@
-"""Tests for rcmfn/toy_figure.py: the figure is written as a PNG and bad inputs are named."""
+"""Tests for rcmfn/toy/figure.py: the figure is written as a PNG and bad inputs are named."""
 
 import math
 
 import pytest
 import torch
 
-from rcmfn import toy_figure
-from rcmfn.models import gmm
+from rcmfn.toy import figure as toy_figure
+from rcmfn.toy import gmm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
