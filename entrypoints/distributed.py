@@ -25,6 +25,7 @@ from entrypoints.run_folder import check_fresh_output, prepare_output, single_pr
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
 from parallel import checkpoint
+from parallel.block_jvp import eager_tangent_blocks
 from parallel.context_parallel import check_cp_size
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
@@ -132,7 +133,7 @@ def train_sharded(
     lcfg = loop_config(cfg)
     lcfg = replace(lcfg, seed=lcfg.seed + meshes.dp_rank * 1_000_000_007)  # distinct draws per batch, shared in CP
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
-    pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile)
+    pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile, allow_eager_tangent=d.allow_eager_tangent)
     critic = lcfg.loss.uses_critic
     teacher, student, fake = build_networks(spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic)
     del full_state
@@ -161,6 +162,8 @@ def train_sharded(
         seconds = time.perf_counter() - start
         times[metrics["phase"]].append(seconds)
         metrics |= {"seconds": seconds, "tokens_per_s": tokens / seconds}
+        if cfg.compile and (eager := eager_tangent_blocks(student)):
+            metrics["eager_tangent_blocks"] = eager  # allowed by --distributed.allow-eager-tangent
         if device.type == "cuda":
             metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if log is not None and (metrics["iteration"] % cfg.log_every == 0 or state.iteration == total):

@@ -31,6 +31,16 @@ from rcmfn.compile import compile_graph
 aten = torch.ops.aten
 EAGER = "eager"  # a signature whose JVP could not be traced: its dual calls run the eager block
 
+
+class TangentCompileError(RuntimeError):
+    """A block's JVP could not be traced for compilation and the eager fallback was not allowed."""
+
+
+def eager_tangent_blocks(model: nn.Module) -> int:
+    """How many of `model`'s compiled blocks run (some of) their tangent calls eagerly (allowed fallback)."""
+    jvps = [getattr(block.forward, "block_jvp", None) for block in getattr(model, "blocks", ())]
+    return sum(1 for j in jvps if j is not None and EAGER in j.compiled.values())
+
 # Where make_fx's trace of torch.func.jvp materialises the zero tangent of a tensor without one (a
 # weight): products with it are zero and sums with it are the other operand.
 _ZERO_SOURCES = {aten.zeros.default, aten._efficientzerotensor.default, aten.zeros_like.default, aten.new_zeros.default}
@@ -174,8 +184,8 @@ def trace_block_jvp(
 class BlockJVP:
     """Per-block cache of compiled JVP graphs, filled on plain calls for signatures dual calls asked for."""
 
-    def __init__(self, module: nn.Module, forward: Callable, backend: str = "inductor"):
-        self.module, self.forward, self.backend = module, forward, backend
+    def __init__(self, module: nn.Module, forward: Callable, backend: str = "inductor", allow_eager: bool = False):
+        self.module, self.forward, self.backend, self.allow_eager = module, forward, backend, allow_eager
         self.compiled: dict[tuple, Callable] = {}
         self.wanted: set[tuple] = set()
 
@@ -208,14 +218,21 @@ class BlockJVP:
         for signature in [s for s in self.wanted if self._matches(s, args)]:
             try:
                 graph = trace_block_jvp(self.module, self.forward, list(args), list(signature[1]), self.backend)
-            except Exception as error:  # noqa: BLE001 -- any tracing failure: stay exact, stay eager
+            except Exception as error:  # noqa: BLE001 -- any tracing failure: stop, or stay exact and eager
                 # Seen: make_fx of a context-parallel block (all-to-all views) trips an internal
-                # forward-AD view assert in torch 2.13. The eager block is exact, only slower.
-                warnings.warn(
+                # forward-AD view assert in torch 2.13. The eager block is exact, only slower -- but a
+                # silently slower tangent pass is not what --compile asked for, so it must be allowed.
+                what = (
                     f"{type(self.module).__name__}: its JVP could not be traced for compilation "
-                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); dual calls stay eager",
-                    stacklevel=2,
+                    f"({type(error).__name__}: {str(error).splitlines()[0][:200]})"
                 )
+                if not self.allow_eager:
+                    raise TangentCompileError(
+                        f"{what}. Run without --compile, or allow the exact but slower eager tangent pass for "
+                        "such blocks with --distributed.allow-eager-tangent (counted as eager_tangent_blocks "
+                        "in the metrics)"
+                    ) from error
+                warnings.warn(f"{what}; dual calls stay eager (allowed)", stacklevel=2)
                 graph = EAGER
             self.compiled[signature] = graph
             self.wanted.discard(signature)

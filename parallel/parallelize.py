@@ -48,6 +48,9 @@ class ParallelConfig:
     """Activation checkpointing per block: none, full recomputation, or save matmul/attention outputs."""
     compile: bool = False
     """torch.compile(fullgraph=True) each block's forward, and its JVP for the tangent pass (block_jvp.py)."""
+    allow_eager_tangent: bool = False
+    """With `compile`: a block whose JVP cannot be traced runs its tangent calls eagerly (exact, slower)
+    instead of stopping with TangentCompileError (parallel/block_jvp.py)."""
     reshard_after_forward: bool = True
     """Free all-gathered block parameters after forward (ZeRO-3) rather than keeping them to backward."""
 
@@ -100,7 +103,7 @@ def apply_ac(model: nn.Module, mode: ACMode) -> nn.Module:
     return model
 
 
-def _compiled_block(block: nn.Module, forward, backend: str):
+def _compiled_block(block: nn.Module, forward, backend: str, allow_eager: bool = False):
     """forward compiled for plain inputs; for inputs carrying forward-AD tangents, the block's JVP graph.
 
     A function compiled with inductor and called on dual tensors sees their primals only: the
@@ -112,7 +115,7 @@ def _compiled_block(block: nn.Module, forward, backend: str):
     later dual calls run that. Guarded by tests/parallel/test_compile.py.
     """
     compiled_forward = compiled(forward, backend)
-    tangents = BlockJVP(block, forward, backend)
+    tangents = BlockJVP(block, forward, backend, allow_eager)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -131,11 +134,11 @@ def _compiled_block(block: nn.Module, forward, backend: str):
     return run
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
+def apply_compile(model: nn.Module, backend: str = "inductor", allow_eager_tangent: bool = False) -> nn.Module:
     """torch.compile(fullgraph=True) each block's forward (its module hooks, e.g. FSDP's, stay eager);
     calls carrying forward-mode tangents run the block's compiled JVP graph (`_compiled_block`)."""
     for block in model.blocks:
-        block.forward = _compiled_block(block, block.forward, backend)
+        block.forward = _compiled_block(block, block.forward, backend, allow_eager_tangent)
     return model
 
 
@@ -145,5 +148,5 @@ def parallelize(model: nn.Module, meshes: Meshes, cfg: ParallelConfig) -> nn.Mod
         apply_cp(model, meshes.cp.get_group())
     apply_ac(model, cfg.ac)
     if cfg.compile:
-        apply_compile(model)
+        apply_compile(model, allow_eager_tangent=cfg.allow_eager_tangent)
     return apply_fsdp(model, meshes.fsdp, cfg.param_dtype, cfg.reduce_dtype, cfg.reshard_after_forward)

@@ -125,9 +125,10 @@ def test_identical_blocks_get_their_jvp_graph_from_inductors_cache():
     assert counters["inductor"]["fxgraph_cache_hit"] >= len(model.blocks) - 1
 
 
-def test_a_block_whose_jvp_cannot_be_traced_stays_eager_and_exact(monkeypatch):
-    """A tracing failure (seen: context-parallel blocks, a forward-AD view assert in make_fx) is
-    reported once per signature and leaves the block's dual calls on the eager forward."""
+def test_a_block_whose_jvp_cannot_be_traced_stops_unless_eager_is_allowed(monkeypatch):
+    """A tracing failure (seen: context-parallel blocks, a forward-AD view assert in make_fx) stops the
+    run by default, naming the flag; allowed, it is reported once per signature, leaves the block's dual
+    calls on the eager forward (exact), and `eager_tangent_blocks` counts the blocks for the metrics."""
     from parallel import block_jvp
 
     def refuse(*args, **kwargs):
@@ -135,15 +136,22 @@ def test_a_block_whose_jvp_cannot_be_traced_stays_eager_and_exact(monkeypatch):
 
     monkeypatch.setattr(block_jvp, "trace_block_jvp", refuse)
     eager = tiny_model("cosmos")
-    compiled = apply_compile(copy.deepcopy(eager), backend="aot_eager")
     x, t, context, tx, tt = _inputs("cosmos")
+    strict = apply_compile(copy.deepcopy(eager), backend="aot_eager")
+    with torch.no_grad():
+        dual_jvp(lambda x, t: strict(x, t, context), (x, t), (tx, tt))
+        with pytest.raises(block_jvp.TangentCompileError, match="allow-eager-tangent"):
+            strict(x, t, context)
+    compiled = apply_compile(copy.deepcopy(eager), backend="aot_eager", allow_eager_tangent=True)
     with torch.no_grad():
         want, want_tangent = torch.func.jvp(lambda x, t: eager(x, t, context), (x, t), (tx, tt))
         dual_jvp(lambda x, t: compiled(x, t, context), (x, t), (tx, tt))
+        assert block_jvp.eager_tangent_blocks(compiled) == 0
         with pytest.warns(UserWarning, match="cannot trace this block"):
             compiled(x, t, context)
         got, got_tangent = dual_jvp(lambda x, t: compiled(x, t, context), (x, t), (tx, tt))
     assert all(list(b.forward.block_jvp.compiled.values()) == [block_jvp.EAGER] for b in compiled.blocks)
+    assert block_jvp.eager_tangent_blocks(compiled) == len(compiled.blocks) == 2
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(got_tangent, want_tangent, rtol=1e-9, atol=1e-11)
 

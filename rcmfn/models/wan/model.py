@@ -14,15 +14,11 @@ Precision, chosen per tensor rather than by autocast (SPEC-models §3.4, officia
 - the timestep sinusoid in `sinusoid_dtype`: float64 as the official code and rCM ("high-precision
   time"), or float32 as diffusers (the switch the equivalence test uses, SPEC-models §5).
 
-Activation checkpointing and other per-block wrapping are applied from outside (parallel/): either
-replace entries of `model.blocks` (a ModuleList of `WanBlock`, each called as
-`block(x, e0, context, rope_cos, rope_sin)`), or set `model.block_wrapper`, called as
-`block_wrapper(run, params, x, e0, context, rope_cos, rope_sin)` where `run(params, *inputs)` is pure
-in its arguments (a functional_call of the block), so a recomputation in backward sees the same
-parameters even after the outer functional_call has returned.
+Activation checkpointing and other per-block wrapping are applied from outside (parallel/parallelize.py)
+by replacing or wrapping entries of `model.blocks` (a ModuleList of `WanBlock`, each called as
+`block(x, e0, context, rope_cos, rope_sin)`).
 """
 
-import functools
 import math
 from collections.abc import Callable, Mapping
 
@@ -34,7 +30,6 @@ from ops import attention as ops_attention
 from rcmfn.models.wan.configs import WanConfig
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (B, S, H, D) q, k, v -> (B, Sq, H, D)
-BlockWrapper = Callable[..., Tensor]
 
 
 def timestep_sinusoid(timestep: Tensor, dim: int, dtype: torch.dtype) -> Tensor:
@@ -178,15 +173,10 @@ class Head(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
 
 
-def _run_block(block: nn.Module, params: Mapping[str, Tensor], *inputs: Tensor) -> Tensor:
-    return torch.func.functional_call(block, dict(params), inputs)
-
-
 class WanModel(nn.Module):
     """Wan2.1 T2V DiT: forward(x [B,16,T,H,W], timestep [B] = 1000 r, context [B,Lc,4096]) -> v.
 
-    SPEC-models §3.2. `attention_fn` defaults to `ops.attention` (B, S, H, D); `block_wrapper` is the
-    activation-checkpointing hook described in the module docstring.
+    SPEC-models §3.2. `attention_fn` defaults to `ops.attention` (B, S, H, D).
     """
 
     # Parameters the release computes in float32 (time MLP, modulation tables, norms): they stay
@@ -206,12 +196,11 @@ class WanModel(nn.Module):
         *,
         sinusoid_dtype: torch.dtype = torch.float64,
         attention_fn: AttentionFn | None = None,
-        block_wrapper: BlockWrapper | None = None,
     ):
         super().__init__()
         if sinusoid_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sinusoid_dtype must be torch.float32 or torch.float64; got {sinusoid_dtype}")
-        self.cfg, self.sinusoid_dtype, self.block_wrapper = cfg, sinusoid_dtype, block_wrapper
+        self.cfg, self.sinusoid_dtype = cfg, sinusoid_dtype
         attention_fn = attention_fn or ops_attention
         dim = cfg.dim
         # A Conv3d with kernel = stride = patch holds the weight in the release shape (D, C, pt, ph, pw);
@@ -258,11 +247,7 @@ class WanModel(nn.Module):
         angles = rope_angles(grid, cfg, x.device)
         rope_cos, rope_sin = torch.cos(angles).to(wide), torch.sin(angles).to(wide)
         for block in self.blocks:
-            if self.block_wrapper is None:
-                h = block(h, e0, c, rope_cos, rope_sin)
-            else:
-                params = {**dict(block.named_parameters()), **dict(block.named_buffers())}
-                h = self.block_wrapper(functools.partial(_run_block, block), params, h, e0, c, rope_cos, rope_sin)
+            h = block(h, e0, c, rope_cos, rope_sin)
         shift, scale = (self.head.modulation.to(wide) + e[:, None, :]).chunk(2, dim=1)
         out = wide_linear(layer_norm(h, cfg.eps) * (1 + scale) + shift, self.head.head, wide)
         return unpatchify(out, grid, cfg.patch_size)
