@@ -31,7 +31,7 @@ from parallel.checkpoint import rank_zero_first
 from rcmfn import codecs
 from rcmfn.checksums import file_digest, folder_digests
 from rcmfn.models.cosmos.model import init_random_
-from rcmfn.models.registry import ModelSpec, build_model, unconditional_prompt
+from rcmfn.models.registry import ModelSpec, build_model, get_spec, unconditional_prompt
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.run_lock import run_lock
 from rcmfn.samplers import teacher_euler_sample, teacher_rf_times
@@ -77,7 +77,8 @@ def teacher_settings(cfg, spec: ModelSpec) -> dict:
     negative = unconditional_prompt(spec, cfg.negative_prompt)
     return {
         "model": cfg.model,
-        "teacher": {"sha256": digest, "random_init": t.random_teacher, "layout": t.teacher_layout},
+        "teacher": {"model": t.teacher_model or cfg.model, "sha256": digest, "random_init": t.random_teacher},
+        "teacher_layout": t.teacher_layout,
         "teacher_dtype": t.teacher_dtype,
         "sampler": {"name": "euler", "steps": t.steps, "guidance": guidance, "shift": shift, "sigma_max": sigma_max},
         "seed": cfg.seed,
@@ -123,9 +124,12 @@ def open_output(cfg, spec: ModelSpec, encoder, held: contextlib.ExitStack) -> di
 
 
 def load_teacher(cfg, spec: ModelSpec, device: torch.device):
-    """(denoise, params) of the teacher: the checkpoint, loaded strictly by entrypoints.sample's loader, or
-    random weights (--random-teacher; Cosmos with init_random_ since its release init zeroes layers)."""
+    """(denoise, params) of the teacher (--teacher-model's network, else `spec`'s): the checkpoint, loaded
+    strictly by entrypoints.sample's loader, or random weights (--random-teacher; Cosmos with init_random_
+    since its release init zeroes layers)."""
     t = cfg.teacher_data
+    if t.teacher_model not in (None, cfg.model):
+        spec = get_spec(t.teacher_model)
     if t.teacher is not None:
         loader = SampleConfig(model=cfg.model, layout=t.teacher_layout, strict=True, dtype=t.teacher_dtype)
         return load_denoiser(spec, t.teacher, False, loader, device)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from entrypoints.presets import MODELS as PRESETS
+from rcmfn.models.registry import get_spec
 from rcmfn.precond import check_guidance
 
 TEACHER_SHIFT = 5.0  # the model's default shift (SPEC-rcm §6.2; entrypoints.sample's teacher rows)
@@ -21,6 +22,9 @@ class TeacherDataConfig:
     """write shards of teacher samples instead of encoded media (entrypoints/teacher_data.py)"""
     teacher: Path | None = None
     """teacher checkpoint (.safetensors, sharded folder, .pt) in --teacher-layout"""
+    teacher_model: str | None = None
+    """network of --teacher if not that of --model (e.g. wan14b for wan1.3b data, as the official 1.3B run);
+    the data keep the size of --model (the official data: 21 latent frames, of which the 1.3B uses 20)"""
     teacher_layout: str = "official"
     """key layout of --teacher (a key of the model's key maps, e.g. official, diffusers)"""
     teacher_dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
@@ -65,6 +69,10 @@ def check_teacher_flags(cfg) -> None:
         raise ValueError("--from-teacher samples a real model's teacher on --prompt-file: no --model toy, no --input")
     if (t.teacher is None) == (not t.random_teacher):
         raise ValueError("--from-teacher needs exactly one of --teacher <checkpoint> and --random-teacher")
+    if t.teacher_model is not None:
+        data, teacher = get_spec(cfg.model), get_spec(t.teacher_model)
+        if (data.family, data.text_len, data.text_dim) != (teacher.family, teacher.text_len, teacher.text_dim):
+            raise ValueError(f"--teacher-model {t.teacher_model} does not take {cfg.model}'s inputs (family, text)")
 
 
 def sampler_settings(cfg) -> tuple[float, float, float]:

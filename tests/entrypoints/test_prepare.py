@@ -41,7 +41,7 @@ FLAGS = """--batch --count --device --dtype --fit --frame-stride --frames --from
 --mixture.text-tokens --mixture.weight-ratio --mixture.width --model --negative-prompt --no-from-teacher
 --no-overwrite --no-progress --no-random-teacher --no-truncate-prompts --output --overwrite --progress --prompt-file
 --random-teacher --seed --shard-size --shift --sigma-max --steps --teacher --teacher-dtype --teacher-layout
---text-encoder --truncate-prompts --vae --width""".split()
+--teacher-model --text-encoder --truncate-prompts --vae --width""".split()
 
 
 def shard_tensors(folder: Path, key: str) -> torch.Tensor:

@@ -25,7 +25,7 @@ from rcmfn import codecs
 from rcmfn.checksums import file_digest
 from rcmfn.models.checkpoint import CheckpointMismatchError, export_checkpoint
 from rcmfn.models.cosmos import CosmosDiT
-from rcmfn.models.wan import WanModel
+from rcmfn.models.wan import WanModel, key_maps
 from rcmfn.samplers import teacher_euler_sample, teacher_rf_times
 from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
 from tests.entrypoints.test_prepare import TINY_COSMOS, TINY_WAN
@@ -39,6 +39,9 @@ pytestmark = pytest.mark.skipif(
 # Words of the tiny tokenizer's vocabulary (a-z, w0..w99); 7 prompts in shards of 2: 2 + 2 + 2 + 1.
 PROMPTS = ["a b c", "w1 w2", "d e f g", "w3", "h i", "w4 w5 w6", "j k l"]
 LATENT = (16, 2, 2, 2)
+# A bigger teacher for TINY_WAN's data, as the official runs use the 14B's samples for the 1.3B.
+DEEP = dataclasses.replace(TINY_WAN.config, num_layers=3)
+DEEP_WAN = dataclasses.replace(TINY_WAN, config=DEEP, key_maps=key_maps(DEEP))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,6 +62,7 @@ def files(tmp_path_factory) -> Path:
     export_checkpoint(
         random_weights(WanModel(TINY_WAN.config), 1), root / "wan.safetensors", TINY_WAN.key_maps["official"]
     )
+    export_checkpoint(random_weights(WanModel(DEEP), 4), root / "deep.safetensors", DEEP_WAN.key_maps["official"])
     cosmos = random_weights(CosmosDiT(TINY_COSMOS.config), 2)
     export_checkpoint(cosmos, root / "cosmos.safetensors", TINY_COSMOS.key_maps["official"])
     (root / "prompts.txt").write_text("\n".join(PROMPTS[:3] + ["", "  "] + PROMPTS[3:]) + "\n")
@@ -119,11 +123,9 @@ def test_shards_hold_the_teachers_cfg_samples_and_distill_reads_them(files, stra
 
 def test_teacher_json_records_checkpoint_sampler_seed_and_uncondition(files, straight):
     saved = json.loads((straight / "teacher.json").read_text())
-    assert saved["teacher"] == {
-        "sha256": file_digest(files / "wan.safetensors"),
-        "random_init": False,
-        "layout": "official",
-    }
+    digest = file_digest(files / "wan.safetensors")
+    assert saved["teacher"] == {"model": "wan1.3b", "sha256": digest, "random_init": False}
+    assert saved["teacher_layout"] == "official" and saved["teacher_dtype"] == "float32"
     assert saved["paths"]["teacher"] == str(files / "wan.safetensors")
     assert saved["sampler"] == {"name": "euler", "steps": 3, "guidance": 5.0, "shift": 5.0, "sigma_max": 80.0}
     assert (saved["seed"], saved["uncondition"], saved["negative_prompt"]) == (3, "negative_prompt", "x y")
@@ -219,6 +221,23 @@ def test_cosmos_samples_with_the_zero_uncondition_and_random_teacher_runs(files,
     assert json.loads((tmp_path / "r" / "teacher.json").read_text())["teacher"]["random_init"] is True
 
 
+def test_a_bigger_teacher_samples_data_of_the_models_shape(files, tmp_path, monkeypatch):
+    """--model wan1.3b --teacher-model wan14b, the official 1.3B run's data: the data keep --model's shape."""
+    monkeypatch.setattr(teacher_data, "get_spec", lambda name: {"wan14b": DEEP_WAN}[name])
+    with pytest.raises(CheckpointMismatchError, match="unexpected"):  # the 14B file does not fit the 1.3B net
+        prepare_from_teacher(config(files, tmp_path / "a", teacher=files / "deep.safetensors"), TINY_WAN)
+    cfg = config(files, tmp_path / "b", teacher=files / "deep.safetensors", teacher_model="wan14b", steps=1)
+    prepare_from_teacher(cfg, TINY_WAN)
+    assert read_manifest(tmp_path / "b").latent_shape == LATENT
+    assert json.loads((tmp_path / "b" / "teacher.json").read_text())["teacher"]["model"] == "wan14b"
+    shard = load_file(tmp_path / "b" / "shard-00000.safetensors")
+    denoise, params = load_denoiser(DEEP_WAN, files / "deep.safetensors", False, SampleConfig(dtype="float32"), "cpu")
+    noise = torch.stack([torch.randn(LATENT, generator=torch.Generator().manual_seed(3_000_009 + i)) for i in (0, 1)])
+    cond, uncond = shard["text_embeddings"], read_uncondition(tmp_path / "b").expand(2, -1, -1)
+    x0 = teacher_euler_sample(denoise, params, noise, teacher_rf_times(1, 5.0, 80.0), cond, uncond, 5.0)
+    assert torch.equal(shard["latents"], x0.to(torch.bfloat16))
+
+
 def test_missing_inputs_and_a_mismatched_teacher_are_named_before_any_shard(files, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(FileNotFoundError, match="prompt file not found"):
@@ -263,6 +282,9 @@ def test_flags_that_need_or_exclude_from_teacher_are_named():
         TeacherDataConfig(guidance=0.5)
     with pytest.raises(ValueError, match="sigma_max must be finite and > 0"):
         TeacherDataConfig(sigma_max=float("inf"))
+    with pytest.raises(ValueError, match="--teacher-model cosmos2b does not take wan1.3b's inputs"):
+        teacher = TeacherDataConfig(from_teacher=True, random_teacher=True, teacher_model="cosmos2b")
+        PrepareConfig(model="wan1.3b", teacher_data=teacher)
 
 
 def test_cli_runs_the_teacher_path_and_reports_throughput(files, straight, tmp_path, monkeypatch, capsys):
