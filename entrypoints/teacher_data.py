@@ -160,7 +160,7 @@ def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: i
     desc = f"teacher samples, rank 0 of {world}"
     with tqdm(total=result["written"], disable=not (cfg.progress and rank == 0), desc=desc) as bar:
         for k in todo:
-            latents, texts = [], []
+            latents, embeddings = [], []
             for first in range(plan[k].start, plan[k].stop, t.batch):
                 chunk = range(first, min(first + t.batch, plan[k].stop))
                 text = torch.stack([encode(encoder, prompts[i], cfg.truncate_prompts) for i in chunk]).to(dtype)
@@ -168,10 +168,10 @@ def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: i
                 noise = prompt_noise(shape, cfg.seed, chunk).to(device)
                 x0 = teacher_euler_sample(denoise, params, noise, rf_times, cond, uncond.expand_as(cond), guidance)
                 latents.append(x0.to("cpu", dtype))
-                texts.append(text)
+                embeddings.append(text)
                 bar.update(len(chunk))
-            texts_k = prompts[plan[k].start : plan[k].stop]
-            write_teacher_shard(cfg.output, k, plan[k], torch.cat(latents), torch.cat(texts), texts_k)
+            shard_prompts = prompts[plan[k].start : plan[k].stop]
+            write_teacher_shard(cfg.output, k, plan[k], torch.cat(latents), torch.cat(embeddings), shard_prompts)
     result["seconds"] = synced(device) - start
     return result
 
