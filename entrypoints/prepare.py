@@ -7,6 +7,7 @@ unconditional input recorded beside them (SPEC-rcm §11): the negative prompt's 
 captions are skipped and listed, never fatal. Resumable: prepare_progress.json records which inputs
 each shard holds and which were skipped, so a rerun continues after the last complete shard.
 Toy (`--model toy`): exact samples of the Gaussian mixture with their class embeddings.
+Teacher samples (`--from-teacher --teacher <ckpt> --prompt-file <txt>`): entrypoints/teacher_data.py.
 """
 
 import csv
@@ -15,12 +16,14 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import tyro
 from tqdm.auto import tqdm
 
+from entrypoints.teacher_data import describe_teacher_result, prepare_from_teacher
+from entrypoints.teacher_data_config import TeacherDataConfig, check_teacher_flags
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
@@ -61,7 +64,7 @@ class PrepareConfig:
     """CFG's unconditional input is this prompt's embedding (default: Wan's default negative prompt for Wan;
     all-zero text embedding for Cosmos, also when empty)"""
     shard_size: int = 256
-    """samples per shard file"""
+    """samples per shard file (--from-teacher: also what a restart redoes at most per rank)"""
     dtype: Literal["bfloat16", "float16", "float32"] | None = None
     """stored dtype (default bfloat16; float32 for the toy)"""
     device: str | None = None
@@ -69,11 +72,13 @@ class PrepareConfig:
     count: int = 1024
     """toy: number of mixture samples"""
     seed: int = 0
-    """toy: seed of the label and sample draws (sample i uses its own generator)"""
+    """seed of the toy's label and sample draws and of the teacher's noise (sample i uses its own generator)"""
     mixture: gmm.MixtureConfig = field(default_factory=lambda: ToyConfig().mixture)
     """toy: the mixture, by default the distill toy's (must match the run's toy mixture settings)"""
     progress: bool = True
     """show a progress bar"""
+    teacher_data: Annotated[TeacherDataConfig, tyro.conf.OmitArgPrefixes] = field(default_factory=TeacherDataConfig)
+    """--from-teacher and its settings (entrypoints/teacher_data_config.py)"""
 
     def __post_init__(self):
         if self.model != "toy":
@@ -81,6 +86,7 @@ class PrepareConfig:
         for name in ("frame_stride", "shard_size", "count"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        check_teacher_flags(self)
 
 
 def atomic_json(path: Path, value) -> None:
@@ -219,6 +225,11 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
 
 def main() -> None:
     cfg = tyro.cli(PrepareConfig, description=__doc__.splitlines()[0] + f" Models: toy, {', '.join(MODELS)}.")
+    if cfg.teacher_data.from_teacher:
+        result = prepare_from_teacher(cfg, get_spec(cfg.model))
+        if result["rank"] == 0:
+            print(describe_teacher_result(cfg, result))
+        return
     result = prepare_toy(cfg) if cfg.model == "toy" else prepare_media(cfg, get_spec(cfg.model))
     manifest = read_manifest(cfg.output)
     print(

@@ -41,6 +41,7 @@ def eager_tangent_blocks(model: nn.Module) -> int:
     jvps = [getattr(block.forward, "block_jvp", None) for block in getattr(model, "blocks", ())]
     return sum(1 for j in jvps if j is not None and EAGER in j.compiled.values())
 
+
 # Where make_fx's trace of torch.func.jvp materialises the zero tangent of a tensor without one (a
 # weight): products with it are zero and sums with it are the other operand.
 _ZERO_SOURCES = {aten.zeros.default, aten._efficientzerotensor.default, aten.zeros_like.default, aten.new_zeros.default}

@@ -215,8 +215,24 @@ def _read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _write_manifest(manifest: Manifest) -> None:
+def write_manifest(manifest: Manifest) -> None:
+    """Write `manifest` as its folder's manifest.json, atomically (list only shards that are complete)."""
     _write_text(manifest.folder / MANIFEST, json.dumps(manifest.to_json(), indent=1) + "\n")
+
+
+def write_shard(
+    folder: Path, name: str, latents: torch.Tensor, text_embeddings: torch.Tensor, prompts: list[str | None]
+) -> ShardInfo:
+    """Write one shard, `name`.safetensors (stacked latents [N, C, T, H, W] and text embeddings [N, L, D], in
+    the dataset's dtype already) and its prompt sidecar `name`.json unless every prompt is None; each file
+    atomically. The caller lists the returned ShardInfo in the manifest once the shard counts as written."""
+    tensors = {"latents": latents.contiguous(), "text_embeddings": text_embeddings.contiguous()}
+    _atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
+    sidecar = None
+    if any(p is not None for p in prompts):
+        sidecar = f"{name}.json"
+        _write_text(folder / sidecar, json.dumps([p or "" for p in prompts], ensure_ascii=False))
+    return ShardInfo(f"{name}.safetensors", len(prompts), sidecar)
 
 
 def write_negative_embedding(folder: str | os.PathLike, embedding: torch.Tensor) -> Path:
@@ -233,7 +249,7 @@ def write_negative_embedding(folder: str | os.PathLike, embedding: torch.Tensor)
     path = manifest.folder / NEGATIVE
     tensor = embedding.detach().to("cpu", DTYPES[manifest.dtype]).contiguous()
     _atomic_write(path, lambda tmp: save_file({"text_embedding": tensor}, tmp))
-    _write_manifest(Manifest(**{**manifest.__dict__, "negative_embedding": NEGATIVE, "uncondition": "negative_prompt"}))
+    write_manifest(Manifest(**{**manifest.__dict__, "negative_embedding": NEGATIVE, "uncondition": "negative_prompt"}))
     return path
 
 
@@ -241,7 +257,7 @@ def write_zero_uncondition(folder: str | os.PathLike) -> None:
     """Record an all-zero unconditional text input (Cosmos-Predict2's, see
     rcmfn.models.registry.unconditional_prompt) in the manifest, dropping a stored negative embedding."""
     manifest = read_manifest(folder, check_files=False)
-    _write_manifest(Manifest(**{**manifest.__dict__, "negative_embedding": None, "uncondition": "zeros"}))
+    write_manifest(Manifest(**{**manifest.__dict__, "negative_embedding": None, "uncondition": "zeros"}))
     (manifest.folder / NEGATIVE).unlink(missing_ok=True)
 
 
@@ -295,7 +311,7 @@ class ShardWriter:
                 )
         else:
             self.manifest = Manifest(self.folder, latent_shape, text_shape, dtype, (), None)
-            _write_manifest(self.manifest)
+            write_manifest(self.manifest)
         self._latents: list[torch.Tensor] = []
         self._texts: list[torch.Tensor] = []
         self._prompts: list[str | None] = []
@@ -330,15 +346,10 @@ class ShardWriter:
         if not self._latents:
             return
         name = f"shard-{len(self.manifest.shards):05d}"
-        tensors = {"latents": torch.stack(self._latents), "text_embeddings": torch.stack(self._texts)}
-        _atomic_write(self.folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
-        sidecar = None
-        if any(p is not None for p in self._prompts):
-            sidecar = f"{name}.json"
-            _write_text(self.folder / sidecar, json.dumps([p or "" for p in self._prompts], ensure_ascii=False))
+        shard = write_shard(self.folder, name, torch.stack(self._latents), torch.stack(self._texts), self._prompts)
         # Re-read: keeps an uncondition written meanwhile by write_negative_embedding / write_zero_uncondition.
         current = read_manifest(self.folder, check_files=False)
-        shards = (*self.manifest.shards, ShardInfo(f"{name}.safetensors", len(self._latents), sidecar))
+        shards = (*self.manifest.shards, shard)
         self.manifest = Manifest(
             **{
                 **self.manifest.__dict__,
@@ -347,7 +358,7 @@ class ShardWriter:
                 "uncondition": current.uncondition,
             }
         )
-        _write_manifest(self.manifest)
+        write_manifest(self.manifest)
         self._latents, self._texts, self._prompts = [], [], []
 
     def close(self) -> Manifest:

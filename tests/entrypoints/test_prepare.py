@@ -35,11 +35,13 @@ TINY_WAN = dataclasses.replace(
     text_len=16,
     text_dim=24,
 )
-FLAGS = """--count --device --dtype --fit --frame-stride --frames --height --help --input --mixture.channels
---mixture.class-norm --mixture.frames --mixture.height --mixture.mode-offset --mixture.modes-per-class
---mixture.num-classes --mixture.seed --mixture.std-range --mixture.text-dim --mixture.text-tokens
---mixture.weight-ratio --mixture.width --model --negative-prompt --no-progress --no-truncate-prompts --output
---progress --seed --shard-size --text-encoder --truncate-prompts --vae --width""".split()
+FLAGS = """--batch --count --device --dtype --fit --frame-stride --frames --from-teacher --guidance --height --help
+--input --mixture.channels --mixture.class-norm --mixture.frames --mixture.height --mixture.mode-offset
+--mixture.modes-per-class --mixture.num-classes --mixture.seed --mixture.std-range --mixture.text-dim
+--mixture.text-tokens --mixture.weight-ratio --mixture.width --model --negative-prompt --no-from-teacher
+--no-overwrite --no-progress --no-random-teacher --no-truncate-prompts --output --overwrite --progress --prompt-file
+--random-teacher --seed --shard-size --shift --sigma-max --steps --teacher --teacher-dtype --teacher-layout
+--teacher-model --text-encoder --truncate-prompts --vae --width""".split()
 
 
 def shard_tensors(folder: Path, key: str) -> torch.Tensor:
