@@ -32,7 +32,7 @@ class DistributedConfig:
     ac: Literal["none", "full", "mm_only"] = "none"
     """activation checkpointing per block (SPEC-rcm §8.7: full for 1.3B, mm_only for 14B)"""
     allow_eager_tangent: bool = False
-    """only with --compile. A block whose tangent (JVP) graph cannot be compiled (seen: context-parallel blocks on
+    """used when --compile is on: a block whose tangent (JVP) graph cannot be compiled (seen: context-parallel blocks on
     torch 2.13) runs its tangent pass eagerly, exact but slower, and the metrics count it
     (eager_tangent_blocks); without this flag such a run stops with an error"""
     keep_checkpoints: int = 2
