@@ -12,10 +12,11 @@ export key maps see the model's own names whatever is switched on.
 
 The device mesh is torchtitan's layout (axes dp_replicate, dp_shard, cp; FSDP over dp_shard x cp,
 data over dp_replicate x dp_shard) built directly with `init_device_mesh`: torchtitan's own
-`ParallelDims.build_mesh` picks the device type from CUDA availability and cannot build the gloo/CPU
-mesh the tests run on, and its `apply_ac`/`apply_compile` expect `model.layers` and set global Dynamo
-flags (STYLE "what we do not do" 8). The primitives underneath (DeviceMesh, fully_shard,
-torch.utils.checkpoint, torch.compile per block) are the same ones torchtitan uses.
+`ParallelDims.build_mesh` fixes the device type at import and cannot build the gloo/CPU mesh the tests
+run on without a patch, its AC wraps blocks (renaming parameters) and its compile wrapper cannot route
+dual-number calls (docs/scale.md, "Why parallel/ does not import torchtitan"; STYLE "what we do not do" 8).
+The primitives underneath (DeviceMesh, fully_shard, torch.utils.checkpoint, torch.compile per block) are
+the same ones torchtitan uses.
 """
 
 import functools
