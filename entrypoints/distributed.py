@@ -30,6 +30,7 @@ from parallel.context_parallel import check_cp_size
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
+from rcmfn.atomic import write_json_atomically
 from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import train_iteration
 from rcmfn.metrics_log import MetricsLog
@@ -198,7 +199,7 @@ def train_sharded(
     if rank == 0:
         for layout in d.export_layouts if d.export else ():
             export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
-        (cfg.output / "metrics.json").write_text(json.dumps(summary, indent=1))
+        write_json_atomically(cfg.output / "metrics.json", summary, indent=1)
         log.close()
     return summary
 

@@ -12,8 +12,6 @@ Teacher samples (`--from-teacher --teacher <ckpt> --prompt-file <txt>`): entrypo
 
 import csv
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -26,6 +24,7 @@ from entrypoints.teacher_data import describe_teacher_result, prepare_from_teach
 from entrypoints.teacher_data_config import TeacherDataConfig, check_teacher_flags
 from entrypoints.toy import ToyConfig
 from rcmfn import codecs, media
+from rcmfn.atomic import write_json_atomically
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, unconditional_prompt
 from rcmfn.shards import ShardWriter, read_manifest, write_negative_embedding, write_zero_uncondition
 from rcmfn.toy import gmm
@@ -90,10 +89,7 @@ class PrepareConfig:
 
 
 def atomic_json(path: Path, value) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    write_json_atomically(path, value, indent=1, ensure_ascii=False)
 
 
 def list_inputs(source: Path) -> list[tuple[str, Path, str | None]]:

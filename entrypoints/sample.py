@@ -27,6 +27,7 @@ from entrypoints import toy as toy_world
 from entrypoints.distributed_config import export_name
 from entrypoints.presets import MODELS as PRESETS
 from rcmfn import codecs, media
+from rcmfn.atomic import write_json_atomically
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, trainable_spec, unconditional_prompt
 from rcmfn.precond import check_guidance, trigflow_denoiser
@@ -232,7 +233,7 @@ def sample_toy(cfg: SampleConfig) -> dict:
         figure = cfg.output / ("samples.png" if len(cfg.seeds) == 1 else f"samples-seed{seed}.png")
         toy_world.save_figure(world, params, seed, figure, guidance)
         report[f"seed {seed}"] = {"rows": rows, "figure": str(figure), "checkpoint": str(path)}
-    (cfg.output / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_json_atomically(cfg.output / "metrics.json", report, indent=2)
     return report
 
 
@@ -344,7 +345,7 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     report = {"prompts": prompts, "jobs": jobs, "rows": rows, "latent_shape": list(shape)}
     if cfg.vae is not None:
         report["files"] = decode_and_write(cfg, latents, jobs, prompts, device, rows)
-    (cfg.output / "timings.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_json_atomically(cfg.output / "timings.json", report, indent=2, ensure_ascii=False)
     report["table"] = speedup_table(rows, teacher)
     return report
 

@@ -8,14 +8,15 @@ name and renamed into place.
 """
 
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
+
+from rcmfn.atomic import write_atomically
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
@@ -53,17 +54,7 @@ def check_frames(frames: torch.Tensor) -> None:
         raise ValueError(f"frames must be uint8 [T >= 1, H, W, 3]; got {frames.dtype} {tuple(frames.shape)}")
 
 
-def _atomic(path: Path, write: Callable[[str], None]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+_atomic = write_atomically  # (path, write) -> path
 
 
 def write_png(path: str | os.PathLike, image: torch.Tensor) -> Path:

@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+from rcmfn.atomic import write_text_atomically
+
 
 def json_ready(metrics: dict) -> dict:
     """`metrics` with NaN / inf floats as None, their keys listed under "nonfinite" (omitted if none)."""
@@ -39,10 +41,7 @@ class MetricsLog:
     def __init__(self, path: str | os.PathLike, start: int):
         self.path = Path(path)
         if self.path.exists():
-            kept = _kept_lines(self.path, start)
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, self.path)
+            write_text_atomically(self.path, "".join(_kept_lines(self.path, start)))
         self._file = open(self.path, "a")
 
     def write(self, metrics: dict) -> None:

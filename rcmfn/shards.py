@@ -30,14 +30,14 @@ validation naming the broken file; a writer, a reader and a loader of one format
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from rcmfn.atomic import write_atomically
 
 FORMAT, VERSION = "rcmfn-shards", 1
 MANIFEST, NEGATIVE = "manifest.json", "negative.safetensors"
@@ -89,16 +89,7 @@ class Manifest:
         }
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write `path` through `write(tmp_name)` and rename it into place (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+_atomic_write = write_atomically  # (path, write)
 
 
 def _write_text(path: Path, text: str) -> None:

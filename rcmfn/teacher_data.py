@@ -13,12 +13,11 @@ group lives in entrypoints/teacher_data.py).
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from rcmfn.atomic import write_json_atomically
 from rcmfn.checksums import file_digest
 from rcmfn.shards import ShardInfo, write_shard
 
@@ -82,10 +81,7 @@ def shard_info(index: int, prompts: range) -> ShardInfo:
 
 def write_json(path: Path, value) -> None:
     """`value` as JSON in `path`, written under a temporary name and renamed into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(value, f, indent=1, ensure_ascii=False)
-    os.replace(tmp, path)
+    write_json_atomically(path, value, indent=1, ensure_ascii=False)
 
 
 def shard_is_written(folder: Path, index: int, prompts: range, verify: bool = True) -> bool:

@@ -7,7 +7,6 @@ import dataclasses
 import fnmatch
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from rcmfn.atomic import write_atomically
 
 WRAPPER_KEYS = ("state_dict", "model", "net")  # dict keys wrapping a state dict in .pt files
 # Module attribute: fnmatch patterns of our names kept float32 under a lower-precision load `dtype`.
@@ -275,12 +276,4 @@ def export_checkpoint(params: Mapping[str, Tensor], path: str | os.PathLike, key
         if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()  # a view into shared storage (e.g. consolidated): safetensors refuses
         out[name] = tensor
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # only after a failure: os.replace moved it otherwise
-            os.remove(tmp)
+    write_atomically(path, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))
