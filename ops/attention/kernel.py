@@ -31,6 +31,8 @@ Grid: (ceil(Sq / BLOCK_M), B * H), block sizes autotuned on CUDA, fixed and smal
 Triton interpreter, `TRITON_INTERPRET=1`, which CI uses on CPU tensors).
 """
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -202,18 +204,56 @@ TUNING_SPACE = [
     (64, 64, 4, 3),
     (64, 32, 4, 3),
 ]
-# Also tried on every shape: small enough in shared memory for float32 and head dims up to 256
-# (configs that do not fit fail to compile and the autotuner skips them).
+# Also tried on every shape: small enough in shared memory for float32 and head dims up to 256.
 FALLBACK_CONFIG = (64, 32, 4, 1)
 # Off CUDA (the interpreter) one small config and no tuning.
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 
+
+def pipelined_tile_bytes(block_n: int, block_d: int, stages: int, element_bytes: int, kv_tangent: bool) -> int:
+    """Shared memory the software pipeline holds for the key-side tiles: K and V (and their tangents)
+    of BLOCK_N x BLOCK_D each, one buffer per stage. A lower bound of what the compiled kernel takes."""
+    return stages * (4 if kv_tangent else 2) * block_n * block_d * element_bytes
+
+
+def fitting_configs(configs, element_bytes: int, block_d: int, kv_tangent: bool, limit_bytes: int) -> list:
+    """The configurations whose pipelined tiles fit in `limit_bytes` of shared memory, the smallest one
+    always kept. Configurations that do not fit fail to compile only after Triton has tried them: the
+    float32 autotuning of one shape bucket took 34-39 s on an H200 (issue: first-call cost), most of it
+    spent on such failures."""
+    size = lambda c: pipelined_tile_bytes(  # noqa: E731
+        c.kwargs["BLOCK_N"], block_d, c.num_stages, element_bytes, kv_tangent
+    )
+    kept = [c for c in configs if size(c) <= limit_bytes]
+    return kept or [min(configs, key=size)]
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device.index or 0)["max_shared_mem"]
+
+
+def _prune_for_shared_memory(configs, named_args, **kwargs):
+    """Triton's early_config_prune hook. Pruning only saves time: if this Triton passes its arguments
+    otherwise than expected, every configuration is tried, as before."""
+    try:
+        q, block_d, kv_tangent = named_args["Q"], kwargs["BLOCK_D"], kwargs["KV_TANGENT"]
+        limit = _shared_memory_limit(q.device) if q.is_cuda else 1 << 40
+    except (KeyError, AttributeError, RuntimeError):
+        return configs
+    return fitting_configs(configs, q.element_size(), block_d, kv_tangent, limit)
+
+
+# cache_results: the choice per key is stored in Triton's on-disk cache, so a restarted job does not tune
+# the same shape bucket again (a Triton without the option tunes once per process, as before).
+_PERSISTENT = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _attention_fwd_jvp_tuned = triton.autotune(
     configs=[
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
         for bm, bn, w, st in [*TUNING_SPACE, FALLBACK_CONFIG]
     ],
     key=["seq_q_bucket", "seq_kv_bucket", "HEAD_DIM", "KV_TANGENT"],
+    prune_configs_by={"early_config_prune": _prune_for_shared_memory},
+    **_PERSISTENT,
 )(_attention_fwd_jvp_kernel)
 
 
