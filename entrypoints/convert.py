@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 import tyro
 
+from entrypoints.run_folder import is_training_checkpoint, training_weights
 from rcmfn.models.checkpoint import LoadReport, export_checkpoint
 from rcmfn.models.registry import MODELS, ModelSpec, build_model, get_spec
 
@@ -28,7 +29,8 @@ class ConvertConfig:
     model: str
     """network of rcmfn/models/registry.py (wan1.3b, wan14b, cosmos2b, cosmos14b, ...)"""
     input: Path
-    """checkpoint to read (.safetensors, sharded folder with its index, .pt / .pth)"""
+    """checkpoint to read (.safetensors, sharded folder with its index, .pt / .pth), or a training
+    checkpoint folder of entrypoints.distill (either runner; read in this process, in our key names)"""
     output: Path
     """.safetensors file to write (never the input)"""
     source_layout: str = "official"
@@ -39,6 +41,8 @@ class ConvertConfig:
     """dtype of the written tensors; keep: the input's (float32 tables stay float32 under bfloat16)"""
     strict: bool = True
     """the input must match the network key for key; off: print mismatches, fresh-init what it lacks"""
+    weights: Literal["ema", "student", "fake"] = "ema"
+    """which network of a training checkpoint folder to convert"""
 
 
 def convert(cfg: ConvertConfig, spec: ModelSpec | None = None) -> LoadReport:
@@ -54,7 +58,10 @@ def convert(cfg: ConvertConfig, spec: ModelSpec | None = None) -> LoadReport:
         raise ValueError(f"--output must end in .safetensors; got {cfg.output}")
     if cfg.output.resolve() == cfg.input.resolve():
         raise ValueError(f"--output {cfg.output} is the input: write the conversion to another file")
-    module, report = build_model(spec, cfg.input, cfg.source_layout, DTYPES[cfg.dtype], strict=cfg.strict)
+    source, layout = cfg.input, cfg.source_layout
+    if is_training_checkpoint(cfg.input):  # written in our key names whatever --source-layout says
+        source, layout = training_weights(cfg.input, cfg.weights), "ours"
+    module, report = build_model(spec, source, layout, DTYPES[cfg.dtype], strict=cfg.strict)
     export_checkpoint(module.state_dict(), cfg.output, spec.key_maps[cfg.target_layout])
     return report
 

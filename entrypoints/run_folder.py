@@ -53,3 +53,32 @@ def single_process_group_env() -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def is_training_checkpoint(folder: Path) -> bool:
+    """A checkpoint folder of either runner (the toy's safetensors files, or a sharded run's DCP shards)."""
+    return folder.is_dir() and any((folder / meta).is_file() for meta in ("meta.json", "state.json"))
+
+
+def newest_training_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint of a run folder, whichever runner wrote it (none: None)."""
+    from parallel import checkpoint as sharded
+    from rcmfn import train_checkpoint as single
+
+    found = [p for p in (single.latest_checkpoint(run), sharded.latest_checkpoint(run)) if p is not None]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def training_weights(folder: Path, which: str = "ema"):
+    """One network's weights (`which`: ema, student or fake) of a training checkpoint folder of either
+    runner, in our key names, read in this process without a process group: the toy's safetensors file
+    (a path), or a sharded run's tensors read from its DCP shards (a name -> tensor dict)."""
+    from parallel.checkpoint import WEIGHTS, read_weights
+
+    if which not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}; got {which!r}")
+    if (folder / f"{which}.safetensors").is_file():
+        return folder / f"{which}.safetensors"
+    if (folder / ".metadata").is_file():
+        return read_weights(folder, which)
+    raise FileNotFoundError(f"{folder} holds no {which} weights ({which}.safetensors or DCP shards)")

@@ -26,6 +26,7 @@ from tensordict import TensorDict
 from entrypoints import toy as toy_world
 from entrypoints.distributed_config import export_name
 from entrypoints.presets import MODELS as PRESETS
+from entrypoints.run_folder import is_training_checkpoint, newest_training_checkpoint, training_weights
 from rcmfn import codecs, media
 from rcmfn.atomic import write_json_atomically
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
@@ -41,7 +42,6 @@ from rcmfn.samplers import (
 from rcmfn.toy import gmm
 from rcmfn.toy.tiny_dit import TinyDiTConfig
 from rcmfn.toy.warm_start import WarmStartConfig
-from rcmfn.train_checkpoint import latest_checkpoint
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -142,22 +142,23 @@ def sampler_mid_times(cfg: SampleConfig) -> tuple[float, ...]:
 EXPORT = export_name("official")  # entrypoints.distributed's final EMA export, official key layout
 
 
-def student_weights(cfg: SampleConfig) -> tuple[Path, bool]:
-    """(weights path, in our key names?) from --checkpoint, or from --run: its newest single-process
-    checkpoint (iter-N), else the EMA export of a distributed run (whose DCP step-N folders need torchrun)."""
+def student_weights(cfg: SampleConfig):
+    """(weights: a path or tensors read, in our key names?) from --checkpoint, or from --run: its newest
+    training checkpoint of either runner (a sharded run's DCP shards are read in this process), else
+    the EMA export of a sharded run."""
     folder = cfg.checkpoint
     if cfg.run is not None:
-        folder = latest_checkpoint(cfg.run)
+        folder = newest_training_checkpoint(cfg.run)
         if folder is None and (cfg.run / EXPORT).is_file() and cfg.weights == "ema":
             return cfg.run / EXPORT, False
         if folder is None:
             raise FileNotFoundError(
-                f"run folder {cfg.run} has no complete checkpoint under checkpoints/ (iter-N) and no {EXPORT}"
+                f"run folder {cfg.run} has no complete checkpoint under checkpoints/ and no {EXPORT}"
             )
     if folder is None:
         raise ValueError("no student: pass --run (a distill run folder) or --checkpoint")
-    if (folder / "state.json").is_file():
-        return folder / f"{cfg.weights}.safetensors", True
+    if is_training_checkpoint(folder):
+        return training_weights(folder, cfg.weights), True
     if not folder.exists():
         raise FileNotFoundError(f"student checkpoint not found: {folder}")
     return folder, False
@@ -194,7 +195,7 @@ def sample_toy(cfg: SampleConfig) -> dict:
     """Toy: the distill run's figure from a checkpoint, metrics and seconds of every sampler row."""
     path, ours = student_weights(cfg)
     if not ours:
-        raise ValueError(f"--model toy needs a distill run folder or an iter-N checkpoint folder; got {path}")
+        raise ValueError(f"--model toy needs a distill run folder or a training checkpoint folder; got {path}")
     toy_mid_times = PRESETS["toy"].mid_times  # entrypoints/toy.py sample_student has no mid-times argument
     if sampler_mid_times(cfg) != toy_mid_times:
         raise ValueError(f"the toy samples with the default mid times {toy_mid_times}; got {cfg.mid_times}")

@@ -147,6 +147,35 @@ def read_meta(path: str | os.PathLike) -> dict:
     return json.loads((Path(path) / META).read_text())
 
 
+WEIGHTS = ("ema", "student", "fake")
+
+
+def read_weights(path: str | os.PathLike, which: str = "ema") -> dict[str, torch.Tensor]:
+    """One network's full weights (`which`: ema, student or fake) from checkpoint `path`, on the CPU, in
+    one process and without a process group: for sampling, converting and exporting a sharded run.
+
+    DCP's metadata gives every saved tensor's global shape and dtype; the tensors are allocated whole
+    and filled by DCP's own reader, so the result does not depend on the world size that saved it.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if which not in WEIGHTS:
+        raise ValueError(f"which must be one of {WEIGHTS}; got {which!r}")
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = f"{which}."
+    template = {
+        key.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype)
+        for key, item in metadata.items()
+        if key.startswith(prefix) and isinstance(item, TensorStorageMetadata)
+    }
+    if not template:
+        saved = sorted({key.split(".")[0] for key in metadata})
+        raise ValueError(f"checkpoint {path} holds no {which!r} weights; it holds {saved}")
+    dcp.load({which: template}, checkpoint_id=str(path), no_dist=True)
+    return template
+
+
 def load_checkpoint(path: str | os.PathLike, state: TrainState, student: nn.Module, fake: nn.Module | None) -> dict:
     """Collective: load checkpoint `path` into a freshly built `state` in place; return its meta.
 

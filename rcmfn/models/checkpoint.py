@@ -114,7 +114,10 @@ def _unwrap(obj: object, path: Path) -> Mapping[str, object]:
     raise ValueError(f"{path}: no tensors at the top level or under {WRAPPER_KEYS}; found {found}")
 
 
-def _entries(path: str | os.PathLike) -> Iterator[_Entry]:
+def _entries(path: str | os.PathLike | Mapping[str, Tensor]) -> Iterator[_Entry]:
+    if isinstance(path, Mapping):  # tensors already read (e.g. a sharded training checkpoint's)
+        yield from (_Entry(k, tuple(v.shape), v) for k, v in path.items())
+        return
     path = Path(path)
     if path.suffix in (".pt", ".pth") and path.is_file():
         # weights_only: never execute pickled code; non-tensor values (e.g. `_extra_state`) are skipped.
@@ -169,7 +172,7 @@ def _assign(module: nn.Module, name: str, tensor: Tensor) -> None:
 
 def load_into_meta_module(
     module: nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike | Mapping[str, Tensor],
     key_map: KeyMap,
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",

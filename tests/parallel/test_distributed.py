@@ -271,6 +271,21 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     ours = as_ours(exported, "official")
     assert set(diffusers) == {key_maps["diffusers"].from_ours(n) for n in ours}
     assert all(torch.equal(v, ours[k]) for k, v in as_ours(diffusers, "diffusers").items())
+    # The final checkpoint's EMA, read in this process without a process group (what sample --run and
+    # convert do with a sharded run), is the exported EMA before its bf16 cast.
+    assert not torch.distributed.is_initialized()
+    ema = checkpoint.read_weights(checkpoint.latest_checkpoint(run), "ema")
+    assert set(ema) == set(ours) and all(torch.equal(ema[k].to(torch.bfloat16), ours[k]) for k in ours)
+    from entrypoints.convert import ConvertConfig, convert
+    from entrypoints.sample import SampleConfig, student_weights
+
+    weights, ours_names = student_weights(SampleConfig(model="cosmos-tiny", run=run))
+    assert ours_names and all(torch.equal(weights[k], v) for k, v in ema.items())
+
+    converted = tmp_path / "ema.diffusers.safetensors"
+    report = convert(ConvertConfig("cosmos-tiny", checkpoint.latest_checkpoint(run), converted, dtype="bfloat16"))
+    assert report.ok and set(load_file(converted)) == set(diffusers)
+    assert all(torch.equal(v, diffusers[k]) for k, v in load_file(converted).items())
 
 
 def test_torchrun_stops_on_divergence_without_saving_or_exporting(tmp_path):

@@ -6,7 +6,7 @@ table below. rCM training checkpoints are the official layout with a `net.` pref
 embedding stored as a Linear (D, 64) instead of a Conv3d (D, 16, 1, 2, 2): same numbers, reshaped.
 """
 
-from rcmfn.models.checkpoint import KeyMap
+from rcmfn.models.checkpoint import IDENTITY, KeyMap
 from rcmfn.models.wan.configs import WanConfig
 
 # Prefixes stripped on load: ComfyUI repacks, rCM / imaginaire training checkpoints.
@@ -105,5 +105,6 @@ def diffusers_key_map(cfg: WanConfig) -> KeyMap:
 
 
 def key_maps(cfg: WanConfig) -> dict[str, KeyMap]:
-    """Every layout by name: 'official' (also rCM) and 'diffusers'."""
-    return {"official": official_key_map(cfg), "diffusers": diffusers_key_map(cfg)}
+    """Every layout by name: 'official' (also rCM), 'diffusers', and 'ours' (rcmfn's own names and shapes,
+    as training checkpoints store them)."""
+    return {"official": official_key_map(cfg), "diffusers": diffusers_key_map(cfg), "ours": IDENTITY}

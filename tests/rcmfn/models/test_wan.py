@@ -350,7 +350,7 @@ def test_registry_lists_valid_names_for_an_unknown_one():
     for name in ("wan1.3b", "wan14b"):
         spec = get_spec(name)
         assert spec.timestep_scale == 1000.0 and spec.text_dim == 4096 and spec.text_len == 512
-        assert set(spec.key_maps) == {"official", "diffusers"}
+        assert set(spec.key_maps) == {"official", "diffusers", "ours"}
 
 
 @pytest.mark.parametrize(("name", "frames", "tokens"), [("wan1.3b", 20, 31_200), ("wan14b", 21, 32_760)])
