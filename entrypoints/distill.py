@@ -1,202 +1,31 @@
 """`python -m entrypoints.distill`: rCM / sCM / DMD / dCM distillation; with no arguments, the CPU toy.
 
-Reading order: the config below, `run()` (build, resume, loop, evaluate), then rcmfn/loop.py.
+Reading order: entrypoints/config.py (every setting and how the preset fills the unset ones), `run()`
+here, then entrypoints/toy_run.py (the toy) or entrypoints/distributed.py (every other model).
 """
 
-import json
-import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import Literal
 
 import tyro
 
 from entrypoints import toy as toy_world
-from entrypoints.distributed_config import DistributedConfig
-from entrypoints.presets import MODELS, get_preset
+from entrypoints.config import DistillConfig
+from entrypoints.distributed import run_distributed
+from entrypoints.presets import MODELS
 from entrypoints.run_folder import prepare_output
-from rcmfn.compile import compiled
+from entrypoints.toy_run import run_toy
 from rcmfn.divergence import DivergenceError
-from rcmfn.loop import LoopConfig, Networks
-from rcmfn.precond import check_guidance
 from rcmfn.run_lock import run_lock
-from rcmfn.step import LossConfig
-from rcmfn.tangent import scm_tangent
-from rcmfn.time import LogNormal
 
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Distil a teacher into a 1-4 step student. Unset hyperparameters take the model preset's value."""
-
-    model: str = "toy"
-    """model preset: one of the keys of entrypoints/presets.py MODELS (toy, wan1.3b, wan14b, cosmos2b, ...)"""
-    method: Literal["rcm", "scm", "dmd", "dcm"] = "rcm"
-    """rcm = sCM + lambda * DMD; scm = consistency only; dmd = score distillation only; dcm = discrete CM"""
-    output: Path = Path("runs/toy")
-    """run folder: checkpoints/, metrics.jsonl, metrics.json, samples.png, config.json"""
-    iterations: int | None = None
-    """total iterations (student + critic), >= 1; preset value if unset"""
-    dmd_weight: float | None = None
-    """lambda of L_sCM + lambda L_DMD (paper: 0.01), scaled by sqrt(N_ref / N) when the reference size below
-    is set; stored as loss_scale_dmd = lambda * sCM loss_scale; preset value if unset (0.01 but for the toy)"""
-    dmd_reference_elements: int | None = None
-    """N_ref: lambda acts as lambda * sqrt(N_ref / N) on latents of N = C*T*H*W elements, so the DMD:sCM
-    gradient balance does not depend on the latent size (sCM's direction is normalised per sample, DMD's
-    per element). 2096640 = Wan 480p (16x21x60x104), where the paper's lambda = 0.01 was set: with it,
-    lambda is the paper's lambda at any size (0.01 acts as 0.01 on Wan 480p, 0.028 on a 1024 px Cosmos
-    latent, 0.905 on the toy's 256 elements). 0 = the official loss (balance grows like sqrt(N)); preset
-    value if unset (0 but for the toy)"""
-    guidance: float | None = None
-    """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1); preset value
-    if unset"""
-    student_lr: float | None = None
-    """student AdamW learning rate; preset value if unset"""
-    fake_lr: float | None = None
-    """fake-score AdamW learning rate; preset value if unset"""
-    tangent_warmup: int | None = None
-    """tangent warm-up iterations H (also the sCM-only prefix); preset value if unset"""
-    student_update_freq: int | None = None
-    """one student step every F iterations after warm-up; preset value if unset"""
-    p_g_mean: float | None = None
-    """mean of log sigma for the sCM time distribution p_G (LogNormal); preset value if unset"""
-    mid_times: tuple[float, ...] | None = None
-    """trig times t = atan(sigma) between atan(sigma_max) and 0 of the toy evaluation's few-step sampler
-    (k steps use the first k - 1; the evaluation samples 1, 2 and 4 steps); preset value if unset"""
-    tangent_method: Literal["jvp", "semi_fd", "fd"] = "jvp"
-    """sCM tangent: full torch.func.jvp, jvp in x plus finite difference in t, or finite differences"""
-    seed: int = 0
-    """seed of every random draw (per-iteration generators derive from it)"""
-    save_every: int = 400
-    """iterations between checkpoints (one is always written at the end)"""
-    log_every: int = 20
-    """iterations between metric lines in metrics.jsonl"""
-    resume: bool = True
-    """continue from the newest complete checkpoint in the output folder, if there is one"""
-    overwrite: bool = False
-    """a run that resumes nothing deletes the checkpoints already in the output folder (without: refused)"""
-    compile: bool = False
-    """torch.compile(fullgraph=True) the student's forward and jvp"""
-    progress: bool = True
-    """show progress bars"""
-    max_bad_steps: int = 3
-    """stop with an error after this many consecutive skipped (non-finite gradient) or fully masked
-    (every sample's loss non-finite) steps of one network; a skipped step changes no weight"""
-    cpu_threads: int = 0
-    """torch intra-op CPU threads; 0 = torch default (all cores: the toy's width-128 student steps 1.4-1.5x
-    faster on 2 idle cores than on 1). Use 1 on a machine whose cores other jobs share: oversubscribed
-    OpenMP threads ran a warm-start step 5x slower there"""
-    toy: toy_world.ToyConfig = field(default_factory=toy_world.ToyConfig)
-    """toy problem settings (only with --model toy)"""
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    """sharded-run settings (every --model but toy; run under torchrun)"""
-
-    def __post_init__(self):
-        get_preset(self.model)
-        if self.guidance is not None:
-            check_guidance(self.guidance, "--guidance")
-        if self.dmd_weight is not None and (self.dmd_weight < 0 or not math.isfinite(self.dmd_weight)):
-            raise ValueError(f"dmd_weight must be finite and >= 0; got {self.dmd_weight}")
-        if self.dmd_reference_elements is not None and self.dmd_reference_elements < 0:
-            raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
-        mid = self.mid_times
-        if mid is not None and (
-            len(mid) < 3 or any(not 0 < m < math.pi / 2 for m in mid) or list(mid) != sorted(mid)[::-1]
-        ):
-            raise ValueError(f"mid_times must be >= 3 non-increasing trig times in (0, pi/2); got {mid}")
-        if self.method == "dmd" and self.tangent_warmup not in (None, 0):
-            raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
-        if self.iterations is not None and self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1 (unset: the preset's); got {self.iterations}")
-        for name in ("save_every", "log_every", "max_bad_steps", "student_update_freq"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("student_lr", "fake_lr", "tangent_warmup", "cpu_threads", "seed"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be finite and >= 0; got {value}")
-        if self.p_g_mean is not None and not math.isfinite(self.p_g_mean):
-            raise ValueError(f"p_g_mean must be finite; got {self.p_g_mean}")
-        if self.toy.batch_size < 1 or self.toy.eval_samples < 1:  # checked here, before the warm start
-            raise ValueError(
-                f"toy.batch_size and toy.eval_samples must be >= 1; got {self.toy.batch_size}, {self.toy.eval_samples}"
-            )
-        loop_config(self)  # the preset merged with these values: its own checks run now, before any work
-
-
-def loop_config(cfg: DistillConfig) -> LoopConfig:
-    """Merge the preset with the command-line overrides."""
-    preset = get_preset(cfg.model)
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    loss = LossConfig(  # paper's L_sCM + lambda L_DMD as the official 100 L_sCM + 100 lambda L_DMD (§3)
-        method=cfg.method,
-        guidance=pick(cfg.guidance, preset.guidance),
-        loss_scale=100.0,
-        loss_scale_dmd=1.0 if cfg.method == "dmd" else 100.0 * pick(cfg.dmd_weight, preset.dmd_weight),
-        dmd_reference_elements=pick(cfg.dmd_reference_elements, preset.dmd_reference_elements),
-        p_G=preset.p_G if cfg.p_g_mean is None else LogNormal(cfg.p_g_mean, 1.6),
-        p_D=preset.p_D,
-        tangent_method=cfg.tangent_method,
-    )
-    optim = replace(
-        preset.optim,
-        student_lr=pick(cfg.student_lr, preset.optim.student_lr),
-        fake_lr=pick(cfg.fake_lr, preset.optim.fake_lr),
-    )
-    warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
-    freq = pick(cfg.student_update_freq, preset.student_update_freq)
-    return LoopConfig(loss, optim, warmup, freq, cfg.seed, max_bad_steps=cfg.max_bad_steps)
-
-
-def total_iterations(cfg: DistillConfig) -> int:
-    """The run's length: --iterations, or the preset's when unset."""
-    return get_preset(cfg.model).iterations if cfg.iterations is None else cfg.iterations
-
-
-def check_resume_length(ckpt: Path, iteration: int, total: int) -> None:
-    """Refuse to resume a checkpoint past the requested length: nothing would train, and the longer-trained
-    model would be evaluated and labelled as a `total`-iteration one."""
-    if iteration > total:
-        raise ValueError(
-            f"checkpoint {ckpt} is at iteration {iteration}, past the requested total of {total} iterations; "
-            f"pass --iterations {iteration} or more to resume it, or use another --output"
-        )
-
-
-def fingerprint(cfg: DistillConfig) -> dict:
-    """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
-    the teacher is checked or the student exported: those change no trained value)."""
-    skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
-    skip |= {"max_bad_steps", "mid_times"}  # mid_times: evaluation only
-    settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
-    if "distributed" in settings:
-        skip_distributed = {"strict", "export_layouts"}
-        settings["distributed"] = {k: v for k, v in settings["distributed"].items() if k not in skip_distributed}
-    return json.loads(json.dumps(settings, default=str))
-
-
-def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor") -> Networks:
-    """Compile at the call site: the student forward, and the whole jvp (torch.func.jvp cannot run over
-    an already-compiled function, so the tangent computation is compiled as one function)."""
-    tangent = lambda p, x, t, c, f: scm_tangent(nets.student, p, x, t, c, f, cfg.loss.tangent_method)  # noqa: E731
-    return replace(
-        nets,
-        student_tangent=compiled(tangent, backend),
-        student=compiled(nets.student, backend),
-    )
+__all__ = ["DistillConfig", "main", "run"]
 
 
 def run(cfg: DistillConfig) -> dict:
     """Build, resume, train, evaluate; return the final metrics (also written to metrics.json). The run
     holds its output folder's lock throughout, so a second job on the folder is refused."""
     if cfg.model != "toy":
-        from entrypoints.distributed import run_distributed  # it imports this module
-
         return run_distributed(cfg)
-    from entrypoints.toy_run import run_toy  # it imports this module
-
     prepare_output(cfg.output)
     with run_lock(cfg.output):
         return run_toy(cfg)

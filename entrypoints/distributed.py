@@ -17,10 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import tyro
 
-from entrypoints.distill import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
-from entrypoints.distributed_config import export_name
+from entrypoints.config import check_resume_length, export_name, fingerprint, loop_config, total_iterations
 from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
@@ -41,9 +39,6 @@ from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
 from rcmfn.train_checkpoint import config_differences
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
-
-
-ScaleConfig = DistillConfig  # DistillConfig carries the sharded settings in its `distributed` field
 
 
 def check_before_gpu(cfg, world_size: int):
@@ -202,7 +197,3 @@ def train_sharded(
         write_json_atomically(cfg.output / "metrics.json", summary, indent=1)
         log.close()
     return summary
-
-
-if __name__ == "__main__":
-    run_distributed(tyro.cli(ScaleConfig, description=__doc__.splitlines()[0]))

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
 from entrypoints import toy as toy_world
-from entrypoints.distributed_config import export_name
+from entrypoints.config import export_name
 from entrypoints.presets import MODELS as PRESETS
 from entrypoints.run_folder import is_training_checkpoint, newest_training_checkpoint, training_weights
 from rcmfn import codecs, media

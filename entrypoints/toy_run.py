@@ -9,25 +9,21 @@ import shutil
 import sys
 import time
 import uuid
+from dataclasses import replace
 
 import torch
 from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
-from entrypoints.distill import (
-    DistillConfig,
-    check_resume_length,
-    compiled_networks,
-    fingerprint,
-    loop_config,
-    total_iterations,
-)
+from entrypoints.config import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
 from entrypoints.presets import get_preset
 from entrypoints.run_folder import check_fresh_output
 from entrypoints.stop_signal import stop_signals
+from rcmfn.compile import compiled
 from rcmfn.divergence import check_finite_weights
-from rcmfn.loop import Networks, init_state, train_iteration
+from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.metrics_log import MetricsLog
+from rcmfn.tangent import scm_tangent
 from rcmfn.train_checkpoint import (
     check_checkpoint_config,
     load_checkpoint,
@@ -96,3 +92,14 @@ def run_toy(cfg: DistillConfig) -> dict:
     (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
     toy_world.save_sets_figure(world, figure, cfg.output / "samples.png")
     return final
+
+
+def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor") -> Networks:
+    """Compile at the call site: the student forward, and the whole jvp (torch.func.jvp cannot run over
+    an already-compiled function, so the tangent computation is compiled as one function)."""
+    tangent = lambda p, x, t, c, f: scm_tangent(nets.student, p, x, t, c, f, cfg.loss.tangent_method)  # noqa: E731
+    return replace(
+        nets,
+        student_tangent=compiled(tangent, backend),
+        student=compiled(nets.student, backend),
+    )

@@ -59,3 +59,36 @@ def test_files_stay_within_their_size_budget_or_say_why(path):
     if budget is None or "size budget:" in text:  # a file over budget carries a comment saying why
         return
     assert len(text.splitlines()) <= budget, f"{rel} has {len(text.splitlines())} lines (budget {budget})"
+
+
+def _entrypoint_module(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def test_entrypoints_import_each_other_without_a_cycle():
+    """Configs live in entrypoints/config.py so that the runners never import the CLI module back."""
+    modules = {_entrypoint_module(p): p for p in (ROOT / "entrypoints").rglob("*.py")}
+    graph = {name: {m for m in imported_modules(path) if m in modules and m != name} for name, path in modules.items()}
+    assert graph["entrypoints.distill"] >= {"entrypoints.config", "entrypoints.toy_run", "entrypoints.distributed"}
+    done, active = set(), []
+
+    def visit(name):
+        if name in active:
+            raise AssertionError("import cycle: " + " -> ".join([*active[active.index(name) :], name]))
+        if name in done:
+            return
+        active.append(name)
+        for dep in graph[name]:
+            visit(dep)
+        active.pop()
+        done.add(name)
+
+    for name in graph:
+        visit(name)
+
+
+def test_one_main_per_command():
+    """Each `python -m` command has one entry; the sharded runner is reached through entrypoints.distill."""
+    assert '__name__ == "__main__"' not in (ROOT / "entrypoints" / "distributed.py").read_text()

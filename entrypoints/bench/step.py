@@ -99,9 +99,8 @@ def build_trainer(
     Returns (state, networks, loop config, batch_fn, student module, ModelSpec of the net and shape). Needs an
     initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
     """
-    from entrypoints.distill import DistillConfig, loop_config
+    from entrypoints.config import DistillConfig, DistributedConfig, loop_config
     from entrypoints.distributed import build_networks, teacher_weights
-    from entrypoints.distributed_config import DistributedConfig
     from parallel.mesh import ParallelDims
     from parallel.parallelize import ParallelConfig
     from parallel.sharded_training import init_sharded_state, sharded_networks

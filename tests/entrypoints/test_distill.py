@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from entrypoints import toy as toy_world
-from entrypoints.distill import DistillConfig, fingerprint, run
+from entrypoints.config import DistillConfig, fingerprint
+from entrypoints.distill import run
 from entrypoints.toy import ToyConfig
 from rcmfn.run_lock import RunLockedError
 from rcmfn.toy.tiny_dit import TinyDiTConfig
@@ -130,7 +131,8 @@ def test_compiled_student_and_tangent_train_like_eager(tmp_path):
     """--compile: the compiled forward and compiled jvp give the eager parameters after three iterations
     (aot_eager here for CI time; inductor was checked by hand: max |diff| 1.5e-8 after 4 iterations)."""
     from entrypoints import toy as toy_world
-    from entrypoints.distill import compiled_networks, loop_config
+    from entrypoints.config import loop_config
+    from entrypoints.toy_run import compiled_networks
     from rcmfn.loop import Networks, init_state, train_iteration
 
     cfg = tiny_config(tmp_path)
@@ -316,7 +318,7 @@ def test_optimiser_settings_are_checked_where_they_are_defined():
 
 def test_dmd_reference_elements_reach_the_loss_from_the_preset_or_the_flag():
     """--dmd-reference-elements overrides the preset's N_ref; 0 is the official per-element DMD."""
-    from entrypoints.distill import loop_config
+    from entrypoints.config import loop_config
     from entrypoints.presets import MODELS
 
     for name, preset in MODELS.items():
@@ -342,7 +344,7 @@ def test_mid_times_set_the_evaluation_sampler_and_do_not_block_a_resume(tmp_path
 def test_toy_preset_asks_for_a_third_of_the_papers_dmd_balance_and_the_big_presets_for_the_official_loss():
     """The toy's lambda is in the paper's units (N_ref = Wan 480p): 0.3 per element on its 256 elements;
     Wan and Cosmos keep the official per-element loss with lambda 0.01."""
-    from entrypoints.distill import loop_config
+    from entrypoints.config import loop_config
     from rcmfn.losses import WAN_480P_ELEMENTS, dmd_size_factor
 
     toy = loop_config(DistillConfig()).loss

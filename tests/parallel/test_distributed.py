@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from entrypoints.distill import fingerprint
-from entrypoints.distributed import ScaleConfig, build_networks, check_before_gpu, teacher_weights
-from entrypoints.distributed_config import DistributedConfig
+from entrypoints.config import DistillConfig, DistributedConfig, fingerprint
+from entrypoints.distributed import build_networks, check_before_gpu, teacher_weights
 from parallel import checkpoint
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
@@ -37,10 +36,10 @@ def _shards(folder: Path, latent=(16, 1, 4, 4), count: int = 8) -> Path:
     return folder
 
 
-def _config(tmp_path, model="cosmos-tiny", **distributed) -> ScaleConfig:
+def _config(tmp_path, model="cosmos-tiny", **distributed) -> DistillConfig:
     data = distributed.pop("data", None) or _shards(tmp_path / "data")
     d = DistributedConfig(**({"data": data, "random_init": True, "dtype": "float64"} | distributed))
-    return ScaleConfig(model=model, output=tmp_path / "run", distributed=d)
+    return DistillConfig(model=model, output=tmp_path / "run", distributed=d)
 
 
 def test_valid_configuration_passes_the_checks(tmp_path):
@@ -86,7 +85,7 @@ def test_data_must_fit_the_model(tmp_path):
     data = _shards(tmp_path / "wan-data", latent=(16, 2, 4, 4))
     with pytest.raises(ValueError, match="text width 4096"):
         check_before_gpu(
-            ScaleConfig(
+            DistillConfig(
                 model="wan1.3b", output=tmp_path / "run", distributed=DistributedConfig(data=data, random_init=True)
             ),
             world_size=1,
@@ -162,7 +161,7 @@ def test_fake_score_and_student_start_bit_for_bit_as_the_teacher(one_rank_group,
     from rcmfn.loop import LoopConfig
     from rcmfn.models.registry import trainable_spec
 
-    cfg = ScaleConfig(model=model, distributed=DistributedConfig(random_init=True, dtype="bfloat16"))
+    cfg = DistillConfig(model=model, distributed=DistributedConfig(random_init=True, dtype="bfloat16"))
     spec, lcfg = get_spec(cfg.model), LoopConfig()
     full = teacher_weights(cfg, spec)
     if spec.family.name == "wan":  # the release's float32 tables, not bf16-representable (random_init draws them)
