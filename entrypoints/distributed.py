@@ -96,16 +96,13 @@ def take_output(cfg, held: contextlib.ExitStack) -> tuple[str, Path | None]:
 
 
 def run_distributed(cfg) -> dict:
-    """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed) under torchrun: the checks,
-    the process group, the output folder's lock (held by rank 0 for the whole job), training, teardown."""
+    """Sharded distillation of `cfg` (DistillConfig fields + cfg.distributed), under torchrun or as one
+    process: the checks, the process group, the output folder's lock (held by rank 0 for the whole job),
+    training, teardown."""
     if "RANK" not in os.environ:
         single_process_group_env()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    dims, spec, manifest = check_before_gpu(cfg, world)
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dims, spec, manifest = check_before_gpu(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    device = join_process_group()
     with contextlib.ExitStack() as held:
         run_id, ckpt = checkpoint.rank_zero_first(lambda: take_output(cfg, held))  # a refusal: on every rank
         prepare_output(cfg.output)  # every rank writes there (its DCP shards), not only rank 0
@@ -118,6 +115,15 @@ def run_distributed(cfg) -> dict:
         dist.barrier()
     dist.destroy_process_group()
     return summary
+
+
+def join_process_group() -> torch.device:
+    """This rank's device (its local GPU, else the CPU) and the default process group on it."""
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def train_sharded(
