@@ -10,7 +10,6 @@ SPEC-rcm §6 (samplers), SPEC-models §4 (encoders, VAE). Reading order: SampleC
 # with media) behind 27 documented flags. The model wiring (time input, condition mask) is the spec's
 # (`ModelSpec.velocity_net`, rcmfn/models/family.py).
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from rcmfn.samplers import (
 from rcmfn.toy import gmm
 from rcmfn.toy.tiny_dit import TinyDiTConfig
 from rcmfn.toy.warm_start import WarmStartConfig
+from rcmfn.train_checkpoint import read_state
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -55,7 +55,7 @@ class SampleConfig:
     run: Path | None = None
     """run folder of entrypoints.distill: its newest checkpoint supplies the student"""
     checkpoint: Path | None = None
-    """student weights when no run folder is given: a training checkpoint folder (iter-N) or an exported .safetensors"""
+    """student weights when no run folder is given: a training checkpoint folder (step-N) or an exported .safetensors"""
     layout: str = "official"
     """key layout of an exported --checkpoint / --teacher (official, diffusers); training checkpoints use ours"""
     strict: bool = True
@@ -199,7 +199,7 @@ def sample_toy(cfg: SampleConfig) -> dict:
     toy_mid_times = PRESETS["toy"].mid_times  # entrypoints/toy.py sample_student has no mid-times argument
     if sampler_mid_times(cfg) != toy_mid_times:
         raise ValueError(f"the toy samples with the default mid times {toy_mid_times}; got {cfg.mid_times}")
-    saved = json.loads((path.parent / "state.json").read_text())["config"]
+    saved = read_state(path.parent)["config"]
     world = toy_world_from(saved)
     params = TensorDict(load_file(path), batch_size=[])
     if set(params.keys()) != set(world.init_params.keys()):

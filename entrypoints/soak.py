@@ -44,7 +44,7 @@ def _lines(output: Path) -> list[dict]:
 
 
 def _final_weights(output: Path, iterations: int) -> dict[str, dict[str, torch.Tensor]]:
-    folder = output / "checkpoints" / f"iter-{iterations:08d}"
+    folder = output / "checkpoints" / f"step-{iterations:08d}"
     return {name: load_file(folder / f"{name}.safetensors") for name in ("student", "ema", "fake")}
 
 

@@ -1,15 +1,17 @@
 """Training checkpoints: weights in safetensors, optimiser and loop state beside them, written atomically.
 
-Layout of one checkpoint, `<run>/checkpoints/iter-<NNNNNNNN>/`:
+Layout of one checkpoint, `<run>/checkpoints/step-<NNNNNNNN>/` (the folder naming and the meta.json of the
+sharded runner's checkpoints, parallel/checkpoint.py, so that one reader finds either; runs written before
+this layout, `iter-<N>/` with `state.json`, still resume):
   student.safetensors, ema.safetensors, fake.safetensors (if any)  -- flat dotted keys
   optim.pt                                                         -- optimiser state dicts
-  state.json                                                       -- iteration, counters, config, run id
+  meta.json                                                        -- iteration, counters, config, run id
 A checkpoint is written into a hidden temporary folder and renamed into place as the last step, so an
 interrupted save never replaces or corrupts a complete one; `latest_checkpoint` only sees complete ones.
 A save that fails removes its temporary folder; one killed mid-way leaves it for `remove_partial_saves`.
 Each checkpoint names the run that wrote it (a random id, kept across resumes); pruning removes only the
 saving run's own, so checkpoints of another run in the same folder are never deleted for it.
-state.json records each file's SHA-256 (rcmfn/checksums.py); `newest_sound_checkpoint` verifies them and
+meta.json records each file's SHA-256 (rcmfn/checksums.py); `newest_sound_checkpoint` verifies them and
 the weights' finiteness before a resume trusts a checkpoint, and falls back to the previous one, saying so.
 """
 
@@ -25,7 +27,18 @@ from tensordict import TensorDict
 from rcmfn.checksums import CorruptCheckpointError, folder_digests, newest_sound, verify_digests
 from rcmfn.loop import TrainState
 
-PREFIX, TMP_PREFIX = "iter-", ".tmp-"
+PREFIX, TMP_PREFIX, META = "step-", ".tmp-", "meta.json"
+LEGACY_PREFIX, LEGACY_META = "iter-", "state.json"  # the layout before the sharded runner's naming
+
+
+def _meta_file(path: Path) -> Path:
+    return path / META if (path / META).is_file() or not (path / LEGACY_META).is_file() else path / LEGACY_META
+
+
+def _complete(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first (both namings, ordered by iteration)."""
+    found = [*root.glob(f"{PREFIX}*"), *root.glob(f"{LEGACY_PREFIX}*")]
+    return sorted((p for p in found if _meta_file(p).is_file()), key=lambda p: int(p.name.split("-")[-1]))
 
 
 def _flat(params: TensorDict) -> dict[str, torch.Tensor]:
@@ -52,7 +65,7 @@ def _copy_into(params: TensorDict, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, run_id: str, keep: int = 3) -> Path:
-    """Write `state` as checkpoint iter-<state.iteration> of run `run_id` under run_dir/checkpoints; keep
+    """Write `state` as checkpoint step-<state.iteration> of run `run_id` under run_dir/checkpoints; keep
     that run's newest `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -65,7 +78,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, run_id
     except BaseException:  # disk full, interrupted, ...: no half-written folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    own = [path for path in sorted(root.glob(f"{PREFIX}*")) if run_id_of(path) == run_id]
+    own = [path for path in _complete(root) if run_id_of(path) == run_id]
     for old in own[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -87,7 +100,7 @@ def _write_and_rename(tmp: Path, final: Path, state: TrainState, config: dict, r
         "run_id": run_id,
         "files": folder_digests(tmp),
     }
-    (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -103,15 +116,14 @@ def remove_partial_saves(run_dir: str | Path) -> None:
 def run_id_of(path: Path) -> str | None:
     """The run that wrote checkpoint `path`; None if it cannot be read or predates run ids."""
     try:
-        return json.loads((path / "state.json").read_text()).get("run_id")
+        return json.loads(_meta_file(path).read_text()).get("run_id")
     except (OSError, ValueError):
         return None
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """Newest complete checkpoint folder of a run, or None."""
-    root = Path(run_dir) / "checkpoints"
-    done = [p for p in sorted(root.glob(f"{PREFIX}*")) if (p / "state.json").is_file()]
+    done = _complete(Path(run_dir) / "checkpoints")
     return done[-1] if done else None
 
 
@@ -137,11 +149,12 @@ def config_differences(saved: dict, now: dict) -> list[str]:
 
 
 def read_state(path: str | Path) -> dict:
-    """A checkpoint's state.json; CorruptCheckpointError naming it if it cannot be read."""
+    """A checkpoint's meta.json; CorruptCheckpointError naming it if it cannot be read."""
+    meta = _meta_file(Path(path))
     try:
-        return json.loads((Path(path) / "state.json").read_text())
+        return json.loads(meta.read_text())
     except (OSError, ValueError) as err:
-        raise CorruptCheckpointError(f"checkpoint {path}: state.json cannot be read ({err})") from None
+        raise CorruptCheckpointError(f"checkpoint {path}: {meta.name} cannot be read ({err})") from None
 
 
 def check_checkpoint_config(path: str | Path, config: dict) -> dict:
@@ -176,8 +189,7 @@ def newest_sound_checkpoint(run_dir: str | Path) -> Path | None:
     one passed over; None if the run has none. If every checkpoint is damaged, raise naming the newest
     one's fault: a run never restarts from scratch without being told to (--overwrite)."""
     root = Path(run_dir) / "checkpoints"
-    done = [p for p in sorted(root.glob(f"{PREFIX}*"), reverse=True) if (p / "state.json").is_file()]
-    return newest_sound(done, verify_checkpoint, root)
+    return newest_sound(_complete(root)[::-1], verify_checkpoint, root)
 
 
 def load_checkpoint(path: str | Path, state: TrainState, config: dict) -> TrainState:

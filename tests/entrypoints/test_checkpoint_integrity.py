@@ -28,27 +28,27 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, na
     straight, damaged = tmp_path / "straight", tmp_path / "damaged"
     run(tiny_config(straight, iterations=9))
     run(tiny_config(damaged, iterations=6))
-    _damage(damaged / "checkpoints" / "iter-00000006" / name)
+    _damage(damaged / "checkpoints" / "step-00000006" / name)
     with pytest.warns(
-        UserWarning, match=rf"iter-00000006: file {name} was altered or damaged.*previous.*iter-00000003"
+        UserWarning, match=rf"step-00000006: file {name} was altered or damaged.*previous.*step-00000003"
     ):
         run(tiny_config(damaged, iterations=9))
     for net in ("student", "ema", "fake"):
-        a = load_file(straight / "checkpoints" / "iter-00000009" / f"{net}.safetensors")
-        b = load_file(damaged / "checkpoints" / "iter-00000009" / f"{net}.safetensors")
+        a = load_file(straight / "checkpoints" / "step-00000009" / f"{net}.safetensors")
+        b = load_file(damaged / "checkpoints" / "step-00000009" / f"{net}.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in a), net
 
 
 def test_non_finite_weights_are_refused_by_name(tmp_path):
     run(tiny_config(tmp_path, iterations=3))
-    path = tmp_path / "checkpoints" / "iter-00000003"
+    path = tmp_path / "checkpoints" / "step-00000003"
     weights = load_file(path / "ema.safetensors")
     key = sorted(weights)[0]
     weights[key] = torch.full_like(weights[key], float("nan"))
     save_file(weights, path / "ema.safetensors")
-    meta = json.loads((path / "state.json").read_text())
+    meta = json.loads((path / "meta.json").read_text())
     del meta["files"]  # as if written before checksums: the finiteness check still stops it
-    (path / "state.json").write_text(json.dumps(meta))
+    (path / "meta.json").write_text(json.dumps(meta))
     before = {p: p.read_bytes() for p in path.iterdir()}
     with pytest.raises(
         CorruptCheckpointError,
@@ -60,11 +60,11 @@ def test_non_finite_weights_are_refused_by_name(tmp_path):
 
 def test_an_unreadable_optimiser_file_is_named_and_never_unpickled(tmp_path):
     run(tiny_config(tmp_path, iterations=3))
-    path = tmp_path / "checkpoints" / "iter-00000003"
+    path = tmp_path / "checkpoints" / "step-00000003"
     torch.save({"student": NotAllowedOnLoad()}, path / "optim.pt")  # a pickle that weights_only refuses
-    meta = json.loads((path / "state.json").read_text())
+    meta = json.loads((path / "meta.json").read_text())
     del meta["files"]  # as if written before checksums: the load itself must name the file
-    (path / "state.json").write_text(json.dumps(meta))
+    (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CorruptCheckpointError, match=r"optim.pt cannot be read \(UnpicklingError\)") as err:
         run(tiny_config(tmp_path, iterations=6))
     assert "weights_only" not in str(err.value)

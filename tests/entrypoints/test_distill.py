@@ -65,10 +65,10 @@ def test_resume_continues_bit_for_bit(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run(tiny_config(straight))
     run(tiny_config(resumed, iterations=3))
-    run(tiny_config(resumed))  # picks up iter-00000003
+    run(tiny_config(resumed))  # picks up step-00000003
     for name in ("student", "ema", "fake"):
-        a = load_file(straight / "checkpoints" / "iter-00000006" / f"{name}.safetensors")
-        b = load_file(resumed / "checkpoints" / "iter-00000006" / f"{name}.safetensors")
+        a = load_file(straight / "checkpoints" / "step-00000006" / f"{name}.safetensors")
+        b = load_file(resumed / "checkpoints" / "step-00000006" / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     lines = lambda p: (p / "metrics.jsonl").read_text().splitlines()  # noqa: E731
     assert lines(straight) == lines(resumed)
@@ -105,12 +105,12 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     from rcmfn.train_checkpoint import latest_checkpoint
 
     run(tiny_config(tmp_path, iterations=3))
-    partial = tmp_path / "checkpoints" / ".tmp-iter-00000006-123"
+    partial = tmp_path / "checkpoints" / ".tmp-step-00000006-123"
     partial.mkdir()
     (partial / "student.safetensors").write_bytes(b"truncated")
-    assert latest_checkpoint(tmp_path).name == "iter-00000003"
+    assert latest_checkpoint(tmp_path).name == "step-00000003"
     run(tiny_config(tmp_path))
-    assert latest_checkpoint(tmp_path).name == "iter-00000006"
+    assert latest_checkpoint(tmp_path).name == "step-00000006"
 
 
 def test_cli_flags_match_snapshot():
@@ -181,12 +181,12 @@ def test_the_output_lock_is_released_after_a_run_and_after_a_failure(tmp_path):
 
 
 def test_a_run_removes_half_written_checkpoints_it_finds(tmp_path):
-    partial = tmp_path / "checkpoints" / ".tmp-iter-00000005-1234"
+    partial = tmp_path / "checkpoints" / ".tmp-step-00000005-1234"
     partial.mkdir(parents=True)
     (partial / "student.safetensors").write_bytes(b"truncated")
     run(tiny_config(tmp_path, iterations=3))
     assert not partial.exists()
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter-00000003"]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000003"]
 
 
 def test_a_failed_save_leaves_no_half_written_folder(tmp_path, monkeypatch):
@@ -214,15 +214,15 @@ def test_resume_past_the_requested_length_fails_before_the_warm_start(tmp_path, 
     run(tiny_config(tmp_path, iterations=3))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     monkeypatch.setattr(toy_world, "build_toy", lambda *args, **kwargs: pytest.fail("warm start ran"))
-    with pytest.raises(ValueError, match="iter-00000003 is at iteration 3, past the requested total of 2 iterations"):
+    with pytest.raises(ValueError, match="step-00000003 is at iteration 3, past the requested total of 2 iterations"):
         run(tiny_config(tmp_path, iterations=2))
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def _run_ids(run_dir: Path) -> dict[str, str]:
     return {
-        p.name: json.loads((p / "state.json").read_text()).get("run_id")
-        for p in sorted((run_dir / "checkpoints").glob("iter-*"))
+        p.name: json.loads((p / "meta.json").read_text()).get("run_id")
+        for p in sorted((run_dir / "checkpoints").glob("step-*"))
     }
 
 
@@ -233,7 +233,7 @@ def test_a_fresh_run_refuses_a_folder_holding_checkpoints_it_does_not_resume(tmp
     incomplete one) is refused too."""
     run(tiny_config(tmp_path, iterations=6))
     if resume:
-        for path in (tmp_path / "checkpoints").glob("iter-*/state.json"):
+        for path in (tmp_path / "checkpoints").glob("step-*/meta.json"):
             path.unlink()
     before = {p: p.read_bytes() for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()}
     message = rf"output folder {tmp_path} holds 2 checkpoints .*--overwrite.*--resume.*another --output"
@@ -247,14 +247,14 @@ def test_overwrite_removes_the_old_checkpoints_and_starts_a_new_run(tmp_path):
     (old_id,) = set(_run_ids(tmp_path).values())
     run(tiny_config(tmp_path, iterations=3, resume=False, overwrite=True))
     ids = _run_ids(tmp_path)
-    assert list(ids) == ["iter-00000003"] and ids["iter-00000003"] not in (None, old_id)
+    assert list(ids) == ["step-00000003"] and ids["step-00000003"] not in (None, old_id)
 
 
 def test_a_resumed_run_keeps_its_run_id(tmp_path):
     run(tiny_config(tmp_path, iterations=3))
     run(tiny_config(tmp_path, iterations=6, overwrite=True))  # resumes: --overwrite only acts on a fresh run
     ids = _run_ids(tmp_path)
-    assert list(ids) == ["iter-00000003", "iter-00000006"] and len(set(ids.values())) == 1 and None not in ids.values()
+    assert list(ids) == ["step-00000003", "step-00000006"] and len(set(ids.values())) == 1 and None not in ids.values()
 
 
 TINY_TOY_FLAGS = [
@@ -280,7 +280,7 @@ def test_ctrl_c_saves_at_the_next_iteration_and_the_same_command_resumes(tmp_pat
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 0, err[-3000:]
     assert "SIGINT: finishing iteration" in err and "Traceback" not in err, err[-3000:]
-    stopped = max(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("iter-*"))
+    stopped = max(int(p.name.split("-")[1]) for p in (tmp_path / "checkpoints").glob("step-*"))
     assert f"stopped at iteration {stopped}, checkpoint saved" in err
     done = subprocess.run([*command, "--iterations", str(stopped + 2)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

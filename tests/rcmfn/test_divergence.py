@@ -128,6 +128,6 @@ def test_toy_run_with_a_huge_learning_rate_stops_and_saves_nothing_non_finite(tm
     assert "NaN" not in text and "Infinity" not in text
     from safetensors.torch import load_file
 
-    for step in (tmp_path / "checkpoints").glob("iter-*"):
+    for step in (tmp_path / "checkpoints").glob("step-*"):
         for name in ("student", "ema", "fake"):
             assert all(torch.isfinite(t).all() for t in load_file(step / f"{name}.safetensors").values())
