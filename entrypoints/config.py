@@ -13,6 +13,8 @@ from entrypoints import toy as toy_world
 from entrypoints.presets import get_preset
 from rcmfn.loop import LoopConfig
 from rcmfn.precond import check_guidance
+from rcmfn.stages import Stage, parse_stages
+from rcmfn.stages import total_iterations as stages_total
 from rcmfn.step import LossConfig
 from rcmfn.time import LogNormal
 
@@ -74,8 +76,13 @@ class DistillConfig:
 
     model: str = "toy"
     """model preset: one of the keys of entrypoints/presets.py MODELS (toy, wan1.3b, wan14b, cosmos2b, ...)"""
-    method: Literal["rcm", "scm", "dmd", "dcm"] = "rcm"
-    """rcm = sCM + lambda * DMD; scm = consistency only; dmd = score distillation only; dcm = discrete CM"""
+    method: Literal["rcm", "scm", "dmd", "dcm", "dcm+dmd"] = "rcm"
+    """rcm = sCM + lambda * DMD; scm = consistency only; dmd = score distillation only; dcm = discrete CM;
+    dcm+dmd = dCM + lambda * DMD (the official cm_type=dcm with a fake score)"""
+    stages: str | None = None
+    """train in stages instead of one --method, e.g. dcm:500,scm:750,rcm:1250 (the official README's dCM
+    warm-up -> sCM -> sCM + DMD); the stages set the run's length and each stage restarts the schedules,
+    optimisers and EMA (rcmfn/stages.py). Unset: one stage of --method (the official runs, and the default)"""
     output: Path = Path("runs/toy")
     """run folder: checkpoints/, metrics.jsonl, metrics.json, samples.png, config.json"""
     iterations: int | None = None
@@ -151,6 +158,11 @@ class DistillConfig:
             raise ValueError(f"method 'dmd' has no sCM term, so tangent_warmup must be 0; got {self.tangent_warmup}")
         if self.iterations is not None and self.iterations < 1:
             raise ValueError(f"iterations must be >= 1 (unset: the preset's); got {self.iterations}")
+        if self.stages is not None and self.method != "rcm":
+            raise ValueError(f"--stages sets each stage's method: leave --method unset (got {self.method!r})")
+        total = None if self.stages is None else stages_total(parse_stages(self.stages))  # names a bad stage
+        if total is not None and self.iterations not in (None, total):
+            raise ValueError(f"--iterations {self.iterations} differs from the {total} that --stages adds up to")
         for name in ("save_every", "log_every", "max_bad_steps", "student_update_freq"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
@@ -164,7 +176,7 @@ class DistillConfig:
             raise ValueError(
                 f"toy.batch_size and toy.eval_samples must be >= 1; got {self.toy.batch_size}, {self.toy.eval_samples}"
             )
-        loop_config(self)  # the preset merged with these values: its own checks run now, before any work
+        run_stages(self)  # the preset merged with these values: its own checks run now, before any work
 
 
 def loop_config(cfg: DistillConfig) -> LoopConfig:
@@ -192,8 +204,18 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
 
 
 def total_iterations(cfg: DistillConfig) -> int:
-    """The run's length: --iterations, or the preset's when unset."""
+    """The run's length: the stages' sum, --iterations, or the preset's when unset."""
+    if cfg.stages is not None:
+        return stages_total(parse_stages(cfg.stages))
     return get_preset(cfg.model).iterations if cfg.iterations is None else cfg.iterations
+
+
+def run_stages(cfg: DistillConfig) -> tuple[tuple[Stage, ...], tuple[LoopConfig, ...]]:
+    """The run's stages and each one's loop settings: --stages, or one stage of --method for the whole run."""
+    if cfg.stages is None:
+        return (Stage(cfg.method, total_iterations(cfg)),), (loop_config(cfg),)
+    stages = parse_stages(cfg.stages)
+    return stages, tuple(loop_config(replace(cfg, method=s.method, stages=None)) for s in stages)
 
 
 def check_resume_length(ckpt: Path, iteration: int, total: int) -> None:

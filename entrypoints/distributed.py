@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from entrypoints.config import check_resume_length, export_name, fingerprint, loop_config, total_iterations
+from entrypoints.config import check_resume_length, export_name, fingerprint, run_stages, total_iterations
 from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
@@ -30,12 +30,12 @@ from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
 from rcmfn.divergence import check_finite_weights
-from rcmfn.loop import train_iteration
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
 from rcmfn.models.registry import get_spec
 from rcmfn.run_lock import run_lock
 from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
+from rcmfn.stages import check_stage_record, stage_record, staged_iteration
 from rcmfn.train_checkpoint import config_differences
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -78,6 +78,7 @@ def check_before_gpu(cfg, world_size: int):
             "use a new output folder or the same settings"
         )
     check_resume_length(ckpt, checkpoint.read_meta(ckpt)["iteration"], total_iterations(cfg))
+    check_stage_record(checkpoint.read_meta(ckpt), run_stages(cfg)[0], str(ckpt))
     return dims, spec, manifest
 
 
@@ -132,11 +133,12 @@ def train_sharded(
     """Build the sharded networks, resume, train, checkpoint, export (rank 0); return the summary."""
     d = cfg.distributed
     rank, meshes = dist.get_rank(), dims.build_meshes(device.type)
-    lcfg = loop_config(cfg)
-    lcfg = replace(lcfg, seed=lcfg.seed + meshes.dp_rank * 1_000_000_007)  # distinct draws per batch, shared in CP
+    stages, configs = run_stages(cfg)
+    rank_seed = meshes.dp_rank * 1_000_000_007  # distinct draws per batch, shared in CP
+    configs = tuple(replace(c, seed=c.seed + rank_seed) for c in configs)
+    lcfg, critic = configs[-1], any(c.loss.uses_critic for c in configs)  # optimiser, tangent: one per run
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
     pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile, allow_eager_tangent=d.allow_eager_tangent)
-    critic = lcfg.loss.uses_critic
     teacher, student, fake = build_networks(spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic)
     del full_state
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
@@ -152,13 +154,16 @@ def train_sharded(
         return batch.latents.to(device, torch.float32), batch.text_embeddings.to(device), uncond
 
     total = total_iterations(cfg)
-    meta = lambda: {"loader": loader.state_dict(), "config": fingerprint(cfg)}  # noqa: E731
+
+    def meta() -> dict:  # what a checkpoint records beside the tensors
+        return {"loader": loader.state_dict(), "config": fingerprint(cfg)} | stage_record(state.iteration, stages)
+
     tokens = spec.tokens(manifest.latent_shape) * d.batch_size * dims.dp  # per iteration, all ranks
     times: dict[str, list[float]] = {"student": [], "critic": []}
     log = MetricsLog(cfg.output / "metrics.jsonl", state.iteration) if rank == 0 else None
     while state.iteration < total:
         stop.iteration, start = state.iteration, time.perf_counter()
-        metrics = train_iteration(state, nets, batch_fn, lcfg)
+        metrics = staged_iteration(state, nets, batch_fn, stages, configs)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start

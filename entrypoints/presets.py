@@ -11,7 +11,12 @@ from rcmfn.time import LogNormal, TimeDistribution, UniformShift
 
 @dataclass(frozen=True)
 class ModelPreset:
-    """Per-model defaults of the distillation (SPEC-rcm §10.1); every field can be overridden."""
+    """Per-model defaults of the distillation (SPEC-rcm §10.1); every field can be overridden.
+
+    No preset trains in stages: the official experiment configs are one-method runs (cm_type "scm" with a
+    fake score, SPEC-rcm §10.1) and the README's staged advice gives no stage lengths in the stored
+    snapshot, so `--stages` (rcmfn/stages.py) is opt-in; docs/toy.md "Staged training" measures it.
+    """
 
     description: str
     iterations: int

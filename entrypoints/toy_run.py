@@ -15,14 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
-from entrypoints.config import DistillConfig, check_resume_length, fingerprint, loop_config, total_iterations
+from entrypoints.config import DistillConfig, check_resume_length, fingerprint, run_stages, total_iterations
 from entrypoints.presets import get_preset
 from entrypoints.run_folder import check_fresh_output
 from entrypoints.stop_signal import stop_signals
 from rcmfn.compile import compiled
 from rcmfn.divergence import check_finite_weights
-from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
+from rcmfn.loop import LoopConfig, Networks, init_state
 from rcmfn.metrics_log import MetricsLog
+from rcmfn.stages import check_stage_record, stage_record, staged_iteration
 from rcmfn.tangent import scm_tangent
 from rcmfn.train_checkpoint import (
     check_checkpoint_config,
@@ -38,13 +39,15 @@ def run_toy(cfg: DistillConfig) -> dict:
     remove_partial_saves(cfg.output)  # left by a killed save; no other job writes here (the lock)
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
-    lcfg = loop_config(cfg)
+    stages, configs = run_stages(cfg)
+    lcfg, critic = configs[-1], any(c.loss.uses_critic for c in configs)  # optimiser, tangent: one per run
     config = fingerprint(cfg)
     total = total_iterations(cfg)
     ckpt = newest_sound_checkpoint(cfg.output) if cfg.resume else None
     if ckpt is not None:  # check before the warm start so a mismatch fails fast and touches nothing
         resumed = check_checkpoint_config(ckpt, config)
         check_resume_length(ckpt, resumed["iteration"], total)
+        check_stage_record(resumed, stages, str(ckpt))
     else:
         resumed = {}
         for old in check_fresh_output(cfg.output, cfg.overwrite):
@@ -55,21 +58,23 @@ def run_toy(cfg: DistillConfig) -> dict:
         student=world.student,
         teacher=world.teacher,
         teacher_params=world.mixture,
-        fake=world.student if lcfg.loss.uses_critic else None,
+        fake=world.student if critic else None,
     )
     if cfg.compile:
         nets = compiled_networks(nets, lcfg)
-    state = init_state(world.init_params, world.init_params if lcfg.loss.uses_critic else None, lcfg)
+    state = init_state(world.init_params, world.init_params if critic else None, lcfg)
     if ckpt is not None:
         state = load_checkpoint(ckpt, state, config)
     (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
     batch_fn = toy_world.toy_batch_fn(world)
-    bar = tqdm(total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.method} distill")
+    bar = tqdm(
+        total=total, initial=state.iteration, disable=not cfg.progress, desc=f"{cfg.stages or cfg.method} distill"
+    )
     start, first = time.perf_counter(), state.iteration
     with MetricsLog(cfg.output / "metrics.jsonl", state.iteration) as log, stop_signals() as stop:
         while state.iteration < total and not stop():
             stop.iteration = state.iteration
-            metrics = train_iteration(state, nets, batch_fn, lcfg)
+            metrics = staged_iteration(state, nets, batch_fn, stages, configs)
             bar.update(1)
             rate = (state.iteration - first) / (time.perf_counter() - start)
             bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items() if k.endswith("loss")} | {"it/s": f"{rate:.1f}"})
@@ -80,7 +85,10 @@ def run_toy(cfg: DistillConfig) -> dict:
                     {"student": state.student, "EMA": state.ema, "fake score": state.fake},
                     f"checkpoint {state.iteration}",
                 )
-                stop.timed_save(lambda: save_checkpoint(cfg.output, state, config, run_id))
+                save = lambda: save_checkpoint(  # noqa: E731
+                    cfg.output, state, config, run_id, record=stage_record(state.iteration, stages)
+                )
+                stop.timed_save(save)
     bar.close()
     if stop():
         print(f"stopped at iteration {state.iteration}, checkpoint saved; the same command resumes", file=sys.stderr)

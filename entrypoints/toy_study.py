@@ -24,7 +24,8 @@ class StudyConfig:
     """Which runs make up the study and where the report goes."""
 
     runs: tuple[str, ...] = ("scm", "dmd", "rcm", "rcm:0.01")
-    """runs as method[:dmd_weight]; lambda in the toy preset's units (N_ref = Wan 480p), so rcm is the
+    """runs as method[:dmd_weight], or stages=<--stages value> for a staged run (e.g.
+    stages=dcm:500,scm:750,rcm:1250); lambda in the toy preset's units (N_ref = Wan 480p), so rcm is the
     preset's lambda and rcm:0.01 the paper's balance"""
     output: Path = Path("runs/toy_study")
     """folder of the distillation runs (one sub-folder each; finished runs are reused)"""
@@ -35,6 +36,10 @@ class StudyConfig:
 
 
 def run_one(spec: str, cfg: StudyConfig) -> dict:
+    if spec.startswith("stages="):  # the base's settings, trained in stages (rcmfn/stages.py)
+        stages = spec.removeprefix("stages=")
+        name = "stages-" + stages.replace(":", "-").replace(",", "_")
+        return run(replace(cfg.base, stages=stages, output=cfg.output / name, progress=False))
     method, _, weight = spec.partition(":")
     extra = {"dmd_weight": float(weight)} if weight else {}
     if method == "dmd":

@@ -148,12 +148,12 @@ def _optimizer_step(opt: torch.optim.Optimizer, base_lr: float, step: int, cfg: 
     return health
 
 
-def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig) -> dict:
+def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig, i: int) -> dict:
     x0, cond, uncond = batch
-    i, loss_cfg = state.iteration, cfg.loss
+    loss_cfg = cfg.loss
     i_eff = effective_student_iteration(i, cfg.schedule)
     metrics = {}
-    if loss_cfg.method in ("rcm", "scm"):
+    if loss_cfg.consistency == "scm":
         t = sample_time(loss_cfg.p_G, x0.shape[0], gen, "trig", x0.device)
         noise = noise_like(x0.shape, gen, x0.device)
         rho = tangent_warmup_ratio(i, cfg.tangent_warmup)
@@ -173,7 +173,7 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
         )
         loss.sum().backward()
         metrics |= {"scm_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
-    elif loss_cfg.method == "dcm":
+    elif loss_cfg.consistency == "dcm":
         u = uniform_dcm_draw(x0.shape[0], loss_cfg, gen, x0.device)
         noise = noise_like(x0.shape, gen, x0.device)
         loss, aux = dcm_student_loss(
@@ -207,9 +207,9 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
     return metrics
 
 
-def _critic_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig) -> dict:
+def _critic_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig, i: int) -> dict:
     x0, cond, _ = batch
-    steps = rollout_steps(critic_iteration(state.iteration, cfg.schedule), cfg.loss.max_rollout_steps)
+    steps = rollout_steps(critic_iteration(i, cfg.schedule), cfg.loss.max_rollout_steps)
     draws = draw_rollout(steps, x0.shape, cfg.loss, gen, x0.device)
     loss, aux = critic_loss(nets.student, state.student, nets.fake, state.fake, cond, *draws)
     loss.sum().backward()
@@ -221,15 +221,25 @@ def _critic_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: Lo
     return metrics
 
 
-def train_iteration(state: TrainState, nets: Networks, batch_fn: BatchFn, cfg: LoopConfig) -> dict:
-    """Run iteration `state.iteration` (student or critic phase), advance the state, return metrics."""
+def train_iteration(
+    state: TrainState, nets: Networks, batch_fn: BatchFn, cfg: LoopConfig, stage_start: int = 0
+) -> dict:
+    """Run iteration `state.iteration` (student or critic phase), advance the state, return metrics.
+
+    `stage_start`: the iteration its stage began at (rcmfn/stages.py). The schedules (phases, tangent
+    warm-up, rollout cycle, EMA) count from it; the random draws from the run's start, so stages never
+    repeat each other's draws.
+    """
     if cfg.loss.uses_critic and (state.fake is None or nets.fake is None):
         raise ValueError(f"method {cfg.loss.method!r} needs a fake-score network and its parameters")
+    if not 0 <= stage_start <= state.iteration:
+        raise ValueError(f"stage_start must lie in [0, iteration {state.iteration}]; got {stage_start}")
     gen = step_generator(cfg.seed, state.iteration)
     batch = batch_fn(gen)
-    student_phase = is_student_phase(state.iteration, cfg.schedule)
+    i = state.iteration - stage_start
+    student_phase = is_student_phase(i, cfg.schedule)
     update = _student_update if student_phase else _critic_update
     metrics = {"iteration": state.iteration, "phase": "student" if student_phase else "critic"}
-    metrics |= update(state, nets, batch, gen, cfg)
+    metrics |= update(state, nets, batch, gen, cfg, i)
     state.iteration += 1
     return metrics

@@ -7,7 +7,7 @@ plus detached diagnostics. The loop sums, backpropagates and steps the optimiser
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
@@ -17,7 +17,10 @@ from rcmfn.rollout import BACKWARD_TIMESTEPS, consistency_rollout, rollout_times
 from rcmfn.tangent import TangentMethod, scm_tangent
 from rcmfn.time import LogNormal, TimeDistribution, UniformShift, rf_to_trig, sample_time, shift_rf_time
 
-Method = Literal["rcm", "scm", "dmd", "dcm"]
+# "dcm+dmd" is the official cm_type = "dcm" with a fake score: the dCM term stands where sCM's would and the
+# DMD term is added exactly as in rcm (NVlabs/rcm t2v_model_distill_rcm.py:702-722, 5b41aa9; SPEC-rcm §5).
+Method = Literal["rcm", "scm", "dmd", "dcm", "dcm+dmd"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ class LossConfig:
     dcm_shift: float = 5.0
 
     def __post_init__(self):
-        if self.method not in ("rcm", "scm", "dmd", "dcm"):
-            raise ValueError(f"method must be one of rcm, scm, dmd, dcm; got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         check_guidance(self.guidance)
         if self.max_rollout_steps < 1:
             raise ValueError(f"max_rollout_steps must be >= 1; got {self.max_rollout_steps}")
@@ -50,8 +53,13 @@ class LossConfig:
             raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
 
     @property
+    def consistency(self) -> Literal["scm", "dcm"] | None:
+        """The consistency term of the student step: sCM (§2), dCM (§5) or none (pure DMD)."""
+        return {"rcm": "scm", "scm": "scm", "dcm": "dcm", "dcm+dmd": "dcm"}.get(self.method)
+
+    @property
     def uses_critic(self) -> bool:
-        return self.method in ("rcm", "dmd") and self.loss_scale_dmd > 0
+        return self.method in ("rcm", "dmd", "dcm+dmd") and self.loss_scale_dmd > 0
 
 
 def step_generator(seed: int, step: int, stream: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
@@ -205,6 +213,7 @@ def uniform_dcm_draw(batch: int, cfg: LossConfig, generator: torch.Generator, de
 
 __all__ = [
     "LossConfig",
+    "METHODS",
     "LogNormal",
     "UniformShift",
     "step_generator",

@@ -5,7 +5,7 @@ sharded runner's checkpoints, parallel/checkpoint.py, so that one reader finds e
 this layout, `iter-<N>/` with `state.json`, still resume):
   student.safetensors, ema.safetensors, fake.safetensors (if any)  -- flat dotted keys
   optim.pt                                                         -- optimiser state dicts
-  meta.json                                                        -- iteration, counters, config, run id
+  meta.json                                                        -- iteration, counters, stage, config, run id
 A checkpoint is written into a hidden temporary folder and renamed into place as the last step, so an
 interrupted save never replaces or corrupts a complete one; `latest_checkpoint` only sees complete ones.
 A save that fails removes its temporary folder; one killed mid-way leaves it for `remove_partial_saves`.
@@ -64,9 +64,11 @@ def _copy_into(params: TensorDict, path: Path) -> None:
             value.copy_(tensors[key])
 
 
-def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, run_id: str, keep: int = 3) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, state: TrainState, config: dict, run_id: str, keep: int = 3, record: dict | None = None
+) -> Path:
     """Write `state` as checkpoint step-<state.iteration> of run `run_id` under run_dir/checkpoints; keep
-    that run's newest `keep`."""
+    that run's newest `keep`. `record`: more loop facts for meta.json (the stage: rcmfn.stages.stage_record)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.iteration:08d}"
@@ -74,7 +76,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, run_id
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_and_rename(tmp, final, state, config, run_id)
+        _write_and_rename(tmp, final, state, config, run_id, record or {})
     except BaseException:  # disk full, interrupted, ...: no half-written folder is left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -84,7 +86,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, config: dict, run_id
     return final
 
 
-def _write_and_rename(tmp: Path, final: Path, state: TrainState, config: dict, run_id: str) -> None:
+def _write_and_rename(tmp: Path, final: Path, state: TrainState, config: dict, run_id: str, record: dict) -> None:
     save_file(_flat(state.student), tmp / "student.safetensors")
     save_file(_flat(state.ema), tmp / "ema.safetensors")
     optim = {"student": state.student_opt.state_dict()}
@@ -99,7 +101,7 @@ def _write_and_rename(tmp: Path, final: Path, state: TrainState, config: dict, r
         "config": config,
         "run_id": run_id,
         "files": folder_digests(tmp),
-    }
+    } | record
     (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if final.exists():
         shutil.rmtree(final)

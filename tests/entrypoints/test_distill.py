@@ -42,7 +42,7 @@ def tiny_config(output: Path, **overrides) -> DistillConfig:
     return DistillConfig(**(base | overrides))
 
 
-@pytest.mark.parametrize("method", ["rcm", "scm", "dmd", "dcm"])
+@pytest.mark.parametrize("method", ["rcm", "scm", "dmd", "dcm", "dcm+dmd"])
 def test_every_method_trains_with_finite_losses_and_writes_outputs(tmp_path, method):
     final = run(tiny_config(tmp_path, method=method, tangent_warmup=0 if method == "dmd" else 1))
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -55,6 +55,7 @@ def test_every_method_trains_with_finite_losses_and_writes_outputs(tmp_path, met
         "scm": {"scm_loss"},
         "dmd": {"dmd_loss", "fake_score_loss"},
         "dcm": {"dcm_loss"},
+        "dcm+dmd": {"dcm_loss", "dmd_loss", "fake_score_loss"},  # the official cm_type=dcm with a fake score
     }[method]
     assert kinds == expected
     assert "student 4-step" in final["rows"] and (tmp_path / "samples.png").stat().st_size > 1000

@@ -367,3 +367,33 @@ def test_the_sharded_path_runs_without_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert [line["iteration"] for line in _lines(tmp_path / "run")] == [0, 1]
     assert (tmp_path / "run" / "student_ema.safetensors").exists()
+
+
+def test_the_sharded_path_resumes_a_staged_run_at_a_boundary_bit_for_bit(tmp_path):
+    """--stages in the sharded runner: a checkpoint at the dcm -> rcm boundary records the stage, and the
+    run resumed from it exports the same EMA student and logs the same losses as the uninterrupted one."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    data = _shards(tmp_path / "data")
+    command = [sys.executable, "-m", "entrypoints.distill", "--model", "cosmos-tiny"]
+    command += ["--distributed.random-init", "--distributed.dtype", "float64", "--distributed.data", str(data)]
+    command += ["--stages", "dcm:2,rcm:3", "--student-update-freq", "2", "--tangent-warmup", "1"]
+    command += ["--save-every", "2", "--distributed.keep-checkpoints", "3", "--log-every", "1", "--no-progress"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env |= {"OMP_NUM_THREADS": "1"}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = subprocess.run([*command, "--output", str(straight)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = checkpoint.read_meta(straight / "checkpoints" / "step-00000002")
+    assert (meta["stage"], meta["stage_method"], meta["stage_start"]) == (1, "rcm", 2)
+    shutil.copytree(straight, resumed)
+    for later in ("step-00000004", "step-00000005"):
+        shutil.rmtree(resumed / "checkpoints" / later)
+    done = subprocess.run([*command, "--output", str(resumed)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = lambda run: [{k: v for k, v in m.items() if "loss" in k or k in ("phase", "stage")} for m in _lines(run)]  # noqa: E731
+    assert [m["stage"] for m in _lines(straight)] == [0, 0, 1, 1, 1] and losses(straight) == losses(resumed)
+    a, b = load_file(straight / "student_ema.safetensors"), load_file(resumed / "student_ema.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
