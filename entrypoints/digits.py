@@ -43,7 +43,7 @@ class DigitsConfig:
     """flow-matching training of the teacher on the training digits (target eps - x0)"""
     classifier: digits.ClassifierConfig = field(default_factory=digits.ClassifierConfig)
     """the evaluator trained on the real training digits"""
-    iterations: int = 1500
+    iterations: int = 2000
     """distillation iterations per run (student + critic)"""
     batch_size: int = 64
     """distillation batch (training digits drawn with replacement, their labels as conditions)"""

@@ -57,9 +57,13 @@ class DigitsStudyConfig:
             raise ValueError(f"cpu_threads and per_class must be >= 1; got {self.cpu_threads}, {self.per_class}")
 
 
-def settings(cfg: DigitsStudyConfig) -> dict:
-    """What a stored piece must share with the study that reuses it."""
-    return json.loads(json.dumps(asdict(cfg.digits), default=str))
+DISTILL_ONLY = {"iterations", "batch_size", "dmd_weight", "student_lr", "fake_lr", "tangent_warmup", "student_steps"}
+
+
+def settings(cfg: DigitsStudyConfig, teacher: bool = False) -> dict:
+    """What a stored piece must share with the study that reuses it (a teacher: all but the distillation's)."""
+    values = {k: v for k, v in asdict(cfg.digits).items() if not (teacher and k in DISTILL_ONLY)}
+    return json.loads(json.dumps(values, default=str))
 
 
 def load_finished(path: Path, expected: dict) -> dict | None:
@@ -82,7 +86,7 @@ def save_finished(folder: Path, result: dict, samples: dict[str, torch.Tensor], 
 
 def teacher_piece(cfg: DigitsStudyConfig, world, seed: int) -> tuple[dict, TensorDict]:
     """Train (or reload) the seed's teacher; its rows: the real floor and the Euler sampler."""
-    folder, expected = cfg.output / f"seed{seed}" / "teacher", settings(cfg)
+    folder, expected = cfg.output / f"seed{seed}" / "teacher", settings(cfg, teacher=True)
     found = load_finished(folder / "result.json", expected)
     if found is not None:
         return found, TensorDict(torch.load(folder / "params.pt"), batch_size=[])

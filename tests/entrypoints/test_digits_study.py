@@ -44,7 +44,10 @@ def test_tiny_study_writes_report_and_figure_then_reuses_its_pieces(tmp_path):
     stamp = result.stat().st_mtime_ns
     assert main(cfg) == rows  # every piece reused: the same numbers, nothing rewritten
     assert result.stat().st_mtime_ns == stamp and report.read_text().endswith("## Reading\n\nnotes kept\n")
-    with pytest.raises(ValueError, match="other settings"):
+    longer = replace(cfg, digits=replace(TINY, iterations=6))  # the teacher is reused, the run is not
+    with pytest.raises(ValueError, match="seed0/rcm/result.json was made with other settings"):
+        main(longer)
+    with pytest.raises(ValueError, match="seed0/teacher/result.json was made with other settings"):
         main(replace(cfg, digits=replace(TINY, guidance=2.0)))
 
 
