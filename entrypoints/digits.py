@@ -21,7 +21,7 @@ from rcmfn.loop import Networks, init_state, train_iteration
 from rcmfn.precond import Denoiser, trigflow_denoiser
 from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
 from rcmfn.toy import digits
-from rcmfn.toy.feature_metrics import frechet_distance
+from rcmfn.toy.feature_metrics import frechet_distance, precision_recall
 from rcmfn.toy.tiny_dit import TinyDiT, TinyDiTConfig, init_params, velocity_net
 from rcmfn.toy.warm_start import WarmStartConfig
 
@@ -208,12 +208,16 @@ def teacher_reference(world: DigitsWorld, teacher: TensorDict, seed: int) -> tor
 
 
 def evaluate(world: DigitsWorld, rows: dict[str, torch.Tensor], reference: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Accuracy, FD, precision and recall of each row against the held-out digits, and `fd_teacher`, the
-    FD to the teacher's own samples `reference` (distillation fidelity, CFG's bias removed)."""
+    """Accuracy, FD, precision and recall of each row against the held-out digits; `fd_teacher` and
+    `recall_teacher`, FD and k-NN recall against the teacher's own samples `reference` (how much of the
+    teacher's distribution a student reproduces, CFG's departure from the data set aside)."""
     labels, judge = world.split.held_y, world.classifier
     teacher_features = judge.features(reference.double())
-    return {
-        name: digits.digit_metrics(judge, x, labels, world.split.held_x)
-        | {"fd_teacher": frechet_distance(judge.features(x.double()), teacher_features)}
-        for name, x in rows.items()
-    }
+    metrics = {}
+    for name, x in rows.items():
+        features = judge.features(x.double())
+        metrics[name] = digits.digit_metrics(judge, x, labels, world.split.held_x) | {
+            "fd_teacher": frechet_distance(features, teacher_features),
+            "recall_teacher": precision_recall(teacher_features, features)[1],
+        }
+    return metrics

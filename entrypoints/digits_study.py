@@ -22,7 +22,7 @@ from entrypoints import digits as world_lib
 from rcmfn.atomic import write_atomically, write_json_atomically, write_text_atomically
 from rcmfn.toy.digits import save_sample_grid
 
-COLUMNS = ("accuracy", "fd", "fd_teacher", "precision", "recall")
+COLUMNS = ("accuracy", "fd", "precision", "recall", "fd_teacher", "recall_teacher")
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def save_finished(folder: Path, result: dict, samples: dict[str, torch.Tensor], 
 
 
 def teacher_piece(cfg: DigitsStudyConfig, world, seed: int) -> tuple[dict, TensorDict]:
-    """Train (or reload) the seed's teacher; its rows: the real floor and the Euler sampler."""
+    """Train (or reload) the seed's teacher; its samples: the real floor, the Euler sampler, the reference."""
     folder, expected = cfg.output / f"seed{seed}" / "teacher", settings(cfg, teacher=True)
     found = load_finished(folder / "result.json", expected)
     if found is not None:
@@ -95,14 +95,13 @@ def teacher_piece(cfg: DigitsStudyConfig, world, seed: int) -> tuple[dict, Tenso
     samples = {"real digits (training split)": world_lib.real_floor(world, seed)}
     samples |= world_lib.teacher_samples(world, params, seed)
     reference = world_lib.teacher_reference(world, params, seed)
-    result = {"settings": expected, "rows": world_lib.evaluate(world, samples, reference)} | report
-    result["cpu_seconds"] = time.process_time() - start
     write_atomically(folder / "reference.pt", lambda tmp: torch.save(reference.float(), tmp))
+    result = {"settings": expected, "cpu_seconds": time.process_time() - start} | report
     return save_finished(folder, result, samples, params), params
 
 
 def run_piece(cfg: DigitsStudyConfig, world, seed: int, spec: str, teacher: TensorDict) -> dict:
-    """Distil (or reload) one run of the seed; its rows: the student at each step count."""
+    """Distil (or reload) one run of the seed; its samples: the student at each step count."""
     folder, expected = cfg.output / f"seed{seed}" / spec.replace(":", "-"), settings(cfg)
     found = load_finished(folder / "result.json", expected)
     if found is not None:
@@ -111,9 +110,8 @@ def run_piece(cfg: DigitsStudyConfig, world, seed: int, spec: str, teacher: Tens
     start = time.process_time()
     ema, report = world_lib.distill(world, teacher, method, seed, cfg.progress, float(weight) if weight else None)
     samples = world_lib.student_samples(world, ema, spec, seed)
-    reference = torch.load(cfg.output / f"seed{seed}" / "teacher" / "reference.pt")
-    result = {"settings": expected, "rows": world_lib.evaluate(world, samples, reference)} | report
-    return save_finished(folder, result | {"cpu_seconds": time.process_time() - start}, samples, ema)
+    result = {"settings": expected, "cpu_seconds": time.process_time() - start} | report
+    return save_finished(folder, result, samples, ema)
 
 
 def cell(values: list[float]) -> str:
@@ -128,6 +126,12 @@ def markdown_table(rows: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
+def piece_times(name: str, result: dict) -> tuple[str, float, float]:
+    """(text, CPU seconds, wall seconds of the training) of a stored piece."""
+    wall = result.get("teacher_seconds", result.get("distill_seconds", 0.0))
+    return f"{name} {result['cpu_seconds']:.0f} / {wall:.0f}", result["cpu_seconds"], wall
+
+
 def write_report(cfg: DigitsStudyConfig, rows: dict, timings: list[str], wall: float, cpu: float) -> None:
     figure = cfg.report.with_suffix(".png")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -137,12 +141,14 @@ def write_report(cfg: DigitsStudyConfig, rows: dict, timings: list[str], wall: f
         f"Produced by `just digits` (`python -m entrypoints.digits_study`) on {datetime.date.today()}, commit "
         f"{commit}, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s); seeds {', '.join(map(str, cfg.seeds))}; {cfg.digits.iterations} "
-        f"distillation iterations per run. This invocation: {wall:.0f} s wall, {cpu:.0f} s CPU (pieces reused "
-        "from --output cost nothing here); CPU seconds per piece: " + "; ".join(timings) + ".",
+        f"distillation iterations per run. The pieces took {cpu / 60:.1f} CPU minutes in all ({wall / 60:.1f} "
+        "minutes of wall-clock training on a shared machine); per piece, CPU seconds / training wall seconds: "
+        + "; ".join(timings)
+        + ".",
         "",
         "Each cell: mean over seeds (the seeds' values). Metrics against the held-out real digits, in the feature "
-        "space of a classifier trained on the training digits; `fd_teacher` is the Frechet distance to the "
-        "teacher's own samples at its most Euler steps (fresh noise).",
+        "space of a classifier trained on the training digits; `fd_teacher` and `recall_teacher` are the Frechet "
+        "distance and k-NN recall against the teacher's own samples at its most Euler steps (fresh noise).",
         "",
         *markdown_table(rows),
         "",
@@ -157,25 +163,27 @@ def write_report(cfg: DigitsStudyConfig, rows: dict, timings: list[str], wall: f
 def main(cfg: DigitsStudyConfig) -> dict[str, list[dict]]:
     """Run (or reuse) every piece, then write the report and figure; returns {row: [metrics per seed]}."""
     torch.set_num_threads(cfg.cpu_threads)
-    wall, cpu = time.perf_counter(), time.process_time()
     world = world_lib.build_world(cfg.digits)
     rows: dict[str, list[dict]] = {}
-    timings, figure_sets = [], {}
+    timings, figure_sets, cpu, wall = [], {}, 0.0, 0.0
     for seed in cfg.seeds:
         teacher_result, teacher = teacher_piece(cfg, world, seed)
-        results = [teacher_result] + [run_piece(cfg, world, seed, spec, teacher) for spec in cfg.runs]
-        timings.append(
-            f"seed {seed}: teacher {teacher_result['cpu_seconds']:.0f}, "
-            + ", ".join(f"{spec} {r['cpu_seconds']:.0f}" for spec, r in zip(cfg.runs, results[1:], strict=True))
-        )
-        for result in results:
-            for name, metrics in result["rows"].items():
-                rows.setdefault(name, []).append(metrics)
+        results = [run_piece(cfg, world, seed, spec, teacher) for spec in cfg.runs]
+        pieces = [piece_times("teacher", teacher_result)]
+        pieces += [piece_times(spec, r) for spec, r in zip(cfg.runs, results, strict=True)]
+        timings.append(f"seed {seed}: " + ", ".join(text for text, _, _ in pieces))
+        cpu += sum(c for _, c, _ in pieces)
+        wall += sum(w for _, _, w in pieces)
+        folder = cfg.output / f"seed{seed}"
+        samples = {}  # every row's samples, evaluated here: a new metric needs no retraining
+        for name in ["teacher"] + [spec.replace(":", "-") for spec in cfg.runs]:
+            samples |= torch.load(folder / name / "samples.pt")
+        for name, metrics in world_lib.evaluate(
+            world, samples, torch.load(folder / "teacher" / "reference.pt")
+        ).items():
+            rows.setdefault(name, []).append(metrics)
         if seed == cfg.seeds[0]:
-            names = ["teacher"] + [spec.replace(":", "-") for spec in cfg.runs]
-            for name in names:
-                figure_sets |= torch.load(cfg.output / f"seed{seed}" / name / "samples.pt")
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            figure_sets = samples
     if cfg.report is not None:
         sets = {"real digits (held out)": world.split.held_x} | figure_sets
         cfg.report.parent.mkdir(parents=True, exist_ok=True)
