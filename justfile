@@ -25,3 +25,7 @@ lint:
 # The toy study in docs/toy.md (sCM / DMD / rCM students vs teacher samplers).
 study *args:
     python -m entrypoints.toy_study {{args}}
+
+# The learned-teacher study in docs/digits.md (real 8x8 digits; about 25 CPU minutes on one thread).
+digits *args:
+    python -m entrypoints.digits_study {{args}}

@@ -4,6 +4,8 @@ SPEC-rcm §1.1-§1.2 (rectified flow x_r = (1-r) x0 + r eps; nets take 1000 r). 
 and the fake score from the teacher's weights; the toy has no teacher weights, so this regresses a net
 onto the exact teacher velocity v*(x_r, r, c) = E[eps - x0 | x_r, c] at points x_r built from exact
 mixture samples (a low-variance target: the teacher's conditional expectation, not eps - x0).
+`fit_velocity` is the regression itself, for any source of points: rcmfn/toy/digits.py trains its learned
+teacher with it on real digits (target eps - x0).
 """
 
 import math
@@ -98,10 +100,32 @@ def fit_to_teacher(
 ) -> tuple[TensorDict, list[float]]:
     """Fit `net` to the mixture teacher's velocity; returns (fitted params, per-step losses).
 
-    Loss per step: mean over the batch of the per-sample mean squared velocity error. All randomness
-    (labels, x0, eps, r) comes from `generator`; params are copied, not modified. The data dtype follows
-    the params. Eager on purpose: on 2 CPU cores compiling costs about what it saves (width 128 x depth 3,
-    inductor: 102 -> 81 ms per step after 57 s of compiling; docs/toy.md "Default run").
+    `fit_velocity` over `teacher_batch` points: labels, x0, eps and r all come from `generator`.
+    """
+
+    def batch_fn(gen: torch.Generator, dtype: torch.dtype):
+        labels = draw_labels(mixture, cfg.batch_size, cfg.null_fraction, gen)
+        return teacher_batch(mixture, labels, cfg.time_dist, gen, dtype)
+
+    return fit_velocity(net, params, batch_fn, generator, cfg, progress, "warm start")
+
+
+def fit_velocity(
+    net: VelocityNet,
+    params: TensorDict,
+    batch_fn,
+    generator: torch.Generator,
+    cfg: WarmStartConfig = WarmStartConfig(),
+    progress: bool = False,
+    desc: str = "flow matching",
+) -> tuple[TensorDict, list[float]]:
+    """Regress `net` onto velocity targets; returns (fitted params, per-step losses).
+
+    `batch_fn(generator, dtype) -> (x_r, c_noise, cond, target)` draws each step's regression points
+    (cfg.batch_size of them) from `generator`. Loss per step: mean over the batch of the per-sample mean
+    squared velocity error; AdamW with `learning_rate`'s schedule. params are copied, not modified; the
+    data dtype follows the params. Eager on purpose: on 2 CPU cores compiling costs about what it saves
+    (width 128 x depth 3, inductor: 102 -> 81 ms per step after 57 s of compiling; docs/toy.md "Default run").
     """
     fitted = params.clone().apply(lambda p: p.detach().requires_grad_(True))
     leaves = list(fitted.values())
@@ -110,9 +134,8 @@ def fit_to_teacher(
     # 7.0 -> 2.5 ms of a 104 ms step)
     optimizer = torch.optim.AdamW(leaves, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     losses = []
-    for step in tqdm(range(cfg.steps), disable=not progress, desc="warm start"):
-        labels = draw_labels(mixture, cfg.batch_size, cfg.null_fraction, generator)
-        x_r, c_noise, cond, target = teacher_batch(mixture, labels, cfg.time_dist, generator, dtype)
+    for step in tqdm(range(cfg.steps), disable=not progress, desc=desc):
+        x_r, c_noise, cond, target = batch_fn(generator, dtype)
         loss = (net(fitted, x_r, c_noise, cond) - target).square().mean()
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)

@@ -1,0 +1,87 @@
+"""entrypoints/digits_study.py and entrypoints/digits.py: a tiny study end to end (report, figure, reuse of
+finished pieces, refusal of pieces made with other settings), the real-data floor and the CLI."""
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from entrypoints import digits as world_lib
+from entrypoints.digits_study import DigitsStudyConfig, main
+from rcmfn.toy.digits import ClassifierConfig
+from rcmfn.toy.tiny_dit import TinyDiTConfig
+from rcmfn.toy.warm_start import WarmStartConfig
+
+TINY = world_lib.DigitsConfig(
+    net=TinyDiTConfig(channels=1, width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
+    teacher=WarmStartConfig(steps=10, batch_size=16, warmup_steps=1),
+    classifier=ClassifierConfig(steps=20),
+    iterations=5,
+    batch_size=8,
+    tangent_warmup=1,  # the student's DMD term and the critic both run within 5 iterations
+    teacher_steps=(2,),
+    student_steps=(1, 2),
+)
+
+
+def test_tiny_study_writes_report_and_figure_then_reuses_its_pieces(tmp_path):
+    report = tmp_path / "docs" / "digits.md"
+    cfg = DigitsStudyConfig(seeds=(0,), runs=("rcm",), output=tmp_path / "runs", report=report, digits=TINY)
+    cfg = replace(cfg, progress=False)
+    rows = main(cfg)
+    assert list(rows) == ["real digits (training split)", "teacher Euler 2 (cfg 1.5)", "rcm 1-step", "rcm 2-step"]
+    for name, (metrics,) in rows.items():
+        assert set(metrics) == {"accuracy", "fd", "precision", "recall", "fd_teacher", "recall_teacher"}, name
+        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), (name, metrics)
+    text = report.read_text()
+    assert "| rcm 2-step |" in text and "![samples per class (seed 0)](digits.png)" in text
+    assert report.with_suffix(".png").stat().st_size > 1000
+    report.write_text(text + "\n## Reading\n\nnotes kept\n")
+    result = tmp_path / "runs" / "seed0" / "rcm" / "result.json"
+    stamp = result.stat().st_mtime_ns
+    assert main(cfg) == rows  # every piece reused: the same numbers, nothing rewritten
+    assert result.stat().st_mtime_ns == stamp and report.read_text().endswith("## Reading\n\nnotes kept\n")
+    longer = replace(cfg, digits=replace(TINY, iterations=6))  # the teacher is reused, the run is not
+    with pytest.raises(ValueError, match="seed0/rcm/result.json was made with other settings"):
+        main(longer)
+    with pytest.raises(ValueError, match="seed0/teacher/result.json was made with other settings"):
+        main(replace(cfg, digits=replace(TINY, guidance=2.0)))
+
+
+def test_real_floor_draws_training_digits_with_the_held_out_labels():
+    world = world_lib.DigitsWorld(TINY, world_lib.digits.load_digits_split(), None, None, None, None)
+    floor = world_lib.real_floor(world, seed=3)
+    dist = torch.cdist(floor.reshape(-1, 64), world.split.train_x.reshape(-1, 64))
+    assert dist.min(1).values.max() == 0.0  # every row is a training digit ...
+    assert torch.equal(world.split.train_y[dist.argmin(1)], world.split.held_y)  # ... of the held-out row's class
+    assert not torch.equal(floor, world_lib.real_floor(world, seed=4))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"runs": ("dmd:0.1",)}, "expected scm, dmd, rcm"),
+        ({"seeds": ()}, "at least one seed"),
+        ({"per_class": 0}, ">= 1"),
+    ],
+)
+def test_bad_study_settings_fail_at_config_time(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DigitsStudyConfig(**overrides)
+
+
+def test_cli_flags_match_snapshot():
+    """The CLI changes only on purpose: update tests/entrypoints/digits_study_flags.txt with the change."""
+    out = subprocess.run(
+        [sys.executable, "-m", "entrypoints.digits_study", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "200", "PATH": ""},
+    ).stdout
+    flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
+    snapshot = Path(__file__).with_name("digits_study_flags.txt")
+    assert flags == snapshot.read_text().split(), "\n".join(flags)
