@@ -107,12 +107,14 @@ def _dmd_and_scm_gradient_norms(n: int, copies: int, seed: int, reference: int |
 
 
 @settings(deadline=None, max_examples=30)
-@given(n=st.integers(1, 40), copies=st.integers(2, 64), seed=st.integers(0, 2**16))
+@given(n=st.integers(8, 40), copies=st.integers(2, 64), seed=st.integers(0, 2**16))
 def test_dmd_to_scm_gradient_balance_does_not_depend_on_the_latent_size_with_a_reference(n, copies, seed):
     """The fix of SPEC-rcm errata "DMD vs sCM balance": sCM's direction g / (|g| + 0.1) has norm <= 1 at
     any size, DMD's per-element direction grows like sqrt(N); with reference_elements the DMD gradient,
     hence the DMD:sCM ratio, is the same for a latent `copies` times larger (up to sCM's 0.1 eps), and
-    without it the ratio grows by sqrt(copies)."""
+    without it the ratio grows by sqrt(copies). n >= 8 elements: with fewer, |g| of a random draw can be
+    small enough that the 0.1 eps alone moves the ratio by percents (n = 1, seed 2569: 3.4 %; n >= 8 over
+    600 seeds: at most 1.1e-4)."""
     dmd_1, scm_1 = _dmd_and_scm_gradient_norms(n, 1, seed, WAN_480P_ELEMENTS)
     dmd_k, scm_k = _dmd_and_scm_gradient_norms(n, copies, seed, WAN_480P_ELEMENTS)
     assert dmd_k == pytest.approx(dmd_1, rel=1e-10)
