@@ -42,11 +42,14 @@ class NetworkCall:
     why: str
 
 
-def iteration_calls(phase: str, rollout: int, guided: bool = True, method: str = "rcm") -> list[NetworkCall]:
+def iteration_calls(
+    phase: str, rollout: int, guided: bool = True, method: str = "rcm", dcm_skip_steps: int = 1
+) -> list[NetworkCall]:
     """Every network call of one iteration of `method` (SPEC-rcm Algorithm; rcmfn/step.py), per sample.
 
     `rollout`: the backward simulation's steps (rcmfn.schedule.rollout_steps); `guided`: the teacher is
-    called twice (conditional and unconditional) for CFG.
+    called twice (conditional and unconditional) for CFG; `dcm_skip_steps`: the teacher Euler steps
+    between a dCM prediction and its target (LossConfig.dcm_skip_steps, SPEC-rcm §5).
     """
     teacher = 2 if guided else 1
     if phase == "critic":
@@ -55,13 +58,19 @@ def iteration_calls(phase: str, rollout: int, guided: bool = True, method: str =
             NetworkCall("fake score", "forward+backward", 1, "flow matching at t_D"),
         ]
     calls = []
+    if method in ("dcm", "dcm+dmd"):
+        calls += [
+            NetworkCall("student", "forward+backward", 1, "dCM prediction at t_0"),
+            NetworkCall("teacher", "forward", teacher * dcm_skip_steps, "dCM teacher Euler steps (CFG)"),
+            NetworkCall("student", "forward", 1, "dCM target at t_K"),
+        ]
     if method in ("rcm", "scm"):
         calls += [
             NetworkCall("teacher", "forward", teacher, "sCM target (CFG)"),
             NetworkCall("student", "jvp", 1, "sCM tangent"),
             NetworkCall("student", "forward+backward", 1, "sCM loss"),
         ]
-    if method in ("rcm", "dmd"):
+    if method in ("rcm", "dmd", "dcm+dmd"):
         calls += [
             NetworkCall("student", "forward", rollout - 1, "rollout before the last step"),
             NetworkCall("student", "forward+backward", 1, "rollout's last step (DMD gradient)"),
@@ -186,7 +195,7 @@ def bench_step(
             state.iteration = snapshot
     rows = []
     for (phase, rollout), times in sorted(seconds.items()):
-        calls = iteration_calls(phase, rollout, guided, lcfg.loss.method)
+        calls = iteration_calls(phase, rollout, guided, lcfg.loss.method, lcfg.loss.dcm_skip_steps)
         flops = iteration_flops(calls, linear, attention)
         steady = statistics.median(times[1:]) if len(times) > 1 else None
         row = dict(

@@ -57,7 +57,7 @@ def _counting(toy, state_of, record):
     return denoise, teacher, tangent
 
 
-@pytest.mark.parametrize("method", ["rcm", "scm", "dmd"])
+@pytest.mark.parametrize("method", ["rcm", "scm", "dmd", "dcm", "dcm+dmd"])
 def test_iteration_calls_are_the_calls_the_loop_makes(method):
     toy = build_toy(TINY_TOY, seed=0, progress=False)
     cfg = LoopConfig(LossConfig(method=method, guidance=2.0), student_update_freq=2)
