@@ -71,3 +71,18 @@ def write_lock(folder, pid: int, host: str | None = None) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / LOCK_NAME).write_text(json.dumps(holder))
     return holder
+
+
+def cli_flags(module: str) -> list[str]:
+    """The sorted flags `python -m <module> --help` lists (wide terminal, no PATH): for CLI snapshot tests."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"COLUMNS": "200", "PATH": ""},
+    ).stdout
+    return sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})

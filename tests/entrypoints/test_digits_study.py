@@ -1,8 +1,6 @@
 """entrypoints/digits_study.py and entrypoints/digits.py: a tiny study end to end (report, figure, reuse of
 finished pieces, refusal of pieces made with other settings), the real-data floor and the CLI."""
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +12,7 @@ from entrypoints.digits_study import DigitsStudyConfig, main
 from rcmfn.toy.digits import ClassifierConfig
 from rcmfn.toy.tiny_dit import TinyDiTConfig
 from rcmfn.toy.warm_start import WarmStartConfig
+from tests.conftest import cli_flags
 
 TINY = world_lib.DigitsConfig(
     net=TinyDiTConfig(channels=1, width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
@@ -75,13 +74,6 @@ def test_bad_study_settings_fail_at_config_time(overrides, message):
 
 def test_cli_flags_match_snapshot():
     """The CLI changes only on purpose: update tests/entrypoints/digits_study_flags.txt with the change."""
-    out = subprocess.run(
-        [sys.executable, "-m", "entrypoints.digits_study", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"COLUMNS": "200", "PATH": ""},
-    ).stdout
-    flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
+    flags = cli_flags("entrypoints.digits_study")
     snapshot = Path(__file__).with_name("digits_study_flags.txt")
     assert flags == snapshot.read_text().split(), "\n".join(flags)

@@ -17,7 +17,7 @@ from entrypoints.toy import ToyConfig
 from rcmfn.run_lock import RunLockedError
 from rcmfn.toy.tiny_dit import TinyDiTConfig
 from rcmfn.toy.warm_start import WarmStartConfig
-from tests.conftest import write_lock
+from tests.conftest import cli_flags, write_lock
 
 TINY_TOY = ToyConfig(
     net=TinyDiTConfig(width=32, depth=1, heads=2, mlp_ratio=2, freq_dim=16),
@@ -116,14 +116,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path):
 
 def test_cli_flags_match_snapshot():
     """The CLI changes only on purpose: update tests/entrypoints/distill_flags.txt with the change."""
-    out = subprocess.run(
-        [sys.executable, "-m", "entrypoints.distill", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"COLUMNS": "200", "PATH": ""},
-    ).stdout
-    flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
+    flags = cli_flags("entrypoints.distill")
     snapshot = Path(__file__).with_name("distill_flags.txt")
     assert flags == snapshot.read_text().split(), "\n".join(flags)
 

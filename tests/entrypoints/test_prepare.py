@@ -5,7 +5,6 @@ import dataclasses
 import importlib.util
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN_TINY
 from rcmfn.shards import ShardLoader, read_manifest, read_negative_embedding, read_uncondition
 from rcmfn.toy import gmm
+from tests.conftest import cli_flags
 
 # The registered Cosmos spec with a tiny architecture: single 16 x 16 images, 16 text tokens of width 24.
 TINY_COSMOS = dataclasses.replace(
@@ -310,12 +310,5 @@ def test_missing_weights_or_input_fail_before_anything_is_written(codec_dir, tmp
 
 def test_cli_flags_match_snapshot():
     """The CLI changes only on purpose: update FLAGS with the change."""
-    out = subprocess.run(
-        [sys.executable, "-m", "entrypoints.prepare", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"COLUMNS": "200", "PATH": ""},
-    ).stdout
-    flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
+    flags = cli_flags("entrypoints.prepare")
     assert flags == sorted(FLAGS), "\n".join(flags)

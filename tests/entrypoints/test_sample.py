@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN_TINY, WanModel
 from rcmfn.toy.tiny_dit import TinyDiTConfig
 from rcmfn.toy.warm_start import WarmStartConfig
+from tests.conftest import cli_flags
 
 needs_codecs = pytest.mark.skipif(
     any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")),
@@ -419,12 +419,5 @@ def test_config_validation_names_the_field():
 
 def test_cli_flags_match_snapshot():
     """The CLI changes only on purpose: update FLAGS with the change."""
-    out = subprocess.run(
-        [sys.executable, "-m", "entrypoints.sample", "--help"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={"COLUMNS": "200", "PATH": ""},
-    ).stdout
-    flags = sorted({word.split("=")[0].strip(",") for word in out.split() if word.startswith("--")})
+    flags = cli_flags("entrypoints.sample")
     assert flags == sorted(FLAGS), "\n".join(flags)
