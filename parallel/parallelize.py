@@ -28,7 +28,7 @@ from torch import nn
 from torch.autograd import forward_ad
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from parallel.block_jvp import BlockJVP
+from parallel.block_jvp import BlockJVP, JVPGraphs
 from parallel.context_parallel import apply_cp
 from parallel.fsdp import apply_fsdp
 from parallel.mesh import Meshes
@@ -104,7 +104,7 @@ def apply_ac(model: nn.Module, mode: ACMode) -> nn.Module:
     return model
 
 
-def _compiled_block(block: nn.Module, forward, backend: str, allow_eager: bool = False):
+def _compiled_block(block: nn.Module, forward, backend: str, allow_eager: bool, shared: JVPGraphs):
     """forward compiled for plain inputs; for inputs carrying forward-AD tangents, the block's JVP graph.
 
     A function compiled with inductor and called on dual tensors sees their primals only: the
@@ -116,7 +116,7 @@ def _compiled_block(block: nn.Module, forward, backend: str, allow_eager: bool =
     later dual calls run that. Guarded by tests/parallel/test_compile.py.
     """
     compiled_forward = compiled(forward, backend)
-    tangents = BlockJVP(block, forward, backend, allow_eager)
+    tangents = BlockJVP(block, forward, backend, allow_eager, shared)
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -137,9 +137,11 @@ def _compiled_block(block: nn.Module, forward, backend: str, allow_eager: bool =
 
 def apply_compile(model: nn.Module, backend: str = "inductor", allow_eager_tangent: bool = False) -> nn.Module:
     """torch.compile(fullgraph=True) each block's forward (its module hooks, e.g. FSDP's, stay eager);
-    calls carrying forward-mode tangents run the block's compiled JVP graph (`_compiled_block`)."""
+    calls carrying forward-mode tangents run the block's compiled JVP graph (`_compiled_block`), one
+    graph per signature for all identical blocks."""
+    shared = JVPGraphs()
     for block in model.blocks:
-        block.forward = _compiled_block(block, block.forward, backend, allow_eager_tangent)
+        block.forward = _compiled_block(block, block.forward, backend, allow_eager_tangent, shared)
     return model
 
 

@@ -33,6 +33,19 @@ def wall_seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def device_busy_ms(fn, trace_path: str | None = None) -> float:
+    """GPU time of one call of `fn` (the sum of its kernels' own device time), with an optional Chrome
+    trace. Beside `wall_seconds` it says how much of a call's wall time the host adds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0) / 1e3
+
+
 def provenance(benchmark: str, device: torch.device, commit_override: str | None = None) -> dict:
     """The fields every result starts with: which benchmark, device, date, commit, command and torch."""
     return dict(

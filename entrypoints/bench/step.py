@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from entrypoints.bench.common import provenance, wall_seconds
+from entrypoints.bench.common import device_busy_ms, provenance, wall_seconds
 from entrypoints.bench.models import FLOP_FORMULA, model_flops
 from rcmfn.models.registry import get_spec
 from rcmfn.schedule import critic_iteration, effective_student_iteration, is_student_phase, rollout_steps
@@ -142,19 +142,6 @@ def build_trainer(
     return state, nets, lcfg, (lambda gen: (x0, cond, uncond)), student, spec
 
 
-def _device_busy_ms(step, trace_path: str | None) -> float | None:
-    """GPU time of one call of `step` (sum of its kernels' own device time), with an optional Chrome trace."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    if trace_path:
-        prof.export_chrome_trace(trace_path)
-    total_us = sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0)
-    return total_us / 1e3
-
-
 def bench_step(
     model: str,
     compile_: bool,
@@ -191,7 +178,7 @@ def bench_step(
             trace = f"{profile_dir}/{model}-{'compiled' if compile_ else 'eager'}-{kind[0]}{kind[1]}.json"
             snapshot = state.iteration
             state.iteration = i  # the same kind again, profiled (learning rate 0: nothing changes)
-            busy[kind] = _device_busy_ms(lambda: train_iteration(state, nets, batch_fn, lcfg), trace)
+            busy[kind] = device_busy_ms(lambda: train_iteration(state, nets, batch_fn, lcfg), trace)
             state.iteration = snapshot
     rows = []
     for (phase, rollout), times in sorted(seconds.items()):
@@ -271,6 +258,8 @@ def run_step(args: argparse.Namespace) -> dict:
         )
         print_step_table(result)
         results.append(result)
+    if args.compile_times:  # where a slow first iteration spends its time (Dynamo, AOT, inductor phases)
+        print(torch._dynamo.utils.compile_times(repr="str", aggregate=True))
     return {"benchmark": "step", "runs": results}
 
 
@@ -290,4 +279,5 @@ def add_step(subparsers) -> None:
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="MFU denominator")
     p.add_argument("--profile", default=None, help="folder for Chrome traces of one iteration per kind (GPU)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
+    p.add_argument("--compile-times", action="store_true", help="print the compiler's time per phase at the end")
     p.set_defaults(run=run_step)
