@@ -43,7 +43,10 @@ def device_busy_ms(fn, trace_path: str | None = None) -> float:
         torch.cuda.synchronize()
     if trace_path:
         prof.export_chrome_trace(trace_path)
-    return sum(e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0) / 1e3
+    # Kernels only: an operator's own device time is its kernels' time again (summing both counted a
+    # compiled Cosmos 2B block forward as 60 ms of device time in 34 ms of wall time).
+    kernels = (e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(e.self_device_time_total for e in kernels) / 1e3
 
 
 def provenance(benchmark: str, device: torch.device, commit_override: str | None = None) -> dict:
