@@ -68,7 +68,8 @@ def extract_lora(
         r = min(rank, s.shape[0])
         root = s[:r].sqrt()
         out = dtype or student[name].dtype
-        f = LoraFactors(down=(root[:, None] * vh[:r]).to(out), up=(u[:, :r] * root).to(out), alpha=float(r))
+        down, up = (root[:, None] * vh[:r]).to(out).contiguous(), (u[:, :r] * root).to(out).contiguous()
+        f = LoraFactors(down=down, up=up, alpha=float(r))
         factors[name] = f
         residual = (difference - f.delta()).square().sum().item()
         errors[name] = ExtractionError(residual, difference.square().sum().item())

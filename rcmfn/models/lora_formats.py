@@ -102,7 +102,11 @@ def to_ours(spec: ModelSpec, targets: Mapping[str, LoraFactors]) -> dict[str, Te
     del spec
     out: dict[str, Tensor] = {}
     for name, f in targets.items():
-        out |= {name + DOWN: f.down, name + UP: f.up, name + ALPHA: torch.tensor(f.alpha, dtype=torch.float32)}
+        out |= {
+            name + DOWN: f.down.contiguous(),
+            name + UP: f.up.contiguous(),
+            name + ALPHA: torch.tensor(f.alpha, dtype=torch.float32),
+        }
     return out
 
 
