@@ -18,16 +18,15 @@ from typing import Literal
 
 import torch
 import tyro
-from safetensors.torch import save_file
+from safetensors.torch import load_file
 
 from entrypoints.presets import MODELS as PRESETS
 from entrypoints.run_folder import is_training_checkpoint, training_weights
-from rcmfn.atomic import write_atomically
 from rcmfn.few_step import FewStepSettings
 from rcmfn.models.checkpoint import LoadReport, export_checkpoint
 from rcmfn.models.diffusers_folder import write_diffusers_folder
 from rcmfn.models.lora_extract import DEFAULT_TARGETS, extract_lora, relative_errors
-from rcmfn.models.lora_formats import LORA_FORMATS
+from rcmfn.models.lora_formats import check_targets, parse_adapter, write_lora
 from rcmfn.models.model_card import model_card
 from rcmfn.models.registry import MODELS, ModelSpec, build_model, get_spec
 from rcmfn.samplers import PAPER_MID_TIMES
@@ -72,6 +71,11 @@ class ConvertConfig:
     ours (rcmfn's K.lora_down / K.lora_up / K.alpha)"""
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     """fnmatch patterns of our weight names that the LoRA adapts (2-D weights only)"""
+    lora_input: bool = False
+    """--input is an rcmfn LoRA adapter (K.lora_down [rank, in], K.lora_up [out, rank], optional K.alpha, e.g. a
+    LoRA student's): rewrite it in --lora-format, checked against the network's names and shapes"""
+    lora_alpha: float | None = None
+    """alpha of a --lora-input adapter's weights without their own K.alpha (scale alpha / rank); unset: rank"""
 
 
 def check_config(cfg: ConvertConfig, spec: ModelSpec) -> None:
@@ -144,14 +148,30 @@ def extract(cfg: ConvertConfig, spec: ModelSpec | None = None) -> tuple[LoadRepo
     student, report = load(cfg, spec, cfg.input, cfg.source_layout)
     teacher, _ = load(cfg, spec, cfg.teacher, cfg.teacher_layout)
     factors, errors = extract_lora(student.state_dict(), teacher.state_dict(), cfg.extract_lora, cfg.lora_targets)
-    tensors = LORA_FORMATS[cfg.lora_format](spec, factors)
-    metadata = {"format": "pt", "rank": str(cfg.extract_lora), "lora_format": cfg.lora_format}
-    write_atomically(cfg.output, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_lora(spec, factors, cfg.output, cfg.lora_format, rank=str(cfg.extract_lora))
     return report, relative_errors(errors)
+
+
+def convert_lora(cfg: ConvertConfig, spec: ModelSpec | None = None) -> int:
+    """Rewrite the rcmfn adapter in cfg.input in cfg.lora_format; returns the number of adapted weights."""
+    spec = spec or get_spec(cfg.model)
+    if cfg.input.suffix != ".safetensors" or not cfg.input.is_file():
+        raise ValueError(f"--lora-input: --input must be an adapter .safetensors file; got {cfg.input}")
+    if cfg.output.suffix != ".safetensors" or cfg.output.resolve() == cfg.input.resolve():
+        raise ValueError(f"--output must be another .safetensors file; got {cfg.output}")
+    targets = parse_adapter(load_file(cfg.input), cfg.lora_alpha)
+    with torch.device("meta"):
+        shapes = {n: tuple(t.shape) for n, t in spec.build(spec.config).state_dict().items()}
+    check_targets(targets, shapes)
+    write_lora(spec, targets, cfg.output, cfg.lora_format)
+    return len(targets)
 
 
 def main() -> None:
     cfg = tyro.cli(ConvertConfig, description=__doc__.splitlines()[0] + f" Models: {', '.join(MODELS)}.")
+    if cfg.lora_input:
+        print(f"wrote {cfg.output}: {convert_lora(cfg)} adapted weights ({cfg.lora_format} LoRA layout)")
+        return
     if cfg.extract_lora:
         report, errors = extract(cfg)
         print(report.describe())

@@ -14,12 +14,15 @@ being `diffusion_model.` + the release name (Family.comfyui_name); comfy/weight_
 `calculate_weight` applies strength * (alpha / lora_down.shape[0]) * lora_up @ lora_down, the same scale.
 """
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
+from rcmfn.atomic import write_atomically
 from rcmfn.models.family import ModelSpec
 
 DOWN, UP, ALPHA = ".lora_down", ".lora_up", ".alpha"
@@ -76,18 +79,23 @@ def parse_adapter(adapter: Mapping[str, Tensor], alpha: float | None = None) -> 
     return targets
 
 
+def check_targets(targets: Mapping[str, LoraFactors], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every target is a weight of the network (`shapes`: our names -> shapes) with the delta's shape."""
+    unknown = sorted(n for n in targets if n not in shapes)
+    if unknown:
+        raise KeyError(f"adapter targets weights the network does not have: {unknown[:10]}")
+    for name, f in targets.items():
+        if tuple(shapes[name]) != (f.up.shape[0], f.down.shape[1]):
+            delta = (f.up.shape[0], f.down.shape[1])
+            raise ValueError(f"{name}: adapter delta is {delta}, weight {tuple(shapes[name])}")
+
+
 def merge_adapter(params: Mapping[str, Tensor], targets: Mapping[str, LoraFactors]) -> dict[str, Tensor]:
     """`params` with every target weight W replaced by W + delta (computed in float64, cast back)."""
+    check_targets(targets, {n: tuple(t.shape) for n, t in params.items()})
     merged = dict(params)
     for name, factors in targets.items():
-        if name not in params:
-            raise KeyError(f"adapter targets {name!r}, which the network does not have")
-        weight = params[name]
-        if tuple(weight.shape) != (factors.up.shape[0], factors.down.shape[1]):
-            raise ValueError(
-                f"{name}: adapter delta is {(factors.up.shape[0], factors.down.shape[1])}, weight {tuple(weight.shape)}"
-            )
-        merged[name] = (weight.double() + factors.delta()).to(weight.dtype)
+        merged[name] = (params[name].double() + factors.delta()).to(params[name].dtype)
     return merged
 
 
@@ -142,3 +150,15 @@ LORA_FORMATS: dict[str, Callable[[ModelSpec, Mapping[str, LoraFactors]], dict[st
     "comfyui": to_comfyui,
 }
 """Every LoRA file layout by name (convert's --lora-format)."""
+
+
+def write_lora(
+    spec: ModelSpec, targets: Mapping[str, LoraFactors], path: str | os.PathLike, layout: str, **metadata: str
+) -> dict[str, Tensor]:
+    """Write `targets` as one .safetensors file in `layout` (a key of LORA_FORMATS), atomically."""
+    if layout not in LORA_FORMATS:
+        raise ValueError(f"unknown LoRA layout {layout!r}; valid: {sorted(LORA_FORMATS)}")
+    tensors = LORA_FORMATS[layout](spec, targets)
+    info = {"format": "pt", "lora_format": layout, **metadata}
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=info))
+    return tensors

@@ -102,3 +102,37 @@ def test_extract_lora_cli_writes_the_format_and_prints_errors_per_group(tmp_path
     assert 0.1 < low["overall"] < 1  # rank 1 of a rank-2 change: a real, reported loss
     keys = load_file(tmp_path / "comfy.safetensors")
     assert "diffusion_model.blocks.0.self_attn.q.lora_down.weight" in keys
+
+
+def test_lora_input_rewrites_an_rcmfn_adapter_in_comfyuis_names(tmp_path):
+    """--lora-input: a LoRA student's adapter (our names, no alpha entries) to ComfyUI; a target the network
+    lacks or a wrong shape is refused by name."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(4)
+    adapter = {
+        "blocks.1.cross_attn.v.weight.lora_down": torch.randn(3, 32, generator=g),
+        "blocks.1.cross_attn.v.weight.lora_up": torch.randn(32, 3, generator=g),
+    }
+    save_file(adapter, str(tmp_path / "adapter.safetensors"))
+    cfg = ConvertConfig(
+        model="wan-tiny", input=tmp_path / "adapter.safetensors", output=tmp_path / "comfy.safetensors",
+        lora_input=True, lora_format="comfyui", lora_alpha=6.0,
+    )  # fmt: skip
+    from entrypoints.convert import convert_lora
+
+    assert convert_lora(cfg) == 1
+    out = load_file(tmp_path / "comfy.safetensors")
+    base = "diffusion_model.blocks.1.cross_attn.v"
+    assert set(out) == {f"{base}.lora_down.weight", f"{base}.lora_up.weight", f"{base}.alpha"}
+    assert out[f"{base}.alpha"].item() == 6.0 and torch.equal(out[f"{base}.lora_up.weight"], adapter[
+        "blocks.1.cross_attn.v.weight.lora_up"])  # fmt: skip
+    save_file({k.replace("blocks.1", "blocks.9"): v for k, v in adapter.items()}, str(tmp_path / "far.safetensors"))
+    with pytest.raises(KeyError, match=r"does not have: \['blocks.9.cross_attn.v.weight'\]"):
+        convert_lora(dataclasses.replace(cfg, input=tmp_path / "far.safetensors"))
+    save_file(
+        {k: v[:, :16].contiguous() if "down" in k else v for k, v in adapter.items()},
+        str(tmp_path / "narrow.safetensors"),
+    )
+    with pytest.raises(ValueError, match=r"adapter delta is \(32, 16\), weight \(32, 32\)"):
+        convert_lora(dataclasses.replace(cfg, input=tmp_path / "narrow.safetensors"))

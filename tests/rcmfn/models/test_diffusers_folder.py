@@ -106,3 +106,16 @@ def test_model_card_names_the_presets_sampler_settings(model):
     assert "guidance_scale = 1.0" in card and f"w = {preset.guidance:g}" in card
     assert f"steps: 1 to {len(preset.mid_times) + 1}" in card
     assert get_spec(model).diffusers_config()[0] in card
+
+
+@pytest.mark.parametrize("name", ["wan", "cosmos"])
+def test_rcmfn_reads_its_own_diffusers_folder_back(tmp_path, name):
+    """sample --checkpoint <folder> --layout diffusers and distill's teacher loader take the folder too."""
+    from rcmfn.models.registry import build_model
+
+    spec = SPECS[name]()
+    params = h.poisoned(h.our_module(spec), seed=6)
+    folder = write_diffusers_folder(spec, params, tmp_path / "s", max_shard_bytes=40_000)
+    module, report = build_model(spec, folder, "diffusers")
+    assert report.ok and len(report.loaded) == len(params)
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in params.items())
