@@ -10,8 +10,9 @@ gets lora_alpha = rank, scale 1 (diffusers src/diffusers/utils/peft_utils.py `ge
 scale alpha / rank is folded into lora_B here.
 ComfyUI: the "generic lora format" of comfy/lora.py `model_lora_keys_unet` (Comfy-Org/ComfyUI @17358c8):
 `<state-dict name without .weight>.lora_up.weight` / `.lora_down.weight` / `.alpha`, the state-dict name
-being `diffusion_model.` + the release name (Family.comfyui_name); comfy/weight_adapter/lora.py
-`calculate_weight` applies strength * (alpha / lora_down.shape[0]) * lora_up @ lora_down, the same scale.
+being `diffusion_model.` + the release name (Family.comfyui_name); comfy/lora.py `load_lora` reads those
+three entries, and comfy/weight_adapter/lora.py `calculate_weight` (L248-283 at Comfy-Org/ComfyUI ee71d5c)
+applies strength * (alpha / lora_down.shape[0]) * lora_up @ lora_down, the same scale as rcmfn's.
 """
 
 import os
