@@ -141,3 +141,22 @@ def test_merge_refuses_unknown_or_misshaped_targets():
         merge_adapter({"a.weight": torch.ones(2, 3)}, {"b.weight": f})
     with pytest.raises(ValueError, match="delta is"):
         merge_adapter({"b.weight": torch.ones(3, 3)}, {"b.weight": f})
+
+
+def test_cosmos_diffusers_lora_through_peft_equals_our_merged_weights(tmp_path):
+    """The same file layout for Cosmos-Predict2 (CosmosTransformer3DModel.load_lora_adapter): attention,
+    MLP, an adaLN-LoRA modulation and the final layer."""
+    spec = h.cosmos_spec()
+    params = h.poisoned(h.our_module(spec), seed=9)
+    folder = write_diffusers_folder(spec, params, tmp_path / "base")
+    names = ("blocks.0.self_attn.q_proj.weight", "blocks.1.cross_attn.v_proj.weight", "blocks.1.mlp.layer1.weight",
+             "blocks.0.adaln_modulation_mlp.down.weight", "final_layer.linear.weight")  # fmt: skip
+    targets = random_adapter(params, names, alpha=7.0)
+    save_file(LORA_FORMATS["diffusers"](spec, targets), str(tmp_path / "lora.safetensors"))
+    net = diffusers.CosmosTransformer3DModel.from_pretrained(folder).float().eval()
+    net.load_lora_adapter(load_file(str(tmp_path / "lora.safetensors")), prefix="transformer")
+    x, r, context = h.inputs(spec)
+    ref = h.diffusers_forward(spec, net, x, r, context)
+    merged = h.ours_forward(spec, merge_adapter(params, targets), x, r, context)
+    assert h.max_relative_error(merged, h.ours_forward(spec, params, x, r, context)) > 1e-2
+    assert h.max_relative_error(merged, ref) <= 1e-5
