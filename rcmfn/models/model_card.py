@@ -46,8 +46,11 @@ import diffusers
 from rcmfn.diffusers_scheduler import FewStepScheduler
 
 transformer = diffusers.{class_name}.from_pretrained("<this folder>")
-scheduler = FewStepScheduler(sigma_max={settings.sigma_max!r}, mid_times={list(settings.mid_times)!r})
-# e.g. Wan: diffusers.WanPipeline(..., transformer=transformer, scheduler=scheduler)(prompt,
-#     num_inference_steps=4, guidance_scale=1.0)
+scheduler = FewStepScheduler(
+    sigma_max={settings.sigma_max!r}, mid_times={list(settings.mid_times)!r}, timestep_scale={spec.timestep_scale!r}
+)
+# A pipeline that feeds the scheduler's sample to the transformer as it is (diffusers.WanPipeline) takes
+# scheduler=scheduler; call it with guidance_scale=1.0, and latents=scheduler.start_latents(noise) for
+# exactly rcmfn's start. Pipelines that scale the transformer's input themselves need their own sampler.
 ```
 """

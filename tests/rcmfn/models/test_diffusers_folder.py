@@ -106,6 +106,7 @@ def test_model_card_names_the_presets_sampler_settings(model):
     assert "guidance_scale = 1.0" in card and f"w = {preset.guidance:g}" in card
     assert f"steps: 1 to {len(preset.mid_times) + 1}" in card
     assert get_spec(model).diffusers_config()[0] in card
+    assert f"timestep_scale={get_spec(model).timestep_scale!r}" in card  # Wan 1000.0, Cosmos 1.0
 
 
 @pytest.mark.parametrize("name", ["wan", "cosmos"])
