@@ -56,7 +56,8 @@ class DistributedConfig:
     export: bool = True
     """write the EMA student at the end, in each of --distributed.export-layouts"""
     export_layouts: tuple[str, ...] = ("official",)
-    """key layouts of that export: official -> student_ema.safetensors, another -> student_ema.<layout>.safetensors"""
+    """key layouts of that export: official -> student_ema.safetensors, another -> student_ema.<layout>.safetensors,
+    diffusers-folder -> student_ema.diffusers/ (a folder diffusers' from_pretrained loads, with a model card)"""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.keep_checkpoints < 1:
@@ -65,8 +66,15 @@ class DistributedConfig:
             )
 
 
+DIFFUSERS_FOLDER = "diffusers-folder"
+"""The export that is a diffusers model folder (rcmfn/models/diffusers_folder.py), not a key layout."""
+
+
 def export_name(layout: str) -> str:
-    """File name of the EMA student's export in a key layout (the official one keeps the plain name)."""
+    """File name of the EMA student's export in a key layout (the official one keeps the plain name), or
+    the folder name of the diffusers-folder export."""
+    if layout == DIFFUSERS_FOLDER:
+        return "student_ema.diffusers"
     return "student_ema.safetensors" if layout == "official" else f"student_ema.{layout}.safetensors"
 
 

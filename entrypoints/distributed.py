@@ -18,7 +18,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from entrypoints.config import check_resume_length, export_name, fingerprint, run_stages, total_iterations
+from entrypoints.config import (
+    DIFFUSERS_FOLDER,
+    check_resume_length,
+    export_name,
+    fingerprint,
+    loop_config,
+    run_stages,
+    total_iterations,
+)
+from entrypoints.presets import get_preset
 from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
@@ -30,8 +39,11 @@ from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
 from rcmfn.divergence import check_finite_weights
+from rcmfn.few_step import FewStepSettings
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
+from rcmfn.models.diffusers_folder import write_diffusers_folder
+from rcmfn.models.model_card import model_card
 from rcmfn.models.registry import get_spec
 from rcmfn.run_lock import run_lock
 from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
@@ -39,6 +51,14 @@ from rcmfn.stages import check_stage_record, stage_record, staged_iteration
 from rcmfn.train_checkpoint import config_differences
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+def student_card(cfg, spec) -> str:
+    """The exported student's model card: the preset's sampler settings (--mid-times if given) and the
+    teacher guidance the run distilled."""
+    preset = get_preset(cfg.model)
+    settings = FewStepSettings(preset.sigma_max, cfg.mid_times or preset.mid_times)
+    return model_card(cfg.model, spec, settings, loop_config(cfg).loss.guidance)
 
 
 def check_before_gpu(cfg, world_size: int):
@@ -55,8 +75,11 @@ def check_before_gpu(cfg, world_size: int):
     layouts = {"--distributed.export-layouts": d.export_layouts if d.export else ()}
     layouts["--distributed.teacher-layout"] = () if d.random_init else (d.teacher_layout,)
     for flag, names in layouts.items():
-        if unknown := [name for name in names if name not in spec.key_maps]:
+        known = set(spec.key_maps) | ({DIFFUSERS_FOLDER} if flag == "--distributed.export-layouts" else set())
+        if unknown := [name for name in names if name not in known]:
             raise ValueError(f"{flag}: unknown key layout {unknown} for {cfg.model}; valid: {sorted(spec.key_maps)}")
+    if DIFFUSERS_FOLDER in layouts["--distributed.export-layouts"]:
+        spec.diffusers_config()  # names a family without a diffusers class
     if d.data is None:
         raise ValueError("no training data: pass --distributed.data <shard folder>")
     manifest = read_manifest(d.data)
@@ -204,7 +227,10 @@ def train_sharded(
     }
     if rank == 0:
         for layout in d.export_layouts if d.export else ():
-            export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
+            if layout == DIFFUSERS_FOLDER:
+                write_diffusers_folder(spec, ema, cfg.output / export_name(layout), student_card(cfg, spec))
+            else:
+                export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
         write_json_atomically(cfg.output / "metrics.json", summary, indent=1)
         log.close()
     return summary

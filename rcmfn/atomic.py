@@ -7,6 +7,7 @@ renamed into place the same way as a whole (rcmfn/train_checkpoint.py, parallel/
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,3 +36,26 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomically(path: str | os.PathLike, value, **dump_options) -> Path:
     """`value` as JSON in `path`, atomically (`dump_options` go to json.dumps)."""
     return write_text_atomically(path, json.dumps(value, **dump_options))
+
+
+def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Create the folder `folder` through `write(temporary_folder)` and rename it into place; returns it.
+
+    A folder already there is replaced only once the new one is complete (moved aside, then deleted), so a
+    reader sees the old folder or the new one, never a half-written one; a failed write leaves no trace.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    old = None
+    try:
+        write(tmp)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".old"))
+            os.replace(folder, old / folder.name)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return folder

@@ -259,15 +259,9 @@ def initialise_fresh_(
         _assign(module, name, value.to(device=device, dtype=_target_dtype(name, torch.float32, dtype, fp32)))
 
 
-def export_checkpoint(params: Mapping[str, Tensor], path: str | os.PathLike, key_map: KeyMap) -> None:
-    """Write our-named tensors as one .safetensors file in the layout of `key_map`, atomically.
-
-    SPEC-models §3.5 (layouts). The file is written next to `path` under a temporary name and moved
-    into place with os.replace, so a crash never leaves a truncated checkpoint behind.
-    """
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"export path must end in .safetensors; got {path}")
+def layout_tensors(params: Mapping[str, Tensor], key_map: KeyMap) -> dict[str, Tensor]:
+    """Our-named tensors renamed and reshaped into the layout of `key_map`: contiguous CPU tensors that
+    own their storage (safetensors refuses views into shared storage). SPEC-models §3.5 (layouts)."""
     out: dict[str, Tensor] = {}
     for ours, tensor in params.items():
         name = key_map.from_ours(ours)
@@ -279,4 +273,17 @@ def export_checkpoint(params: Mapping[str, Tensor], path: str | os.PathLike, key
         if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             tensor = tensor.clone()  # a view into shared storage (e.g. consolidated): safetensors refuses
         out[name] = tensor
+    return out
+
+
+def export_checkpoint(params: Mapping[str, Tensor], path: str | os.PathLike, key_map: KeyMap) -> None:
+    """Write our-named tensors as one .safetensors file in the layout of `key_map`, atomically.
+
+    SPEC-models §3.5 (layouts). The file is written next to `path` under a temporary name and moved
+    into place with os.replace, so a crash never leaves a truncated checkpoint behind.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"export path must end in .safetensors; got {path}")
+    out = layout_tensors(params, key_map)
     write_atomically(path, lambda tmp: save_file(out, tmp, metadata={"format": "pt"}))

@@ -51,6 +51,12 @@ class Family:
     negative_prompt: str | None = None
     """The teacher's unconditional text when the user gives none: this prompt's encoding (Wan's default
     negative prompt), or None for an all-zero text embedding (Cosmos; registry.unconditional_prompt)."""
+    diffusers_config: Callable[[Any], tuple[str, dict]] | None = None
+    """config -> (diffusers transformer class name, its `from_pretrained` config.json entries), for
+    exports diffusers loads as they are (rcmfn/models/diffusers_folder.py); None: no diffusers class."""
+    comfyui_name: Callable[[str], str] | None = None
+    """our tensor name -> ComfyUI's state-dict name of that tensor (`diffusion_model.` + the release's
+    name), for LoRA files ComfyUI loads (rcmfn/models/lora_formats.py); None: no ComfyUI naming."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,6 +129,12 @@ class ModelSpec:
         if scale == 1.0:
             return base
         return lambda params, x, c_noise, cond: base(params, x, c_noise * scale, cond)
+
+    def diffusers_config(self) -> tuple[str, dict]:
+        """(diffusers class name, config entries) of this network; ValueError if the family has none."""
+        if self.family.diffusers_config is None:
+            raise ValueError(f"the {self.family.name} family has no diffusers transformer class to export to")
+        return self.family.diffusers_config(self.config)
 
     def random_init(self, module: nn.Module, generator: torch.Generator) -> nn.Module:
         return self.family.random_init(module, generator)

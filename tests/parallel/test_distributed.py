@@ -73,6 +73,9 @@ def test_unknown_key_layouts_fail_before_any_gpu_work(tmp_path):
     with pytest.raises(ValueError, match=r"teacher-layout: unknown key layout \['comfy'\]"):
         check_before_gpu(_config(tmp_path, random_init=False, teacher=teacher, teacher_layout="comfy"), world_size=1)
     check_before_gpu(_config(tmp_path, export_layouts=("comfy",), export=False), world_size=1)  # no export: unused
+    check_before_gpu(_config(tmp_path, export_layouts=("diffusers-folder",)), world_size=1)  # a folder, not a layout
+    with pytest.raises(ValueError, match=r"teacher-layout: unknown key layout \['diffusers-folder'\]"):
+        check_before_gpu(_config(tmp_path, random_init=False, teacher=teacher, teacher_layout="diffusers-folder"), 1)
 
 
 def test_cp_must_divide_the_tokens(tmp_path):
@@ -249,7 +252,7 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     assert stopped is not None and checkpoint.read_meta(stopped)["iteration"] == summary["iteration"]
     run_id = checkpoint.read_meta(stopped)["run_id"]
 
-    layouts = ["--distributed.export-layouts", "official", "diffusers"]
+    layouts = ["--distributed.export-layouts", "official", "diffusers", "diffusers-folder"]
     proc = _torchrun(tmp_path, iterations=summary["iteration"] + 2, extra=["--distributed.cp", "2", *layouts])
     output = proc.communicate(timeout=180)[0].decode()
     assert proc.returncode == 0, output[-3000:]
@@ -270,6 +273,12 @@ def test_torchrun_stops_at_sigterm_resumes_and_exports(tmp_path):
     ours = as_ours(exported, "official")
     assert set(diffusers) == {key_maps["diffusers"].from_ours(n) for n in ours}
     assert all(torch.equal(v, ours[k]) for k, v in as_ours(diffusers, "diffusers").items())
+    # The diffusers folder holds the same tensors, and diffusers' own from_pretrained takes it.
+    folder = load_file(run / "student_ema.diffusers" / "diffusion_pytorch_model.safetensors")
+    assert folder.keys() == diffusers.keys() and all(torch.equal(folder[k], v) for k, v in diffusers.items())
+    assert "sigma_max: 80" in (run / "student_ema.diffusers" / "README.md").read_text()
+    net = pytest.importorskip("diffusers").CosmosTransformer3DModel.from_pretrained(run / "student_ema.diffusers")
+    assert all(torch.equal(t, diffusers[k]) for k, t in net.state_dict().items())
     # The final checkpoint's EMA, read in this process without a process group (what sample --run and
     # convert do with a sharded run), is the exported EMA before its bf16 cast.
     assert not torch.distributed.is_initialized()

@@ -28,3 +28,23 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path):
         write_atomically(path, half_then_fail)
     assert path.read_bytes() == b"old complete content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.bin"]
+
+
+def test_a_folder_is_replaced_whole_and_a_failed_write_leaves_the_old_one(tmp_path):
+    from rcmfn.atomic import write_folder_atomically
+
+    def files(names):
+        return lambda tmp: [(tmp / n).write_text(n) for n in names]
+
+    folder = write_folder_atomically(tmp_path / "f", files(["a", "b"]))
+    write_folder_atomically(folder, files(["c"]))
+    assert sorted(p.name for p in folder.iterdir()) == ["c"]
+
+    def fail(tmp):
+        (tmp / "half").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_folder_atomically(folder, fail)
+    assert sorted(p.name for p in folder.iterdir()) == ["c"]
+    assert [p.name for p in tmp_path.iterdir()] == ["f"]

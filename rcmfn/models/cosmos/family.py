@@ -1,6 +1,7 @@
 """The Cosmos-Predict2 family's conventions (SPEC-models §2): see rcmfn.models.family."""
 
 from rcmfn.models.cosmos.configs import TIMESTEP_SCALE, CosmosConfig
+from rcmfn.models.cosmos.exports import comfyui_name, diffusers_config
 from rcmfn.models.cosmos.keys import KEY_MAPS
 from rcmfn.models.cosmos.model import CosmosDiT, init_random_, velocity_net
 from rcmfn.models.family import Family
@@ -51,4 +52,6 @@ COSMOS = Family(
     random_init=init_random_,
     flops=forward_flops,
     negative_prompt=None,  # all-zero text embedding (registry.unconditional_prompt)
+    diffusers_config=diffusers_config,
+    comfyui_name=comfyui_name,
 )

@@ -2,6 +2,7 @@
 
 from rcmfn.models.family import Family
 from rcmfn.models.wan.configs import NEGATIVE_PROMPT, WanConfig
+from rcmfn.models.wan.exports import comfyui_name, diffusers_config
 from rcmfn.models.wan.keys import key_maps
 from rcmfn.models.wan.model import WanModel, velocity_net
 
@@ -36,4 +37,6 @@ WAN = Family(
     random_init=lambda module, generator: module,  # the module's own init, as built
     flops=forward_flops,
     negative_prompt=NEGATIVE_PROMPT,
+    diffusers_config=diffusers_config,
+    comfyui_name=comfyui_name,
 )
