@@ -82,7 +82,10 @@ def test_wan_pipeline_with_our_scheduler_gives_rcmfns_latents(steps, pipeline_an
     expected = consistency_sample(denoise, params, noise, settings.trig_times(steps), cond)
     assert got.shape == expected.shape == noise.shape[1:]
     assert expected.abs().mean() > 0.1
-    assert h.max_relative_error(got, expected) <= 1e-5
+    # float32 on both sides, different operation orders (diffusers re-noises in its own sigma space): 2.4e-6
+    # to 9.3e-6 measured at 1-4 steps on one CPU; 4e-5 leaves room for another CPU's matmul kernels while a
+    # wrong time or parameterisation is off by 1e-3 or more (the pipeline's own unit noise: 1.4e-3 - 3e-2).
+    assert h.max_relative_error(got, expected) <= 4e-5
     assert pipe.scheduler.timesteps.tolist() == pytest.approx((1000.0 * settings.rf_times(steps)).tolist(), rel=1e-6)
 
 
