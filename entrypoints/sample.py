@@ -279,7 +279,9 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         raise ValueError("no prompts: pass --prompts or --prompt-file")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     frames, height, width = spec.pixel_shape  # the model's training size
-    shape = codecs.latent_shape(cfg.frames or frames, cfg.height or height, cfg.width or width)
+    shape = codecs.latent_shape(
+        cfg.frames or frames, cfg.height or height, cfg.width or width, spec.vae_stride, spec.channels
+    )
     student_path, ours = student_weights(cfg)
     if cfg.teacher is not None and not cfg.teacher.exists():  # fail before minutes of sampling, not after
         raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
@@ -353,7 +355,8 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
 
 def decode_and_write(cfg: SampleConfig, latents: dict, jobs: list, prompts: list, device, rows: dict) -> list:
     """VAE-decode every sampler's latents; one PNG/MP4 per sample and contact_sheet.png (first frames)."""
-    vae = codecs.load_vae(cfg.vae, device)
+    spec = get_spec(cfg.model)
+    vae = codecs.load_vae(cfg.vae, device, stride=spec.vae_stride, channels=spec.channels)
     files, sheet = [], {}
     for name, x0 in latents.items():
         start, first_frames = synced(device), []
