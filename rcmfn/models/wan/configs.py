@@ -77,5 +77,6 @@ WAN_TINY = WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=24)
 # vae_stride (4, 16, 16) at :17). The hub's diffusers config (Wan-AI/Wan2.2-TI2V-5B-Diffusers
 # transformer/config.json) says the same: in/out_channels 48, 24 heads x 128, ffn_dim 14336, 30 layers.
 WAN22_TI2V_5B = WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
-# Tiny Wan2.2-shaped net (48 channels; CPU tests and runs): three heads of dim 12 (RoPE 4/4/4).
-WAN22_TINY = WanConfig(dim=36, ffn_dim=40, num_heads=3, num_layers=2, text_dim=20, in_dim=48, out_dim=48)
+# Tiny Wan2.2-shaped net (48 channels; CPU tests and runs): four heads of dim 12 (RoPE 4/4/4), so that
+# context parallelism of 2 divides the heads.
+WAN22_TINY = WanConfig(dim=48, ffn_dim=40, num_heads=4, num_layers=2, text_dim=20, in_dim=48, out_dim=48)

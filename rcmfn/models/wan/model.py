@@ -236,7 +236,7 @@ class WanModel(nn.Module):
             raise ValueError(f"x must be [B, {cfg.in_dim}, T, H, W]; got {tuple(x.shape)}")
         if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True)):
             raise ValueError(f"x's T, H, W {tuple(x.shape[2:])} must divide by patch_size {cfg.patch_size}")
-        tokens = math.prod(s // p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True))
+        tokens = math.prod([s // p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True)])
         if timestep.shape not in ((x.shape[0],), (x.shape[0], tokens)):
             raise ValueError(
                 f"timestep must be [B] = [{x.shape[0]}] or per token [B, L] = [{x.shape[0]}, {tokens}]; "
