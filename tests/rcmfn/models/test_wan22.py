@@ -254,3 +254,16 @@ def test_compiled_per_token_forward_and_jvp_match_eager(reference_and_params):
     compiled = torch.compile(jvp, fullgraph=True)(x, per_token, *tangents)
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_exported_diffusers_file_loads_into_diffusers_strictly(tmp_path, reference_and_params):
+    """Our diffusers-layout export of the Wan2.2-shaped net is what diffusers itself loads (strict)."""
+    diffusers = pytest.importorskip("diffusers")
+    from safetensors.torch import load_file
+
+    reference, params = reference_and_params
+    export_checkpoint(params, tmp_path / "d.safetensors", key_maps(WAN22_TINY)["diffusers"])
+    fresh = diffusers.WanTransformer3DModel(**diffusers_kwargs(WAN22_TINY)).double()
+    fresh.load_state_dict(load_file(tmp_path / "d.safetensors"), strict=True)
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, reference.state_dict()[name]), name
