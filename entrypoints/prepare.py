@@ -170,9 +170,9 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
     items = list_inputs(cfg.input)
     default_frames, default_height, default_width = spec.pixel_shape  # the model's training size
     frames, height, width = cfg.frames or default_frames, cfg.height or default_height, cfg.width or default_width
-    shape = codecs.latent_shape(frames, height, width)
+    shape = codecs.latent_shape(frames, height, width, spec.vae_stride, spec.channels)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    vae = codecs.load_vae(cfg.vae, device)
+    vae = codecs.load_vae(cfg.vae, device, stride=spec.vae_stride, channels=spec.channels)
     encoder = codecs.load_text_encoder(cfg.text_encoder, device, torch.bfloat16, spec.text_len)
     if encoder.dim != spec.text_dim:
         raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")

@@ -35,6 +35,9 @@ class ModelPreset:
     """N_ref of rcmfn.losses.dmd_size_factor (lambda times sqrt(N_ref / N)); 0 = the official per-element DMD"""
     mid_times: tuple[float, ...] = PAPER_MID_TIMES
     """intermediate trig times of the multi-step student sampler (--mid-times default): the model's own"""
+    fps: int = 16
+    """frame rate of sampled videos (sample --fps default): Wan2.1's 16 (Wan-Video/Wan2.1
+    wan/configs/shared_config.py sample_fps)"""
 
 
 MODELS: dict[str, ModelPreset] = {
@@ -115,10 +118,30 @@ MODELS: dict[str, ModelPreset] = {
         sigma_max=800.0,  # paper Table 4 (sigma_max 80 / 80 / 800 for 0.6B / 2B / 14B)
         mid_times=PAPER_MID_TIMES,
     ),
+    # Wan2.2 TI2V-5B, text-to-video distillation (every token shares t; the image-to-video mode, first latent
+    # frame clean, is not trained: rcmfn/models/wan/ti2v.py, README). No official rCM experiment exists for
+    # the 5B (NVlabs/rcm ships Wan2.1 T2V 1.3B / 14B configs and a Wan2.2 A14B I2V inference script), so the
+    # optimiser and loop values are the nearest size's, the 1.3B experiment (SPEC-rcm §10.1).
+    "wan2.2-ti2v-5b": ModelPreset(
+        description="Wan2.2 TI2V-5B text-to-video, 121 frames of 1280 x 704 (1.3B experiment's recipe)",
+        iterations=100_000,  # 1.3B experiment (SPEC-rcm §10.1)
+        guidance=5.0,  # sample_guide_scale, Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py:35
+        # The paper's p_G rule (Table 4; SPEC-rcm §13.2), mean -0.8 + ln(T) / 2 = 0.917 at the registry's
+        # T = 31 latent frames (121 frames, wan_ti2v_5B.py:36).
+        p_G=LogNormal(0.9, 1.6),
+        p_D=UniformShift(5.0),  # the Wan recipe's shift 5, = the release's sample_shift (wan_ti2v_5B.py:33)
+        tangent_warmup=1000,  # 1.3B experiment
+        student_update_freq=5,  # 1.3B experiment
+        optim=OptimConfig(student_lr=2e-6, fake_lr=4e-7),  # 1.3B experiment
+        sigma_max=80.0,  # official Wan inference (NVlabs/rcm rcm/inference/wan2pt1_t2v_rcm_infer.py:73)
+        mid_times=BACKWARD_TIMESTEPS,  # same script :145
+        fps=24,  # sample_fps, wan_ti2v_5B.py:32
+    ),
 }
 # The registry's tiny nets (CPU runs and tests) train with their family's recipe.
 MODELS["wan-tiny"] = replace(MODELS["wan1.3b"], description="tiny random Wan2.1-architecture net (CPU tests)")
 MODELS["cosmos-tiny"] = replace(MODELS["cosmos2b"], description="tiny random Cosmos-architecture net (CPU tests)")
+MODELS["wan2.2-tiny"] = replace(MODELS["wan2.2-ti2v-5b"], description="tiny random Wan2.2 TI2V-shaped net (CPU tests)")
 
 
 def get_preset(name: str) -> ModelPreset:

@@ -100,8 +100,8 @@ class SampleConfig:
     frames: int | None = None
     """pixel frames, 1 + 4k; 1 writes PNG, more MP4 (default: the model's training frames: Wan 1.3B 77,
     14B 81, Cosmos T2I 1)"""
-    fps: int = 16
-    """MP4 frame rate"""
+    fps: int | None = None
+    """MP4 frame rate (default: the model preset's, Wan2.1 16, Wan2.2 TI2V-5B 24)"""
     dtype: Literal["bfloat16", "float32", "float64"] = "bfloat16"
     """network weights dtype (real models)"""
     device: str | None = None
@@ -120,7 +120,7 @@ class SampleConfig:
                 f"steps must lie in 1..{len(mid_times) + 1} (one more than the mid times {mid_times}); got {self.steps}"
             )
         for name in ("teacher_steps", "batch", "fps"):
-            if getattr(self, name) < (0 if name == "teacher_steps" else 1):
+            if getattr(self, name) is not None and getattr(self, name) < (0 if name == "teacher_steps" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'teacher_steps' else 1}; got {getattr(self, name)}")
         if self.checkpoint is not None and self.run is not None:
             raise ValueError("give either --run or --checkpoint, not both")
@@ -279,7 +279,9 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         raise ValueError("no prompts: pass --prompts or --prompt-file")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     frames, height, width = spec.pixel_shape  # the model's training size
-    shape = codecs.latent_shape(cfg.frames or frames, cfg.height or height, cfg.width or width)
+    shape = codecs.latent_shape(
+        cfg.frames or frames, cfg.height or height, cfg.width or width, spec.vae_stride, spec.channels
+    )
     student_path, ours = student_weights(cfg)
     if cfg.teacher is not None and not cfg.teacher.exists():  # fail before minutes of sampling, not after
         raise FileNotFoundError(f"teacher checkpoint not found: {cfg.teacher}")
@@ -345,15 +347,18 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     save_file({slug(n): x.contiguous() for n, x in latents.items()}, cfg.output / "latents.safetensors")
     report = {"prompts": prompts, "jobs": jobs, "rows": rows, "latent_shape": list(shape)}
     if cfg.vae is not None:
-        report["files"] = decode_and_write(cfg, latents, jobs, prompts, device, rows)
+        report["files"] = decode_and_write(cfg, spec, latents, jobs, prompts, device, rows)
     write_json_atomically(cfg.output / "timings.json", report, indent=2, ensure_ascii=False)
     report["table"] = speedup_table(rows, teacher)
     return report
 
 
-def decode_and_write(cfg: SampleConfig, latents: dict, jobs: list, prompts: list, device, rows: dict) -> list:
+def decode_and_write(
+    cfg: SampleConfig, spec: ModelSpec, latents: dict, jobs: list, prompts: list, device, rows: dict
+) -> list:
     """VAE-decode every sampler's latents; one PNG/MP4 per sample and contact_sheet.png (first frames)."""
-    vae = codecs.load_vae(cfg.vae, device)
+    vae = codecs.load_vae(cfg.vae, device, stride=spec.vae_stride, channels=spec.channels)
+    fps = cfg.fps or (PRESETS[cfg.model].fps if cfg.model in PRESETS else 16)
     files, sheet = [], {}
     for name, x0 in latents.items():
         start, first_frames = synced(device), []
@@ -361,7 +366,7 @@ def decode_and_write(cfg: SampleConfig, latents: dict, jobs: list, prompts: list
             for j, pixels in enumerate(vae.decode(x0[i : i + cfg.batch]).cpu(), start=i):
                 frames = media.to_uint8(pixels)
                 stem = cfg.output / name.split(" (")[0].replace(" ", "-") / f"p{jobs[j][0]:03d}-s{jobs[j][1]}"
-                files.append(str(media.write_media(stem, frames, cfg.fps)))
+                files.append(str(media.write_media(stem, frames, fps)))
                 first_frames.append(frames[0])
         rows[name]["decode_seconds_per_sample"] = (synced(device) - start) / x0.shape[0]
         sheet[name] = first_frames

@@ -63,7 +63,9 @@ DATASET_FILES = (MANIFEST, "negative.safetensors", SETTINGS, "toy.json", "prepar
 
 def latent_shape(cfg, spec: ModelSpec) -> tuple[int, int, int, int]:
     frames, height, width = spec.pixel_shape  # the model's training size, as prepare's media path
-    return codecs.latent_shape(cfg.frames or frames, cfg.height or height, cfg.width or width)
+    return codecs.latent_shape(
+        cfg.frames or frames, cfg.height or height, cfg.width or width, spec.vae_stride, spec.channels
+    )
 
 
 def teacher_settings(cfg, spec: ModelSpec) -> dict:

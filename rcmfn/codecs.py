@@ -1,7 +1,8 @@
-"""Text encoders (T5-XXL, umT5-XXL) and the Wan2.1 VAE through transformers / diffusers, local weights only.
+"""Text encoders (T5-XXL, umT5-XXL) and the Wan VAEs through transformers / diffusers, local weights only.
 
-SPEC-models §4 (Cosmos: T5-XXL 1024-d; Wan: umT5-XXL 4096-d; 512 tokens, padded rows zero; both
-families: the Wan2.1 VAE, stride (4, 8, 8), latents normalised per channel), SPEC-rcm §11.2 (the
+SPEC-models §4 (Cosmos: T5-XXL 1024-d; Wan: umT5-XXL 4096-d; 512 tokens, padded rows zero; Wan2.1 and
+Cosmos: the Wan2.1 VAE, stride (4, 8, 8); Wan2.2 TI2V-5B: the Wan2.2 VAE, stride (4, 16, 16), 48
+channels; latents normalised per channel), SPEC-rcm §11.2 (the
 negative prompt's embedding is CFG's uncondition). Installed by the `media` extra. Nothing here
 downloads: every load is `local_files_only` from a folder the caller names, in the Hugging Face
 layout of the "-Diffusers" releases (the repo root with text_encoder/, tokenizer/, vae/, or one of
@@ -124,23 +125,34 @@ def load_text_encoder(
     return TextEncoder(tokenizer, model.to(device).eval(), max_length)
 
 
-def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(C, T, H, W) of the VAE latent of `frames` x `height` x `width` pixels. SPEC-models §3.4, §4."""
-    s_t, s_h, s_w = VAE_STRIDE
+def latent_shape(
+    frames: int,
+    height: int,
+    width: int,
+    stride: tuple[int, int, int] = VAE_STRIDE,
+    channels: int = LATENT_CHANNELS,
+) -> tuple[int, int, int, int]:
+    """(C, T, H, W) of the VAE latent of `frames` x `height` x `width` pixels. SPEC-models §3.4, §4.
+
+    Defaults: the Wan2.1 VAE; the Wan2.2 VAE is stride (4, 16, 16), 48 channels (`ModelSpec.vae_stride`).
+    """
+    s_t, s_h, s_w = stride
     if frames < 1 or (frames - 1) % s_t:
-        raise ValueError(f"frames must be 1 + {s_t} k (1, 5, ..., 81); got {frames}")
+        raise ValueError(f"frames must be 1 + {s_t} k (1, {1 + s_t}, {1 + 2 * s_t}, ...); got {frames}")
     if height < s_h or width < s_w or height % s_h or width % s_w:
         raise ValueError(f"height and width must be positive multiples of {s_h}; got {height} x {width}")
-    return LATENT_CHANNELS, 1 + (frames - 1) // s_t, height // s_h, width // s_w
+    return channels, 1 + (frames - 1) // s_t, height // s_h, width // s_w
 
 
 @dataclass
 class Vae:
-    """The Wan2.1 VAE with its per-channel latent normalisation z = (mu - mean) / std. SPEC-models §4."""
+    """A Wan VAE (2.1, or 2.2 with `stride` (4, 16, 16)) with its per-channel latent normalisation
+    z = (mu - mean) / std. SPEC-models §4."""
 
     model: torch.nn.Module
     mean: torch.Tensor  # [C] float32
     std: torch.Tensor  # [C] float32
+    stride: tuple[int, int, int] = VAE_STRIDE
 
     def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         view = (1, -1, 1, 1, 1)
@@ -148,10 +160,10 @@ class Vae:
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, T, H/8, W/8] float32 (posterior mean)."""
+        """Pixels [B, 3, F, H, W] in [-1, 1] -> normalised latents [B, C, T, H/s, W/s] float32 (posterior mean)."""
         if pixels.dim() != 5 or pixels.shape[1] != 3:
             raise ValueError(f"pixels must be [B, 3, F, H, W]; got {tuple(pixels.shape)}")
-        latent_shape(*pixels.shape[2:])
+        latent_shape(*pixels.shape[2:], self.stride)
         weight = next(self.model.parameters())
         mu = self.model.encode(pixels.to(weight.device, weight.dtype)).latent_dist.mean.float()
         mean, std = self._stats(mu)
@@ -159,7 +171,7 @@ class Vae:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Normalised latents [B, C, T, H, W] -> pixels [B, 3, 1 + 4 (T - 1), 8 H, 8 W] float32 in [-1, 1]."""
+        """Normalised latents [B, C, T, H, W] -> pixels [B, 3, 1 + 4 (T - 1), s H, s W] float32 in [-1, 1]."""
         if latents.dim() != 5 or latents.shape[1] != self.mean.numel():
             raise ValueError(f"latents must be [B, {self.mean.numel()}, T, H, W]; got {tuple(latents.shape)}")
         weight = next(self.model.parameters())
@@ -169,20 +181,30 @@ class Vae:
 
 
 def load_vae(
-    path: str | os.PathLike | None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    path: str | os.PathLike | None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    stride: tuple[int, int, int] = VAE_STRIDE,
+    channels: int = LATENT_CHANNELS,
 ) -> Vae:
-    """The diffusers AutoencoderKLWan in a local folder (a release root with vae/, or the vae/ folder)."""
+    """The diffusers AutoencoderKLWan in a local folder (a release root with vae/, or the vae/ folder).
+
+    `stride` and `channels` are what the model needs (`ModelSpec.vae_stride`, `.channels`): the Wan2.1 VAE
+    by default, (4, 16, 16) and 48 for the Wan2.2 VAE (Wan-AI/Wan2.2-TI2V-5B-Diffusers vae/config.json:
+    z_dim 48, scale_factor_spatial 16, patch_size 2, is_residual). A folder holding another VAE raises.
+    """
     folder = resolve_folder(path, "vae", "VAE", "--vae")
     model = require("diffusers").AutoencoderKLWan.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
     cfg = model.config
     strides = (cfg.scale_factor_temporal, cfg.scale_factor_spatial, cfg.scale_factor_spatial)
-    if strides != VAE_STRIDE or len(cfg.latents_mean) != cfg.z_dim or len(cfg.latents_std) != cfg.z_dim:
+    stats_ok = len(cfg.latents_mean) == len(cfg.latents_std) == cfg.z_dim
+    if strides != tuple(stride) or cfg.z_dim != channels or not stats_ok:
         raise ValueError(
-            f"{folder}: not a Wan2.1 VAE (strides {strides}, want {VAE_STRIDE}; z_dim {cfg.z_dim} "
-            f"with {len(cfg.latents_mean)} means and {len(cfg.latents_std)} stds)"
+            f"{folder}: not the model's VAE (strides {strides}, want {tuple(stride)}; z_dim {cfg.z_dim}, want "
+            f"{channels}, with {len(cfg.latents_mean)} means and {len(cfg.latents_std)} stds)"
         )
     stats = [torch.tensor(v, dtype=torch.float32) for v in (cfg.latents_mean, cfg.latents_std)]
-    return Vae(model.to(device).eval(), *stats)
+    return Vae(model.to(device).eval(), *stats, tuple(stride))
 
 
 def write_tiny_text_encoder(folder: str | os.PathLike, kind: str = "umt5", dim: int = 24, seed: int = 0) -> Path:
@@ -216,7 +238,9 @@ def write_tiny_text_encoder(folder: str | os.PathLike, kind: str = "umt5", dim: 
 
 
 def write_tiny_vae(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Save a tiny random Wan2.1-shaped VAE (16 latent channels, stride 4/8/8) as folder/vae (tests, demos)."""
+    """Save a tiny random Wan2.1-shaped VAE (16 latent channels, stride 4/8/8) as folder/vae (tests, demos).
+
+    The Wan2.2 layout (48 channels, stride 4/16/16): rcmfn.tiny_codecs.write_tiny_wan22_vae."""
     diffusers = require("diffusers")
     torch.manual_seed(seed)
     model = diffusers.AutoencoderKLWan(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2, 2, 2], num_res_blocks=1)

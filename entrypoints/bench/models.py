@@ -26,7 +26,17 @@ from rcmfn.tangent import dual_jvp
 
 # The registry's specs: their default shapes are the training shapes; the tiny ones run on the CPU.
 CONFIGS: dict[str, ModelSpec] = {
-    name: MODELS[name] for name in ("wan1.3b", "wan14b", "cosmos2b", "cosmos14b", "wan-tiny", "cosmos-tiny")
+    name: MODELS[name]
+    for name in (
+        "wan1.3b",
+        "wan14b",
+        "cosmos2b",
+        "cosmos14b",
+        "wan2.2-ti2v-5b",
+        "wan-tiny",
+        "cosmos-tiny",
+        "wan2.2-tiny",
+    )
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 ROWS = (

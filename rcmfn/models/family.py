@@ -73,6 +73,10 @@ class ModelSpec:
     """Text tokens per sample fed to cross-attention (zero-padded)."""
     text_dim: int
     """Width of the text-encoder states the net takes."""
+    vae_stride: tuple[int, int, int] = (4, 8, 8)
+    """(time, height, width) compression of the family's VAE: the Wan2.1 VAE's (4, 8, 8), which Wan2.1 and
+    Cosmos-Predict2 use (SPEC-models §3.4, §4); the Wan2.2 VAE's (4, 16, 16) for Wan2.2 TI2V-5B
+    (Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py:17)."""
 
     @property
     def build(self) -> Callable[..., nn.Module]:
@@ -100,11 +104,10 @@ class ModelSpec:
 
     @property
     def pixel_shape(self) -> tuple[int, int, int]:
-        """(frames, height, width) in pixels of `latent_shape` through the Wan2.1 VAE that both families
-        use (stride 4 in time with the first frame kept, 8 in space; SPEC-models §3.4, §4):
-        1 + 4 (T - 1) frames of 8 H x 8 W."""
-        _, T, H, W = self.latent_shape
-        return 1 + 4 * (T - 1), 8 * H, 8 * W
+        """(frames, height, width) in pixels of `latent_shape` through the spec's VAE (the first frame
+        kept, then `vae_stride`; SPEC-models §3.4, §4): 1 + 4 (T - 1) frames of 8 H x 8 W for Wan2.1's."""
+        (_, T, H, W), (s_t, s_h, s_w) = self.latent_shape, self.vae_stride
+        return 1 + s_t * (T - 1), s_h * H, s_w * W
 
     def tokens(self, latent_shape: tuple[int, ...] | None = None) -> int:
         """Tokens of one sample of a [C, T, H, W] latent (default: `latent_shape`): T H W over the patch."""

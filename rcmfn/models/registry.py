@@ -14,7 +14,7 @@ from rcmfn.models.checkpoint import FP32_PATTERNS_ATTR, LoadReport, load_into_me
 from rcmfn.models.cosmos.configs import COSMOS_2B_T2I, COSMOS_2B_V2W, COSMOS_14B_T2I, COSMOS_14B_V2W, TINY_T2I
 from rcmfn.models.cosmos.family import COSMOS
 from rcmfn.models.family import Family, ModelSpec
-from rcmfn.models.wan.configs import WAN_1_3B, WAN_14B, WAN_TINY
+from rcmfn.models.wan.configs import WAN22_TI2V_5B, WAN22_TINY, WAN_1_3B, WAN_14B, WAN_TINY
 from rcmfn.models.wan.family import WAN
 
 __all__ = ["MODELS", "Family", "ModelSpec", "build_model", "cast_params", "get_spec", "random_model", "trainable_spec"]
@@ -31,6 +31,10 @@ WAN_14B_480P_LATENT = (16, 21, 60, 104)
 # 720p, 93 frames of 1280 x 704 -> 16 x 24 x 88 x 160 (needs a condition mask, see CosmosDiT).
 COSMOS_1024PX_LATENT = (16, 1, 128, 128)
 COSMOS_720P_LATENT = (16, 24, 88, 160)
+# Wan2.2 TI2V-5B at its release size, 121 frames of 1280 x 704 (wan/configs/wan_ti2v_5B.py:36,
+# wan/configs/__init__.py SUPPORTED_SIZES 'ti2v-5B') through the Wan2.2 VAE (4, 16, 16): 48 x 31 x 44 x 80.
+WAN22_720P_LATENT = (48, 31, 44, 80)
+WAN22_VAE_STRIDE = (4, 16, 16)
 
 MODELS: dict[str, ModelSpec] = {
     "wan1.3b": ModelSpec(WAN, WAN_1_3B, WAN_1_3B_480P_LATENT, 512, 4096),
@@ -39,10 +43,12 @@ MODELS: dict[str, ModelSpec] = {
     "cosmos14b": ModelSpec(COSMOS, COSMOS_14B_T2I, COSMOS_1024PX_LATENT, 512, 1024),
     "cosmos2b-video": ModelSpec(COSMOS, COSMOS_2B_V2W, COSMOS_720P_LATENT, 512, 1024),
     "cosmos14b-video": ModelSpec(COSMOS, COSMOS_14B_V2W, COSMOS_720P_LATENT, 512, 1024),
+    "wan2.2-ti2v-5b": ModelSpec(WAN, WAN22_TI2V_5B, WAN22_720P_LATENT, 512, 4096, WAN22_VAE_STRIDE),
     # Tiny random-weight nets of each family, for tests, benchmarks' CPU smoke runs and CPU distillation
     # runs: ordinary entries, so every code path treats them as the real ones.
     "wan-tiny": ModelSpec(WAN, WAN_TINY, (16, 3, 8, 12), 12, WAN_TINY.text_dim),
     "cosmos-tiny": ModelSpec(COSMOS, TINY_T2I, (16, 2, 8, 12), 12, TINY_T2I.text_dim),
+    "wan2.2-tiny": ModelSpec(WAN, WAN22_TINY, (48, 2, 4, 6), 12, WAN22_TINY.text_dim, WAN22_VAE_STRIDE),
 }
 
 

@@ -20,7 +20,7 @@ from rcmfn.loop import LoopConfig, Networks, OptimConfig, train_iteration
 from rcmfn.models.cosmos import CosmosDiT, init_random_
 from rcmfn.models.cosmos import velocity_net as cosmos_velocity_net
 from rcmfn.models.cosmos.configs import TINY_T2I
-from rcmfn.models.wan import WAN_TINY, WanModel
+from rcmfn.models.wan import WAN22_TINY, WAN_TINY, WanModel
 from rcmfn.models.wan import velocity_net as wan_velocity_net
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.step import LossConfig
@@ -30,6 +30,9 @@ DTYPE = torch.float64
 DEVICE = torch.device("cpu")
 # (latent [C, T, H, W], text [L, D], timestep scale): token grids 2x2x2 (Wan) and 1x2x2 (Cosmos).
 SHAPES = {"wan": ((16, 2, 4, 4), (3, 24), 1000.0), "cosmos": ((16, 1, 4, 4), (3, 24), 1.0)}
+# Wan2.2 TI2V-5B's architecture at tiny size (48 latent channels), trained text-to-video like Wan2.1.
+SHAPES["wan2.2"] = ((48, 2, 4, 4), (3, 20), 1000.0)
+WAN_CONFIGS = {"wan": WAN_TINY, "wan2.2": WAN22_TINY}
 
 
 def free_port() -> int:
@@ -59,8 +62,8 @@ def use(device: str | torch.device, dtype: torch.dtype) -> None:
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny Wan or Cosmos net (DTYPE, DEVICE) with weights fixed by `seed` (identical on every rank)."""
     torch.manual_seed(seed)
-    if family == "wan":
-        return WanModel(WAN_TINY).to(DEVICE, DTYPE)
+    if family in WAN_CONFIGS:
+        return WanModel(WAN_CONFIGS[family]).to(DEVICE, DTYPE)
     model = CosmosDiT(TINY_T2I).to(torch.float64)
     return init_random_(model, torch.Generator().manual_seed(seed)).to(DEVICE, DTYPE)
 
@@ -88,7 +91,7 @@ def three_nets(family: str):
 def plain_networks(student, teacher, fake, family: str) -> Networks:
     """The single-process rcmfn path: functional_call velocity nets, default torch.func.jvp tangent."""
     scale = SHAPES[family][2] / 1000.0
-    vnet = {"wan": wan_velocity_net, "cosmos": cosmos_velocity_net}[family]
+    vnet = {"wan": wan_velocity_net, "wan2.2": wan_velocity_net, "cosmos": cosmos_velocity_net}[family]
 
     def denoiser(module):
         net = vnet(module)

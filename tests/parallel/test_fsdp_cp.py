@@ -24,13 +24,14 @@ from tests.parallel.parallel_harness import (
 )
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic (tangent_warmup 1, F = 2)
-# name: (world, ParallelDims kwargs, activation checkpointing, families). One spawned group per world
+# name: (world, ParallelDims kwargs, activation checkpointing, families; "wan2.2": the Wan2.2 TI2V-5B
+# architecture at tiny size, trained text-to-video). One spawned group per world
 # size runs all of its cases (process start-up dominates the cost on a 2-core CPU). "_compile": blocks
 # compiled per block with inductor, the tangent pass through their compiled JVP graphs (block_jvp.py).
 CASES = {
-    "fsdp2": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
+    "fsdp2": (2, {"dp_shard": 2}, "none", ("wan", "cosmos", "wan2.2")),
     "fsdp2_compile": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
-    "cp2": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos")),
+    "cp2": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos", "wan2.2")),
     "cp2_compile": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos")),
     "fsdp2_ac_full": (2, {"dp_shard": 2}, "full", ("wan",)),
     "cp2_ac_mm_only": (2, {"dp_shard": 1, "cp": 2}, "mm_only", ("cosmos",)),
@@ -92,7 +93,7 @@ def sharded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    return {family: train(family, STEPS) for family in ("wan", "cosmos")}
+    return {family: train(family, STEPS) for family in ("wan", "cosmos", "wan2.2")}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

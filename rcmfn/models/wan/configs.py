@@ -1,4 +1,4 @@
-"""Wan2.1 T2V DiT architectures: the 1.3B and 14B releases and a tiny test model, as frozen configs.
+"""Wan DiT architectures: Wan2.1 T2V 1.3B and 14B, Wan2.2 TI2V-5B and tiny test models, as frozen configs.
 
 SPEC-models §3.1 (hyperparameters), §5 (the tiny config the equivalence test uses).
 """
@@ -70,3 +70,13 @@ WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 # SPEC-models §5: two heads of dim 16 (RoPE split 8/4/4), text width 24, two blocks.
 WAN_TINY = WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=24)
+
+# Wan2.2 TI2V-5B (Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py:20-29: patch (1, 2, 2), dim 3072, ffn 14336,
+# freq_dim 256, 24 heads, 30 layers, qk_norm, cross_attn_norm, eps 1e-6; text_len 512 and umT5-XXL from
+# shared_config.py:9-11): the Wan2.1 block, 48 latent channels in and out (the Wan2.2 VAE's z_dim,
+# vae_stride (4, 16, 16) at :17). The hub's diffusers config (Wan-AI/Wan2.2-TI2V-5B-Diffusers
+# transformer/config.json) says the same: in/out_channels 48, 24 heads x 128, ffn_dim 14336, 30 layers.
+WAN22_TI2V_5B = WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, in_dim=48, out_dim=48)
+# Tiny Wan2.2-shaped net (48 channels; CPU tests and runs): four heads of dim 12 (RoPE 4/4/4), so that
+# context parallelism of 2 divides the heads.
+WAN22_TINY = WanConfig(dim=48, ffn_dim=40, num_heads=4, num_layers=2, text_dim=20, in_dim=48, out_dim=48)

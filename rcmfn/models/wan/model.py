@@ -138,6 +138,18 @@ class Attention(nn.Module):
         return self.o(out.flatten(2))
 
 
+def modulation_terms(table: Tensor, e: Tensor) -> tuple[Tensor, ...]:
+    """The rows of table (1, n, D) + e, each broadcastable against the tokens (B, L, D).
+
+    e is (B, n, D) for one timestep per sample (Wan2.1), each row then (B, 1, D); or (B, L, n, D) for a
+    timestep per token (Wan2.2 TI2V: Wan-Video/Wan2.2 wan/modules/model.py:239 and :287 add the table
+    to e[:, :, None]-shaped per-token embeddings), each row then (B, L, D).
+    """
+    if e.dim() == 3:
+        return (table + e).chunk(table.shape[1], dim=1)
+    return (table[:, None] + e).unbind(dim=2)
+
+
 class WanBlock(nn.Module):
     """One DiT block: modulated self-attention, plain cross-attention, modulated FFN. SPEC §3.2 step 4."""
 
@@ -153,9 +165,10 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x: Tensor, e0: Tensor, context: Tensor, rope_cos: Tensor, rope_sin: Tensor) -> Tensor:
-        """x (B, L, D) residual stream and e0 (B, 6, D) in the wide dtype; context (B, Lc, D) in act."""
+        """x (B, L, D) residual stream and e0 (B, 6, D), or per token (B, L, 6, D), in the wide dtype;
+        context (B, Lc, D) in act."""
         act = context.dtype
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.to(x.dtype) + e0).chunk(6, dim=1)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = modulation_terms(self.modulation.to(x.dtype), e0)
         y = (layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa).to(act)
         x = x + self.self_attn(y, y, (rope_cos, rope_sin)).to(x.dtype) * gate_sa
         y = layer_norm(x, self.eps, self.norm3.weight, self.norm3.bias).to(act)
@@ -176,7 +189,9 @@ class Head(nn.Module):
 class WanModel(nn.Module):
     """Wan2.1 T2V DiT: forward(x [B,16,T,H,W], timestep [B] = 1000 r, context [B,Lc,4096]) -> v.
 
-    SPEC-models §3.2. `attention_fn` defaults to `ops.attention` (B, S, H, D).
+    SPEC-models §3.2. `attention_fn` defaults to `ops.attention` (B, S, H, D). Also Wan2.2 TI2V-5B
+    (48 channels, configs.WAN22_TI2V_5B), which may take a timestep per token, [B, L] in the tokens'
+    t-major order (its image-to-video mode gives the clean first frame's tokens timestep 0).
     """
 
     # Parameters the release computes in float32 (time MLP, modulation tables, norms): they stay
@@ -221,17 +236,26 @@ class WanModel(nn.Module):
             raise ValueError(f"x must be [B, {cfg.in_dim}, T, H, W]; got {tuple(x.shape)}")
         if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True)):
             raise ValueError(f"x's T, H, W {tuple(x.shape[2:])} must divide by patch_size {cfg.patch_size}")
-        if timestep.shape != (x.shape[0],):
-            raise ValueError(f"timestep must be [B] = [{x.shape[0]}]; got {tuple(timestep.shape)}")
+        tokens = math.prod([s // p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True)])
+        if timestep.shape not in ((x.shape[0],), (x.shape[0], tokens)):
+            raise ValueError(
+                f"timestep must be [B] = [{x.shape[0]}] or per token [B, L] = [{x.shape[0]}, {tokens}]; "
+                f"got {tuple(timestep.shape)}"
+            )
         if context.dim() != 3 or context.shape[0] != x.shape[0] or context.shape[2] != cfg.text_dim:
             raise ValueError(f"context must be [{x.shape[0]}, Lc, {cfg.text_dim}]; got {tuple(context.shape)}")
 
     def time_embeddings(self, timestep: Tensor, wide: torch.dtype) -> tuple[Tensor, Tensor]:
-        """e (B, D) and e0 (B, 6, D) in the wide dtype. SPEC-models §3.2 step 2, SPEC-rcm §8.4."""
-        sinusoid = timestep_sinusoid(timestep, self.cfg.freq_dim, self.sinusoid_dtype).to(wide)
+        """e (B, D) and e0 (B, 6, D) in the wide dtype. SPEC-models §3.2 step 2, SPEC-rcm §8.4.
+
+        A per-token timestep [B, L] (Wan2.2 TI2V) gives e (B, L, D) and e0 (B, L, 6, D): the same MLP on
+        every token's own sinusoid (Wan-Video/Wan2.2 wan/modules/model.py:460-468).
+        """
+        sinusoid = timestep_sinusoid(timestep.flatten(), self.cfg.freq_dim, self.sinusoid_dtype).to(wide)
         e = wide_linear(F.silu(wide_linear(sinusoid, self.time_embedding[0], wide)), self.time_embedding[2], wide)
         e0 = wide_linear(F.silu(e), self.time_projection[1], wide)
-        return e, e0.unflatten(1, (6, -1))
+        e, e0 = e.unflatten(0, timestep.shape), e0.unflatten(0, timestep.shape)
+        return e, e0.unflatten(-1, (6, -1))
 
     def forward(self, x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
         """Velocity v (B, out_dim, T, H, W) in the wide dtype. SPEC-models §3.2."""
@@ -248,7 +272,7 @@ class WanModel(nn.Module):
         rope_cos, rope_sin = torch.cos(angles).to(wide), torch.sin(angles).to(wide)
         for block in self.blocks:
             h = block(h, e0, c, rope_cos, rope_sin)
-        shift, scale = (self.head.modulation.to(wide) + e[:, None, :]).chunk(2, dim=1)
+        shift, scale = modulation_terms(self.head.modulation.to(wide), e[..., None, :])
         out = wide_linear(layer_norm(h, cfg.eps) * (1 + scale) + shift, self.head.head, wide)
         return unpatchify(out, grid, cfg.patch_size)
 
