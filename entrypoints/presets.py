@@ -35,6 +35,8 @@ class ModelPreset:
     """N_ref of rcmfn.losses.dmd_size_factor (lambda times sqrt(N_ref / N)); 0 = the official per-element DMD"""
     mid_times: tuple[float, ...] = PAPER_MID_TIMES
     """intermediate trig times of the multi-step student sampler (--mid-times default): the model's own"""
+    teacher_shift: float = 5.0
+    """time shift of the teacher's Euler sampler (entrypoints/sample.py --shift default): Wan's 5.0"""
 
 
 MODELS: dict[str, ModelPreset] = {
@@ -116,9 +118,21 @@ MODELS: dict[str, ModelPreset] = {
         mid_times=PAPER_MID_TIMES,
     ),
 }
+# Wan2.1 I2V 14B. The rCM paper and NVlabs/rcm release no Wan2.1 I2V recipe, so the distillation values are
+# the T2V 14B experiment's (above; same transformer width and depth). The sampling values are the official
+# I2V generator's (Wan-Video/Wan2.1 generate.py): guidance 5.0 (--sample_guide_scale default, :242-246),
+# shift 3.0 at 832 x 480 and 5.0 otherwise (:76-79, "recommended ... 480p ... 3.0" in
+# wan/image2video.py:159); 81 frames (:84-85) and the sizes are the registry's latent shapes.
+MODELS["wan-i2v-14b-480p"] = replace(
+    MODELS["wan14b"], description="Wan2.1 I2V 14B 480p (T2V 14B recipe; official I2V sampling)", teacher_shift=3.0
+)
+MODELS["wan-i2v-14b-720p"] = replace(
+    MODELS["wan14b"], description="Wan2.1 I2V 14B 720p (T2V 14B recipe; official I2V sampling)", teacher_shift=5.0
+)
 # The registry's tiny nets (CPU runs and tests) train with their family's recipe.
 MODELS["wan-tiny"] = replace(MODELS["wan1.3b"], description="tiny random Wan2.1-architecture net (CPU tests)")
 MODELS["cosmos-tiny"] = replace(MODELS["cosmos2b"], description="tiny random Cosmos-architecture net (CPU tests)")
+MODELS["wan-i2v-tiny"] = replace(MODELS["wan-i2v-14b-480p"], description="tiny random Wan2.1 I2V net (CPU tests)")
 
 
 def get_preset(name: str) -> ModelPreset:

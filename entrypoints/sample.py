@@ -88,7 +88,7 @@ class SampleConfig:
     """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1; default: the
     run's / preset's)"""
     shift: float | None = None
-    """teacher time shift (default 5.0; toy 1.0)"""
+    """teacher time shift (default: the model preset's, 5.0 for Wan T2V, 3.0 for I2V 480p; toy 1.0)"""
     seeds: tuple[int, ...] = (0,)
     """noise seeds; every prompt is sampled once per seed, all samplers from the same noise"""
     batch: int = 1
@@ -325,7 +325,8 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         guidance = (
             cfg.guidance if cfg.guidance is not None else (PRESETS[cfg.model].guidance if cfg.model in PRESETS else 5.0)
         )
-        rf = teacher_rf_times(cfg.teacher_steps, 5.0 if cfg.shift is None else cfg.shift, sigma_max)
+        preset_shift = PRESETS[cfg.model].teacher_shift if cfg.model in PRESETS else 5.0
+        rf = teacher_rf_times(cfg.teacher_steps, preset_shift if cfg.shift is None else cfg.shift, sigma_max)
         denoise, params = load_denoiser(spec, cfg.teacher, False, cfg, device)
         teacher = f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"
         latents[teacher], seconds = run_sampler(

@@ -48,6 +48,10 @@ class Family:
     random-init runs (Wan: its own init as built, which draws from torch's global generator)."""
     flops: Callable[[Any, int, int], tuple[float, float]]
     """(config, tokens, text tokens) -> (linear FLOPs, attention FLOPs) of one forward of one sample."""
+    random_condition: Callable[[Any, torch.Tensor, tuple[int, ...], torch.Generator], Any] | None = None
+    """(config, text [B, L, D], latent shape (C, T, H, W), generator) -> a random sample's condition for
+    benchmarks and smoke runs, where the net reads more than the text (rcmfn.condition; Wan I2V's image
+    condition); None: the text itself."""
     negative_prompt: str | None = None
     """The teacher's unconditional text when the user gives none: this prompt's encoding (Wan's default
     negative prompt), or None for an all-zero text embedding (Cosmos; registry.unconditional_prompt)."""
@@ -123,6 +127,12 @@ class ModelSpec:
         if scale == 1.0:
             return base
         return lambda params, x, c_noise, cond: base(params, x, c_noise * scale, cond)
+
+    def random_condition(self, text: torch.Tensor, generator: torch.Generator, latent_shape=None):
+        """The condition net(params, x, t, cond) takes for `text` [B, L, D], with random extras where the
+        family has them (`Family.random_condition`), at `latent_shape` (default: the spec's)."""
+        make = self.family.random_condition
+        return text if make is None else make(self.config, text, latent_shape or self.latent_shape, generator)
 
     def random_init(self, module: nn.Module, generator: torch.Generator) -> nn.Module:
         return self.family.random_init(module, generator)

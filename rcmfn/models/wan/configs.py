@@ -100,7 +100,14 @@ WAN_I2V_14B = WanConfig(
 )
 # A tiny I2V net for tests and CPU smoke runs: WAN_TINY's shape with a 20-wide image state of 5 tokens.
 WAN_I2V_TINY = WanConfig(
-    dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=24, in_dim=36, image_dim=20, image_tokens=5,
+    dim=32,
+    ffn_dim=48,
+    num_heads=2,
+    num_layers=2,
+    text_dim=24,
+    in_dim=36,
+    image_dim=20,
+    image_tokens=5,
     condition_channels=20,
 )
 # The I2V release's negative prompt: the shared one with "镜头晃动，" (camera shake) in front

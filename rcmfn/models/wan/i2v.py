@@ -9,17 +9,18 @@ wan/image2video.py:181-296):
   then the 16-channel VAE latent of the video [image, 0, 0, ...] of the sample's frame count
   (image2video.py:240-249: the first frame followed by zero frames, encoded together).
 Both travel in the condition TensorDict (rcmfn.condition) next to "text"; CFG's uncondition keeps them.
+`WanModel.forward` unpacks that TensorDict itself, so the I2V velocity net is T2V's (net(params, x, t, cond)).
 """
 
 import torch
 from torch import Tensor, nn
 
-from rcmfn.condition import TEXT, Condition, make_condition
+from rcmfn.condition import Condition, make_condition
 from rcmfn.models.family import Family
 from rcmfn.models.wan.configs import I2V_NEGATIVE_PROMPT, WanConfig
 from rcmfn.models.wan.family import forward_flops
 from rcmfn.models.wan.keys import key_maps
-from rcmfn.models.wan.model import WanModel
+from rcmfn.models.wan.model import WanModel, velocity_net
 
 IMAGE, LATENT = "image", "latent"
 MASK_CHANNELS = 4  # the Wan2.1 VAE's temporal stride: latent frame 0 holds pixel frame 0 four times
@@ -45,14 +46,13 @@ def image_condition(text: Tensor, image: Tensor, video_latent: Tensor) -> Condit
     return make_condition(text, **{IMAGE: image, LATENT: latent})
 
 
-def velocity_net(model: WanModel):
-    """net(params, x, timestep, cond) with cond a TensorDict of "text", "image", "latent"."""
-
-    def net(params, x: Tensor, timestep: Tensor, cond) -> Tensor:
-        args = (x, timestep, cond[TEXT], cond[IMAGE], cond[LATENT])
-        return torch.func.functional_call(model, dict(params.items()), args)
-
-    return net
+def random_condition(cfg: WanConfig, text: Tensor, latent_shape, generator: torch.Generator) -> Condition:
+    """A random I2V condition for `text` [B, L, D] at a [C, T, H, W] latent: N(0, 1) image states and
+    first-frame latent (benchmarks and smoke runs; the mask is the real one)."""
+    B, device = text.shape[0], text.device
+    image = torch.randn(B, cfg.image_tokens, cfg.image_dim, generator=generator, device=device).to(text.dtype)
+    latent = torch.randn(B, cfg.latent_channels, *latent_shape[1:], generator=generator, device=device)
+    return image_condition(text, image, latent.to(text.dtype))
 
 
 def i2v_flops(cfg: WanConfig, tokens: int, text_len: int) -> tuple[float, float]:
@@ -81,4 +81,5 @@ WAN_I2V = Family(
     random_init=_init,
     flops=i2v_flops,
     negative_prompt=I2V_NEGATIVE_PROMPT,
+    random_condition=random_condition,
 )

@@ -171,7 +171,10 @@ class ImageProjection(nn.Module):
         super().__init__()
         width = cfg.image_dim
         self.proj = nn.Sequential(
-            nn.LayerNorm(width, eps=1e-5), nn.Linear(width, width), nn.GELU(), nn.Linear(width, cfg.dim),
+            nn.LayerNorm(width, eps=1e-5),
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, cfg.dim),
             nn.LayerNorm(cfg.dim, eps=1e-5),
         )
 
@@ -293,15 +296,18 @@ class WanModel(nn.Module):
         return e, e0.unflatten(1, (6, -1))
 
     def forward(
-        self, x: Tensor, timestep: Tensor, context: Tensor, image: Tensor | None = None, condition: Tensor | None = None
+        self, x: Tensor, timestep: Tensor, context, image: Tensor | None = None, condition: Tensor | None = None
     ) -> Tensor:
         """Velocity v (B, out_dim, T, H, W) in the wide dtype. SPEC-models §3.2.
 
         I2V (config.image_dim set) also takes the CLIP image states `image` [B, image_tokens, image_dim]
         and `condition` [B, condition_channels, T, H, W] (mask, then the first-frame latent), which is
         concatenated after x on the channel axis (official model.py:530-531); the embedded image tokens
-        go in front of the text (model.py:561-563).
+        go in front of the text (model.py:561-563). `context` may also be a condition TensorDict holding
+        all three (rcmfn.condition; "text", "image", "latent"), so every caller's net(x, t, cond) works.
         """
+        if not isinstance(context, Tensor):
+            context, image, condition = context["text"], context["image"], context["latent"]
         self.check_inputs(x, timestep, context, image, condition)
         if condition is not None:
             x = torch.cat([x, condition.to(x.dtype)], dim=1)
