@@ -29,6 +29,7 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
+from rcmfn.condition import with_text
 from rcmfn.divergence import check_finite_weights
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
@@ -147,11 +148,12 @@ def train_sharded(
     if ckpt is not None:
         loader.load_state_dict(checkpoint.load_checkpoint(ckpt, state, student, fake)["loader"])
     negative = read_uncondition(d.data)  # the negative prompt's embedding or zeros, as prepare recorded it
-    uncond = negative.to(device).expand(d.batch_size, *negative.shape)
+    negative = negative.to(device)
 
     def batch_fn(generator):
         batch = next(loader)
-        return batch.latents.to(device, torch.float32), batch.text_embeddings.to(device), uncond
+        cond = batch.text_embeddings.to(device)
+        return batch.latents.to(device, torch.float32), cond, with_text(cond, negative)  # CFG drops the text only
 
     total = total_iterations(cfg)
 

@@ -28,6 +28,7 @@ from entrypoints.presets import MODELS as PRESETS
 from entrypoints.run_folder import is_training_checkpoint, newest_training_checkpoint, training_weights
 from rcmfn import codecs, media
 from rcmfn.atomic import write_json_atomically
+from rcmfn.condition import text_of, with_text
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, trainable_spec, unconditional_prompt
 from rcmfn.precond import check_guidance, trigflow_denoiser
@@ -330,7 +331,9 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         denoise, params = load_denoiser(spec, cfg.teacher, False, cfg, device)
         teacher = f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"
         latents[teacher], seconds = run_sampler(
-            lambda n, c: teacher_euler_sample(denoise, params, n[0], rf, c, uncond.to(c).expand_as(c), guidance),
+            lambda n, c: teacher_euler_sample(
+                denoise, params, n[0], rf, c, with_text(c, uncond[0].to(text_of(c))), guidance
+            ),
             noises,
             conds,
             cfg.batch,
