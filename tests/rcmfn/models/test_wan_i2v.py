@@ -288,3 +288,39 @@ def test_registry_entries_share_one_network_at_two_sizes():
     module = tiny.build(tiny.config)
     out = tiny.velocity_net(module)(dict(module.named_parameters()), x.float(), timestep.float(), cond.float())
     assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+ONE_BLOCK = WanConfig(
+    dim=32,
+    ffn_dim=24,
+    num_heads=2,
+    num_layers=1,
+    text_dim=20,
+    in_dim=36,
+    image_dim=12,
+    image_tokens=3,
+    condition_channels=20,
+)
+
+
+@pytest.mark.slow  # inductor compiles C++ kernels on CPU
+def test_compiled_forward_and_jvp_match_eager_with_the_condition_tensordict():
+    """fullgraph=True over net(params, x, t, cond) with cond a TensorDict: no graph break, same numbers."""
+    params = random_params(ONE_BLOCK)
+    x, timestep, cond = inputs(frames=2, height=4, width=4, text_len=5, cfg=ONE_BLOCK, seed=3)
+    net = velocity_net(meta_model(ONE_BLOCK))
+    tangents = (torch.randn_like(x), 10.0 * torch.randn_like(timestep))
+
+    def jvp(x, timestep, cond, tx, tt):
+        return torch.func.jvp(lambda x, s: net(params, x, s, cond), (x, timestep), (tx, tt))
+
+    torch.testing.assert_close(
+        torch.compile(net, fullgraph=True)(params, x, timestep, cond),
+        net(params, x, timestep, cond),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+    for a, b in zip(
+        torch.compile(jvp, fullgraph=True)(x, timestep, cond, *tangents), jvp(x, timestep, cond, *tangents), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
