@@ -20,7 +20,10 @@ from rcmfn.loop import LoopConfig, Networks, OptimConfig, train_iteration
 from rcmfn.models.cosmos import CosmosDiT, init_random_
 from rcmfn.models.cosmos import velocity_net as cosmos_velocity_net
 from rcmfn.models.cosmos.configs import TINY_T2I
+from rcmfn.condition import with_text
 from rcmfn.models.wan import WAN_TINY, WanModel
+from rcmfn.models.wan.configs import WAN_I2V_TINY
+from rcmfn.models.wan.i2v import image_condition
 from rcmfn.models.wan import velocity_net as wan_velocity_net
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.step import LossConfig
@@ -29,7 +32,11 @@ from rcmfn.time import LogNormal
 DTYPE = torch.float64
 DEVICE = torch.device("cpu")
 # (latent [C, T, H, W], text [L, D], timestep scale): token grids 2x2x2 (Wan) and 1x2x2 (Cosmos).
-SHAPES = {"wan": ((16, 2, 4, 4), (3, 24), 1000.0), "cosmos": ((16, 1, 4, 4), (3, 24), 1.0)}
+SHAPES = {
+    "wan": ((16, 2, 4, 4), (3, 24), 1000.0),
+    "cosmos": ((16, 1, 4, 4), (3, 24), 1.0),
+    "wan-i2v": ((16, 2, 4, 4), (3, 24), 1000.0),  # plus 5 image tokens of 20 and a first-frame condition
+}
 
 
 def free_port() -> int:
@@ -59,8 +66,8 @@ def use(device: str | torch.device, dtype: torch.dtype) -> None:
 def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     """A tiny Wan or Cosmos net (DTYPE, DEVICE) with weights fixed by `seed` (identical on every rank)."""
     torch.manual_seed(seed)
-    if family == "wan":
-        return WanModel(WAN_TINY).to(DEVICE, DTYPE)
+    if family in ("wan", "wan-i2v"):
+        return WanModel(WAN_TINY if family == "wan" else WAN_I2V_TINY).to(DEVICE, DTYPE)
     model = CosmosDiT(TINY_T2I).to(torch.float64)
     return init_random_(model, torch.Generator().manual_seed(seed)).to(DEVICE, DTYPE)
 
@@ -69,7 +76,13 @@ def tiny_batch(family: str, batch: int = 2, seed: int = 1):
     latent, text, _ = SHAPES[family]
     g = torch.Generator().manual_seed(seed)
     draws = [torch.randn(batch, *shape, generator=g, dtype=torch.float64) for shape in (latent, text, text)]
-    return tuple(d.to(DEVICE, DTYPE) for d in draws)
+    x0, cond, uncond = (d.to(DEVICE, DTYPE) for d in draws)
+    if family != "wan-i2v":
+        return x0, cond, uncond
+    image = torch.randn(batch, WAN_I2V_TINY.image_tokens, WAN_I2V_TINY.image_dim, generator=g, dtype=torch.float64)
+    first_frame = torch.randn(batch, *latent, generator=g, dtype=torch.float64)
+    cond = image_condition(cond, image.to(DEVICE, DTYPE), first_frame.to(DEVICE, DTYPE))
+    return x0, cond, with_text(cond, uncond)  # CFG drops the text only (rcmfn.condition)
 
 
 def loop_config(method: str = "rcm", seed: int = 3) -> LoopConfig:
@@ -88,7 +101,7 @@ def three_nets(family: str):
 def plain_networks(student, teacher, fake, family: str) -> Networks:
     """The single-process rcmfn path: functional_call velocity nets, default torch.func.jvp tangent."""
     scale = SHAPES[family][2] / 1000.0
-    vnet = {"wan": wan_velocity_net, "cosmos": cosmos_velocity_net}[family]
+    vnet = {"wan": wan_velocity_net, "cosmos": cosmos_velocity_net, "wan-i2v": wan_velocity_net}[family]
 
     def denoiser(module):
         net = vnet(module)
