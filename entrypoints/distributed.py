@@ -29,7 +29,7 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
-from rcmfn.condition import with_text
+from rcmfn.condition import make_condition, with_text
 from rcmfn.divergence import check_finite_weights
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
@@ -152,7 +152,8 @@ def train_sharded(
 
     def batch_fn(generator):
         batch = next(loader)
-        cond = batch.text_embeddings.to(device)
+        extra = {name: tensor.to(device) for name, tensor in batch.conditions.items()}  # e.g. Wan I2V's image
+        cond = make_condition(batch.text_embeddings.to(device), **extra)
         return batch.latents.to(device, torch.float32), cond, with_text(cond, negative)  # CFG drops the text only
 
     total = total_iterations(cfg)

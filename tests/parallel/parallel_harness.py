@@ -16,15 +16,15 @@ from tensordict import TensorDict
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig, parallelize
 from parallel.sharded_training import init_sharded_state, sharded_networks
+from rcmfn.condition import with_text
 from rcmfn.loop import LoopConfig, Networks, OptimConfig, train_iteration
 from rcmfn.models.cosmos import CosmosDiT, init_random_
 from rcmfn.models.cosmos import velocity_net as cosmos_velocity_net
 from rcmfn.models.cosmos.configs import TINY_T2I
-from rcmfn.condition import with_text
 from rcmfn.models.wan import WAN_TINY, WanModel
+from rcmfn.models.wan import velocity_net as wan_velocity_net
 from rcmfn.models.wan.configs import WAN_I2V_TINY
 from rcmfn.models.wan.i2v import image_condition
-from rcmfn.models.wan import velocity_net as wan_velocity_net
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.step import LossConfig
 from rcmfn.time import LogNormal
