@@ -52,6 +52,10 @@ class Family:
     """(config, text [B, L, D], latent shape (C, T, H, W), generator) -> a random sample's condition for
     benchmarks and smoke runs, where the net reads more than the text (rcmfn.condition; Wan I2V's image
     condition); None: the text itself."""
+    image_condition: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+    """Image-to-video families: (text [B, L, D], CLIP image states [B, N, Dimg], VAE latent of the video
+    [first frame, zero frames...] [B, C, T, H, W]) -> the condition (rcmfn.condition); prepare and sample
+    build it from an image (rcmfn.image_encoder). None: the condition is the text."""
     negative_prompt: str | None = None
     """The teacher's unconditional text when the user gives none: this prompt's encoding (Wan's default
     negative prompt), or None for an all-zero text embedding (Cosmos; registry.unconditional_prompt)."""

@@ -82,4 +82,5 @@ WAN_I2V = Family(
     flops=i2v_flops,
     negative_prompt=I2V_NEGATIVE_PROMPT,
     random_condition=random_condition,
+    image_condition=image_condition,
 )
