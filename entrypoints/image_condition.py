@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 
-from rcmfn.condition import TEXT, Condition
+from rcmfn import media
+from rcmfn.codecs import load_vae
+from rcmfn.condition import TEXT, Condition, with_text
 from rcmfn.image_encoder import image_conditioner, load_image_encoder
 from rcmfn.models.registry import ModelSpec
 
@@ -40,3 +42,21 @@ def stored_conditions(condition_of, text_dim: int, height: int, width: int) -> d
 def sample_condition(condition_of, text: torch.Tensor, pixels: torch.Tensor) -> dict[str, torch.Tensor] | None:
     """One sample's stored condition tensors: text [L, D], pixels [3, F, H, W] whose frame 0 is the image."""
     return None if condition_of is None else extras(condition_of(text[None].float(), pixels[None, :, 0]))
+
+
+def sampling_conditions(spec: ModelSpec, cfg, texts: torch.Tensor, shape, device) -> Condition:
+    """The conditions of sample's jobs: `texts` [J, L, D] for a text-only model; for an image-to-video one
+    the condition of `cfg.image` (fitted to the sample size by centre crop, encoded once) beside each text.
+    `cfg` is entrypoints.sample's SampleConfig; `shape` the latent (C, T, H, W)."""
+    if spec.family.image_condition is None:
+        if cfg.image is not None:
+            raise ValueError(f"--image given, but {spec.family.name} nets take no image condition")
+        return texts
+    if cfg.image is None or cfg.vae is None:
+        raise ValueError(f"{spec.family.name} nets are conditioned on an image: pass --image and --vae")
+    frames, height, width = 1 + 4 * (shape[1] - 1), 8 * shape[2], 8 * shape[3]
+    vae = load_vae(cfg.vae, device)
+    condition_of = image_condition_of(spec, cfg.image_encoder, vae, frames, device)
+    image = media.fit_frames(media.read_image(cfg.image), 1, height, width, "crop", source=str(cfg.image))
+    one = condition_of(texts[:1].to(device), media.to_pixels(image)[None, :, 0].to(device)).cpu()
+    return with_text(one.expand(texts.shape[0]), texts)

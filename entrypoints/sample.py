@@ -24,6 +24,7 @@ from tensordict import TensorDict
 
 from entrypoints import toy as toy_world
 from entrypoints.config import export_name
+from entrypoints.image_condition import sampling_conditions
 from entrypoints.presets import MODELS as PRESETS
 from entrypoints.run_folder import is_training_checkpoint, newest_training_checkpoint, training_weights
 from rcmfn import codecs, media
@@ -69,6 +70,10 @@ class SampleConfig:
     """local text-encoder folder (T5-XXL for Cosmos, umT5-XXL for Wan; HF layout, never downloaded)"""
     vae: Path | None = None
     """local Wan2.1 VAE folder (diffusers layout); without it only latents.safetensors is written"""
+    image: Path | None = None
+    """image-to-video models: the first frame (image file, centre-cropped to the size); needs --vae"""
+    image_encoder: Path | None = None
+    """image-to-video models: local CLIP vision folder (HF layout, never downloaded)"""
     prompts: tuple[str, ...] = ()
     """prompts to sample (real models)"""
     prompt_file: Path | None = None
@@ -301,7 +306,7 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     noises = torch.stack(
         [torch.randn(max(cfg.steps), *shape, generator=torch.Generator().manual_seed(s)) for _, s in jobs], dim=1
     )
-    conds = cond_prompts[[p for p, _ in jobs]]
+    conds = sampling_conditions(spec, cfg, cond_prompts[[p for p, _ in jobs]], shape, device)  # + image (I2V)
     if cfg.sigma_max is not None:
         sigma_max = cfg.sigma_max
     else:
