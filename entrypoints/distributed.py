@@ -66,6 +66,15 @@ def check_before_gpu(cfg, world_size: int):
             f"data {d.data} holds latents {manifest.latent_shape} and text {manifest.text_shape}; "
             f"{cfg.model} takes {spec.channels} latent channels and text width {spec.text_dim}"
         )
+    if (spec.family.image_condition is not None) != bool(manifest.conditions):
+        raise ValueError(
+            f"data {d.data} holds conditions {dict(manifest.conditions) or 'none'}; {cfg.model} "
+            + (
+                "needs an image condition (prepare with --image-encoder)"
+                if manifest.conditions == ()
+                else "takes text only"
+            )
+        )
     check_cp_size(spec, dims.cp, manifest.latent_shape)
     if manifest.count < d.batch_size * dims.dp:
         raise ValueError(f"{manifest.count} samples cannot fill one global batch of {d.batch_size} x {dims.dp}")
