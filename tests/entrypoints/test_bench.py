@@ -8,7 +8,9 @@ from entrypoints.bench.__main__ import main
 from entrypoints.bench.models import CONFIGS, model_flops
 
 
-@pytest.mark.parametrize("config, tokens", [("wan-tiny", 3 * 4 * 6), ("cosmos-tiny", 2 * 4 * 6)])
+@pytest.mark.parametrize(
+    "config, tokens", [("wan-tiny", 3 * 4 * 6), ("cosmos-tiny", 2 * 4 * 6), ("wan-i2v-tiny", 3 * 4 * 6)]
+)
 def test_models_benchmark_smoke_on_cpu(tmp_path, config, tokens):
     out = tmp_path / "models.json"
     main(

@@ -12,8 +12,10 @@ Both travel in the condition TensorDict (rcmfn.condition) next to "text"; CFG's 
 `WanModel.forward` unpacks that TensorDict itself, so the I2V velocity net is T2V's (net(params, x, t, cond)).
 """
 
+import math
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from rcmfn.condition import Condition, make_condition
 from rcmfn.models.family import Family
@@ -56,16 +58,15 @@ def random_condition(cfg: WanConfig, text: Tensor, latent_shape, generator: torc
 
 
 def i2v_flops(cfg: WanConfig, tokens: int, text_len: int) -> tuple[float, float]:
-    """T2V's count plus the image branch: per block the image k, v (2 D^2 per image token) and the image
-    attention (4 L N_img D); once the projection 1280 -> 1280 -> D of the image tokens."""
+    """T2V's count (`forward_flops`), whose patch embedding and head both use in_dim, with the head's
+    out_dim instead (16, not 36), plus the image branch: per block the image k, v (2 D^2 per image token)
+    and the image attention (4 L N_img D); once the projection 1280 -> 1280 -> D of the image tokens.
+    Exact: tests/entrypoints/test_bench_step.py counts every matmul of the tiny net's forward."""
     linear, attention = forward_flops(cfg, tokens, text_len)
-    n, width, D = cfg.image_tokens, cfg.image_dim, cfg.dim
+    n, width, D, patch = cfg.image_tokens, cfg.image_dim, cfg.dim, math.prod(cfg.patch_size)
+    linear -= 2.0 * tokens * (cfg.in_dim - cfg.out_dim) * patch * D
     linear += 2.0 * n * (cfg.num_layers * 2 * D**2 + width**2 + width * D)
     return linear, attention + float(cfg.num_layers * 4 * tokens * n * D)
-
-
-def _init(module: nn.Module, generator: torch.Generator) -> nn.Module:
-    return module  # the module's own init, as built (as Wan T2V)
 
 
 WAN_I2V = Family(
@@ -78,7 +79,7 @@ WAN_I2V = Family(
     depth_field="num_layers",
     velocity=velocity_net,
     timestep_scale=1000.0,
-    random_init=_init,
+    random_init=lambda module, generator: module,  # the module's own init, as built (as Wan T2V)
     flops=i2v_flops,
     negative_prompt=I2V_NEGATIVE_PROMPT,
     random_condition=random_condition,
