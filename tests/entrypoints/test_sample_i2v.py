@@ -86,3 +86,15 @@ def test_an_image_model_needs_an_image_and_a_text_model_refuses_one(i2v_files, t
     t2v = dataclasses.replace(get_spec("wan-tiny"), latent_shape=(16, 2, 4, 6), text_len=16, text_dim=24)
     with pytest.raises(ValueError, match="no image condition"):
         sample_model(i2v_config(i2v_files, tmp_path / "c", model="wan-tiny", teacher=None), t2v)
+
+
+@pytest.mark.parametrize(("shift", "want"), [(None, 3.0), (4.0, 4.0)])
+def test_teacher_shift_defaults_to_the_i2v_presets(i2v_files, tmp_path, monkeypatch, shift, want):
+    """wan-i2v-tiny samples with the 480p preset's shift 3 (Wan2.1 generate.py's I2V 832 x 480 default)."""
+    import entrypoints.sample as sample_module
+
+    seen = []
+    real = sample_module.teacher_rf_times
+    monkeypatch.setattr(sample_module, "teacher_rf_times", lambda n, s, m: seen.append(s) or real(n, s, m))
+    sample_model(i2v_config(i2v_files, tmp_path, vae=i2v_files, steps=(1,), shift=shift), TINY_I2V)
+    assert seen == [want]
