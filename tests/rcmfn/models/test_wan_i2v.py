@@ -324,3 +324,17 @@ def test_compiled_forward_and_jvp_match_eager_with_the_condition_tensordict():
         torch.compile(jvp, fullgraph=True)(x, timestep, cond, *tangents), jvp(x, timestep, cond, *tangents), strict=True
     ):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_exported_diffusers_file_loads_into_diffusers_strictly(diffusers_and_ours, tmp_path):
+    """Our diffusers-layout export of an I2V net is what diffusers itself reads (strict load, same output)."""
+    from safetensors.torch import load_file
+
+    reference, params = diffusers_and_ours
+    export_checkpoint(params, tmp_path / "d.safetensors", key_maps(CFG)["diffusers"])
+    fresh = type(reference).from_config(reference.config).double().eval()
+    fresh.load_state_dict(load_file(tmp_path / "d.safetensors"), strict=True)
+    x, timestep, cond = inputs(text_len=DIFFUSERS_TEXT_LEN, seed=6)
+    torch.testing.assert_close(
+        diffusers_forward(fresh, x, timestep, cond), diffusers_forward(reference, x, timestep, cond)
+    )
