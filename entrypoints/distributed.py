@@ -38,6 +38,7 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
+from rcmfn.condition import make_condition, with_text
 from rcmfn.divergence import check_finite_weights
 from rcmfn.few_step import FewStepSettings
 from rcmfn.metrics_log import MetricsLog
@@ -87,6 +88,15 @@ def check_before_gpu(cfg, world_size: int):
         raise ValueError(
             f"data {d.data} holds latents {manifest.latent_shape} and text {manifest.text_shape}; "
             f"{cfg.model} takes {spec.channels} latent channels and text width {spec.text_dim}"
+        )
+    if (spec.family.image_condition is not None) != bool(manifest.conditions):
+        raise ValueError(
+            f"data {d.data} holds conditions {dict(manifest.conditions) or 'none'}; {cfg.model} "
+            + (
+                "needs an image condition (prepare with --image-encoder)"
+                if manifest.conditions == ()
+                else "takes text only"
+            )
         )
     check_cp_size(spec, dims.cp, manifest.latent_shape)
     if manifest.count < d.batch_size * dims.dp:
@@ -170,11 +180,13 @@ def train_sharded(
     if ckpt is not None:
         loader.load_state_dict(checkpoint.load_checkpoint(ckpt, state, student, fake)["loader"])
     negative = read_uncondition(d.data)  # the negative prompt's embedding or zeros, as prepare recorded it
-    uncond = negative.to(device).expand(d.batch_size, *negative.shape)
+    negative = negative.to(device)
 
     def batch_fn(generator):
         batch = next(loader)
-        return batch.latents.to(device, torch.float32), batch.text_embeddings.to(device), uncond
+        extra = {name: tensor.to(device) for name, tensor in batch.conditions.items()}  # e.g. Wan I2V's image
+        cond = make_condition(batch.text_embeddings.to(device), **extra)
+        return batch.latents.to(device, torch.float32), cond, with_text(cond, negative)  # CFG drops the text only
 
     total = total_iterations(cfg)
 

@@ -20,6 +20,7 @@ import torch
 import tyro
 from tqdm.auto import tqdm
 
+from entrypoints.image_condition import image_condition_of, sample_condition, stored_conditions
 from entrypoints.teacher_data import describe_teacher_result, prepare_from_teacher
 from entrypoints.teacher_data_config import TeacherDataConfig, check_teacher_flags
 from entrypoints.toy import ToyConfig
@@ -47,6 +48,8 @@ class PrepareConfig:
     """local text-encoder folder (HF layout, never downloaded)"""
     vae: Path | None = None
     """local Wan2.1 VAE folder (diffusers layout)"""
+    image_encoder: Path | None = None
+    """image-to-video models: local CLIP vision folder (HF layout); each sample's first frame is the image"""
     height: int | None = None
     """pixel height (default: the model's training resolution)"""
     width: int | None = None
@@ -176,7 +179,10 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
     encoder = codecs.load_text_encoder(cfg.text_encoder, device, torch.bfloat16, spec.text_len)
     if encoder.dim != spec.text_dim:
         raise ValueError(f"text encoder width {encoder.dim} != {cfg.model}'s text width {spec.text_dim}")
-    writer = ShardWriter(cfg.output, shape, (spec.text_len, spec.text_dim), cfg.dtype or "bfloat16", cfg.shard_size)
+    condition_of = image_condition_of(spec, cfg.image_encoder, vae, frames, device)
+    conditions = stored_conditions(condition_of, spec.text_dim, height, width)  # {} unless image-to-video
+    text_shape = (spec.text_len, spec.text_dim)
+    writer = ShardWriter(cfg.output, shape, text_shape, cfg.dtype or "bfloat16", cfg.shard_size, conditions)
     progress = Progress(cfg.output, len(writer.manifest.shards))
     negative = unconditional_prompt(spec, cfg.negative_prompt)
     if negative is None:
@@ -196,6 +202,7 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
                 media.read_media(path, frames, cfg.frame_stride), frames, height, width, cfg.fit, source=str(path)
             )
             latent = vae.encode(media.to_pixels(clip)[None])[0]
+            condition = sample_condition(condition_of, embedding, media.to_pixels(clip))
         except (media.MediaError, codecs.PromptTooLongError) as err:
             progress.skipped[key] = skipped_now[key] = str(err)
             progress.save(pending)
@@ -205,7 +212,7 @@ def prepare_media(cfg: PrepareConfig, spec: ModelSpec) -> dict:
             progress.save(pending)
             progress.shards.append(pending)
             pending = []
-        writer.add(latent.cpu(), embedding.float().cpu(), caption)
+        writer.add(latent.cpu(), embedding.float().cpu(), caption, condition)
     progress.save(pending)
     if pending:
         progress.shards.append(pending)

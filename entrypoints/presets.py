@@ -38,6 +38,8 @@ class ModelPreset:
     fps: int = 16
     """frame rate of sampled videos (sample --fps default): Wan2.1's 16 (Wan-Video/Wan2.1
     wan/configs/shared_config.py sample_fps)"""
+    teacher_shift: float = 5.0
+    """time shift of the teacher's Euler sampler (entrypoints/sample.py --shift default): Wan's 5.0"""
 
 
 MODELS: dict[str, ModelPreset] = {
@@ -138,10 +140,22 @@ MODELS: dict[str, ModelPreset] = {
         fps=24,  # sample_fps, wan_ti2v_5B.py:32
     ),
 }
+# Wan2.1 I2V 14B. The rCM paper and NVlabs/rcm release no Wan2.1 I2V recipe, so the distillation values are
+# the T2V 14B experiment's (above; same transformer width and depth). The sampling values are the official
+# I2V generator's (Wan-Video/Wan2.1 generate.py): guidance 5.0 (--sample_guide_scale default, :242-246),
+# shift 3.0 at 832 x 480 and 5.0 otherwise (:76-79, "recommended ... 480p ... 3.0" in
+# wan/image2video.py:159); 81 frames (:84-85) and the sizes are the registry's latent shapes.
+MODELS["wan-i2v-14b-480p"] = replace(
+    MODELS["wan14b"], description="Wan2.1 I2V 14B 480p (T2V 14B recipe; official I2V sampling)", teacher_shift=3.0
+)
+MODELS["wan-i2v-14b-720p"] = replace(
+    MODELS["wan14b"], description="Wan2.1 I2V 14B 720p (T2V 14B recipe; official I2V sampling)", teacher_shift=5.0
+)
 # The registry's tiny nets (CPU runs and tests) train with their family's recipe.
 MODELS["wan-tiny"] = replace(MODELS["wan1.3b"], description="tiny random Wan2.1-architecture net (CPU tests)")
 MODELS["cosmos-tiny"] = replace(MODELS["cosmos2b"], description="tiny random Cosmos-architecture net (CPU tests)")
 MODELS["wan2.2-tiny"] = replace(MODELS["wan2.2-ti2v-5b"], description="tiny random Wan2.2 TI2V-shaped net (CPU tests)")
+MODELS["wan-i2v-tiny"] = replace(MODELS["wan-i2v-14b-480p"], description="tiny random Wan2.1 I2V net (CPU tests)")
 
 
 def get_preset(name: str) -> ModelPreset:

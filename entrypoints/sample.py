@@ -24,10 +24,12 @@ from tensordict import TensorDict
 
 from entrypoints import toy as toy_world
 from entrypoints.config import export_name
+from entrypoints.image_condition import sampling_conditions
 from entrypoints.presets import MODELS as PRESETS
 from entrypoints.run_folder import is_training_checkpoint, newest_training_checkpoint, training_weights
 from rcmfn import codecs, media
 from rcmfn.atomic import write_json_atomically
+from rcmfn.condition import text_of, with_text
 from rcmfn.models.checkpoint import IDENTITY, load_into_meta_module
 from rcmfn.models.registry import MODELS, ModelSpec, get_spec, trainable_spec, unconditional_prompt
 from rcmfn.precond import check_guidance, trigflow_denoiser
@@ -68,6 +70,10 @@ class SampleConfig:
     """local text-encoder folder (T5-XXL for Cosmos, umT5-XXL for Wan; HF layout, never downloaded)"""
     vae: Path | None = None
     """local Wan2.1 VAE folder (diffusers layout); without it only latents.safetensors is written"""
+    image: Path | None = None
+    """image-to-video models: the first frame (image file, centre-cropped to the size); needs --vae"""
+    image_encoder: Path | None = None
+    """image-to-video models: local CLIP vision folder (HF layout, never downloaded)"""
     prompts: tuple[str, ...] = ()
     """prompts to sample (real models)"""
     prompt_file: Path | None = None
@@ -88,7 +94,7 @@ class SampleConfig:
     """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1; default: the
     run's / preset's)"""
     shift: float | None = None
-    """teacher time shift (default 5.0; toy 1.0)"""
+    """teacher time shift (default: the model preset's, 5.0 for Wan T2V, 3.0 for I2V 480p; toy 1.0)"""
     seeds: tuple[int, ...] = (0,)
     """noise seeds; every prompt is sampled once per seed, all samplers from the same noise"""
     batch: int = 1
@@ -302,7 +308,7 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     noises = torch.stack(
         [torch.randn(max(cfg.steps), *shape, generator=torch.Generator().manual_seed(s)) for _, s in jobs], dim=1
     )
-    conds = cond_prompts[[p for p, _ in jobs]]
+    conds = sampling_conditions(spec, cfg, cond_prompts[[p for p, _ in jobs]], shape, device)  # + image (I2V)
     if cfg.sigma_max is not None:
         sigma_max = cfg.sigma_max
     else:
@@ -327,11 +333,14 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         guidance = (
             cfg.guidance if cfg.guidance is not None else (PRESETS[cfg.model].guidance if cfg.model in PRESETS else 5.0)
         )
-        rf = teacher_rf_times(cfg.teacher_steps, 5.0 if cfg.shift is None else cfg.shift, sigma_max)
+        preset_shift = PRESETS[cfg.model].teacher_shift if cfg.model in PRESETS else 5.0
+        rf = teacher_rf_times(cfg.teacher_steps, preset_shift if cfg.shift is None else cfg.shift, sigma_max)
         denoise, params = load_denoiser(spec, cfg.teacher, False, cfg, device)
         teacher = f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"
         latents[teacher], seconds = run_sampler(
-            lambda n, c: teacher_euler_sample(denoise, params, n[0], rf, c, uncond.to(c).expand_as(c), guidance),
+            lambda n, c: teacher_euler_sample(
+                denoise, params, n[0], rf, c, with_text(c, uncond[0].to(text_of(c))), guidance
+            ),
             noises,
             conds,
             cfg.batch,

@@ -195,6 +195,8 @@ def prepare_from_teacher(cfg, spec: ModelSpec) -> dict:
     """The whole job on this rank (torchrun: RANK / WORLD_SIZE; else one process): checks, encoder, rank 0's
     open_output, this rank's shards, and rank 0's manifest once every rank is done."""
     t = cfg.teacher_data
+    if spec.family.image_condition is not None:  # the teacher would need an image per prompt
+        raise ValueError(f"--from-teacher does not sample image-to-video models ({cfg.model}) yet; use --input")
     prompts = read_prompt_file(t.prompt_file)
     if t.teacher is not None and not t.teacher.exists():  # before minutes of loading, not after
         raise FileNotFoundError(f"teacher checkpoint not found: {t.teacher}")

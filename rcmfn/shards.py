@@ -11,6 +11,11 @@ unconditional input for CFG). The official code reads webdataset tars; this is o
                                      "uncondition": "negative_prompt" | "zeros"}
   <folder>/shard-00000.safetensors  "latents" [N, C, T, H, W], "text_embeddings" [N, L, D]
   <folder>/shard-00000.json         optional sidecar: the N prompts, a JSON list of strings
+
+A dataset whose net reads more than the text (Wan I2V) lists per-sample condition tensors in the manifest,
+"conditions": {"image": [257, 1280], "latent": [20, T, H, W]}, stored in every shard as "condition.image"
+[N, 257, 1280] etc.; the loader returns them by name and the trainer makes them the condition TensorDict
+next to the text (rcmfn.condition). Manifests without the field have none.
   <folder>/negative.safetensors     with "uncondition": "negative_prompt": "text_embedding" [L, D]
 
 "uncondition" says what CFG's unconditional text input is (`read_uncondition`): the negative prompt's
@@ -30,7 +35,7 @@ validation naming the broken file; a writer, a reader and a loader of one format
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -71,6 +76,8 @@ class Manifest:
     negative_embedding: str | None
     uncondition: str = "zeros"
     """CFG's unconditional text input: "negative_prompt" (the stored negative embedding) or "zeros"."""
+    conditions: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """Per-sample condition tensors beside the text, (name, shape) pairs (module docstring); () for none."""
 
     @property
     def count(self) -> int:
@@ -86,6 +93,7 @@ class Manifest:
             "shards": [{"file": s.file, "count": s.count, "prompts": s.prompts} for s in self.shards],
             "negative_embedding": self.negative_embedding,
             "uncondition": self.uncondition,
+            **({"conditions": {name: list(shape) for name, shape in self.conditions}} if self.conditions else {}),
         }
 
 
@@ -142,6 +150,7 @@ def _parse(folder: Path, raw: object) -> Manifest:
         shards = tuple(ShardInfo(s["file"], int(s["count"]), s.get("prompts")) for s in raw["shards"])
         dtype, negative = raw["dtype"], raw.get("negative_embedding")
         uncondition = raw.get("uncondition", "zeros" if negative is None else "negative_prompt")
+        conditions = tuple((str(k), tuple(int(n) for n in v)) for k, v in raw.get("conditions", {}).items())
     except (KeyError, TypeError, ValueError) as err:
         raise DatasetError(f"{where}: malformed field ({err!r})") from err
     if len(latent_shape) != 4 or len(text_shape) != 2 or min(latent_shape + text_shape) < 1:
@@ -156,7 +165,7 @@ def _parse(folder: Path, raw: object) -> Manifest:
             f"{where}: uncondition {uncondition!r} with negative_embedding {negative!r}; expected "
             '"negative_prompt" with a negative embedding file or "zeros" without one'
         )
-    return Manifest(folder, latent_shape, text_shape, dtype, shards, negative, uncondition)
+    return Manifest(folder, latent_shape, text_shape, dtype, shards, negative, uncondition, conditions)
 
 
 def read_manifest(folder: str | os.PathLike, check_files: bool = True) -> Manifest:
@@ -184,6 +193,8 @@ def read_manifest(folder: str | os.PathLike, check_files: bool = True) -> Manife
             raise DatasetError(f"{path}: listed in the manifest but missing")
         _expect(path, "latents", (shard.count, *manifest.latent_shape), manifest.dtype)
         _expect(path, "text_embeddings", (shard.count, *manifest.text_shape), manifest.dtype)
+        for name, shape in manifest.conditions:
+            _expect(path, f"condition.{name}", (shard.count, *shape), manifest.dtype)
         if shard.prompts is not None:
             prompts = _read_prompts(folder / shard.prompts)
             if len(prompts) != shard.count:
@@ -212,12 +223,18 @@ def write_manifest(manifest: Manifest) -> None:
 
 
 def write_shard(
-    folder: Path, name: str, latents: torch.Tensor, text_embeddings: torch.Tensor, prompts: list[str | None]
+    folder: Path,
+    name: str,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    prompts: list[str | None],
+    conditions: dict[str, torch.Tensor] | None = None,
 ) -> ShardInfo:
     """Write one shard, `name`.safetensors (stacked latents [N, C, T, H, W] and text embeddings [N, L, D], in
     the dataset's dtype already) and its prompt sidecar `name`.json unless every prompt is None; each file
     atomically. The caller lists the returned ShardInfo in the manifest once the shard counts as written."""
     tensors = {"latents": latents.contiguous(), "text_embeddings": text_embeddings.contiguous()}
+    tensors |= {f"condition.{k}": v.contiguous() for k, v in (conditions or {}).items()}
     _atomic_write(folder / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp))
     sidecar = None
     if any(p is not None for p in prompts):
@@ -280,11 +297,12 @@ class ShardWriter:
     writer leaves a valid dataset of the complete shards; `close()` writes the final partial one.
     """
 
-    def __init__(self, folder, latent_shape, text_shape, dtype="bfloat16", shard_size: int = 256):
+    def __init__(self, folder, latent_shape, text_shape, dtype="bfloat16", shard_size: int = 256, conditions=None):
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1; got {shard_size}")
         self.folder, self.shard_size = Path(folder), shard_size
         dtype = _check_dtype(dtype)
+        conditions = tuple((str(k), tuple(int(n) for n in v)) for k, v in (conditions or {}).items())
         latent_shape, text_shape = tuple(int(n) for n in latent_shape), tuple(int(n) for n in text_shape)
         if len(latent_shape) != 4 or len(text_shape) != 2 or min(latent_shape + text_shape) < 1:
             raise ValueError(
@@ -295,20 +313,33 @@ class ShardWriter:
         if (self.folder / MANIFEST).exists():
             self.manifest = read_manifest(self.folder)
             found = (self.manifest.latent_shape, self.manifest.text_shape, self.manifest.dtype)
-            if found != (latent_shape, text_shape, dtype):
+            if found + (self.manifest.conditions,) != (latent_shape, text_shape, dtype, conditions):
                 raise ValueError(
-                    f"{self.folder} holds latents {found[0]}, text {found[1]}, {found[2]}; "
-                    f"cannot append latents {latent_shape}, text {text_shape}, {dtype}"
+                    f"{self.folder} holds latents {found[0]}, text {found[1]}, {found[2]}, conditions "
+                    f"{dict(self.manifest.conditions)}; cannot append latents {latent_shape}, text {text_shape}, "
+                    f"{dtype}, conditions {dict(conditions)}"
                 )
         else:
-            self.manifest = Manifest(self.folder, latent_shape, text_shape, dtype, (), None)
+            self.manifest = Manifest(self.folder, latent_shape, text_shape, dtype, (), None, conditions=conditions)
             write_manifest(self.manifest)
         self._latents: list[torch.Tensor] = []
         self._texts: list[torch.Tensor] = []
         self._prompts: list[str | None] = []
+        self._conditions: list[dict[str, torch.Tensor]] = []
 
-    def add(self, latent: torch.Tensor, text_embedding: torch.Tensor, prompt: str | None = None) -> None:
-        """Queue one sample: latent [C, T, H, W], text embedding [L, D], optional prompt."""
+    def add(
+        self,
+        latent: torch.Tensor,
+        text_embedding: torch.Tensor,
+        prompt: str | None = None,
+        condition: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Queue one sample: latent [C, T, H, W], text embedding [L, D], optional prompt, and the
+        dataset's condition tensors by name (required exactly when the manifest lists conditions)."""
+        condition = condition or {}
+        shapes = {k: tuple(v.shape) for k, v in condition.items()}
+        if shapes != dict(self.manifest.conditions):
+            raise ValueError(f"condition shapes {shapes} != the dataset's conditions {dict(self.manifest.conditions)}")
         if tuple(latent.shape) != self.manifest.latent_shape:
             raise ValueError(
                 f"latent shape {list(latent.shape)} != dataset latent_shape {list(self.manifest.latent_shape)}"
@@ -322,13 +353,15 @@ class ShardWriter:
             raise TypeError(f"prompt must be a str or None; got {type(prompt).__name__}")
         dtype = DTYPES[self.manifest.dtype]
         latent, text_embedding = latent.detach().to("cpu", dtype), text_embedding.detach().to("cpu", dtype)
-        for what, tensor in (("latent", latent), ("text embedding", text_embedding)):
+        condition = {k: v.detach().to("cpu", dtype) for k, v in condition.items()}
+        for what, tensor in (("latent", latent), ("text embedding", text_embedding), *condition.items()):
             if not torch.isfinite(tensor).all():  # after the cast: a value the dtype cannot hold is inf
                 sample = self.manifest.count + len(self._latents)
                 raise ValueError(f"sample {sample} (prompt {prompt!r}): its {what} holds non-finite values")
         self._latents.append(latent)
         self._texts.append(text_embedding)
         self._prompts.append(prompt)
+        self._conditions.append(condition)
         if len(self._latents) == self.shard_size:
             self.flush()
 
@@ -337,7 +370,10 @@ class ShardWriter:
         if not self._latents:
             return
         name = f"shard-{len(self.manifest.shards):05d}"
-        shard = write_shard(self.folder, name, torch.stack(self._latents), torch.stack(self._texts), self._prompts)
+        conditions = {k: torch.stack([c[k] for c in self._conditions]) for k, _ in self.manifest.conditions}
+        shard = write_shard(
+            self.folder, name, torch.stack(self._latents), torch.stack(self._texts), self._prompts, conditions
+        )
         # Re-read: keeps an uncondition written meanwhile by write_negative_embedding / write_zero_uncondition.
         current = read_manifest(self.folder, check_files=False)
         shards = (*self.manifest.shards, shard)
@@ -350,7 +386,7 @@ class ShardWriter:
             }
         )
         write_manifest(self.manifest)
-        self._latents, self._texts, self._prompts = [], [], []
+        self._latents, self._texts, self._prompts, self._conditions = [], [], [], []
 
     def close(self) -> Manifest:
         """Write the last (possibly partial) shard; return the final manifest."""
@@ -372,6 +408,8 @@ class ShardBatch:
     text_embeddings: torch.Tensor
     prompts: tuple[str, ...]
     indices: tuple[int, ...]  # global sample indices (for tests and provenance)
+    conditions: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The manifest's condition tensors by name, [B, ...] each (none for a text-only dataset)."""
 
 
 class ShardLoader:
@@ -415,7 +453,7 @@ class ShardLoader:
         shard = next(s for s in range(len(self._starts) - 1) if index < self._starts[s + 1])
         return shard, index - self._starts[shard]
 
-    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str, dict[str, torch.Tensor]]:
         shard, row = self._locate(index)
         info = self.manifest.shards[shard]
         if shard not in self._handles:
@@ -424,10 +462,11 @@ class ShardLoader:
         handle, prompts = self._handles[shard], self._prompts[shard]
         latent = handle.get_slice("latents")[row : row + 1][0]
         text = handle.get_slice("text_embeddings")[row : row + 1][0]
-        for what, tensor in (("latents", latent), ("text_embeddings", text)):
+        condition = {k: handle.get_slice(f"condition.{k}")[row : row + 1][0] for k, _ in self.manifest.conditions}
+        for what, tensor in (("latents", latent), ("text_embeddings", text), *condition.items()):
             if not torch.isfinite(tensor).all():  # a NaN sample trains silently (its losses are masked to 0)
                 raise ValueError(f"{self.manifest.folder / info.file}: row {row} of {what} holds non-finite values")
-        return latent, text, "" if prompts is None else prompts[row]
+        return latent, text, "" if prompts is None else prompts[row], condition
 
     def __iter__(self):
         return self
@@ -445,6 +484,7 @@ class ShardLoader:
             torch.stack([s[1] for s in samples]),
             tuple(s[2] for s in samples),
             tuple(indices),
+            {k: torch.stack([s[3][k] for s in samples]) for k, _ in self.manifest.conditions},
         )
 
     def state_dict(self) -> dict:

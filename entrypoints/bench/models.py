@@ -28,14 +28,8 @@ from rcmfn.tangent import dual_jvp
 CONFIGS: dict[str, ModelSpec] = {
     name: MODELS[name]
     for name in (
-        "wan1.3b",
-        "wan14b",
-        "cosmos2b",
-        "cosmos14b",
-        "wan2.2-ti2v-5b",
-        "wan-tiny",
-        "cosmos-tiny",
-        "wan2.2-tiny",
+        *("wan1.3b", "wan14b", "cosmos2b", "cosmos14b", "wan2.2-ti2v-5b", "wan-tiny", "cosmos-tiny", "wan2.2-tiny"),
+        *("wan-i2v-14b-480p", "wan-i2v-14b-720p", "wan-i2v-tiny"),
     )
 }
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -100,11 +94,12 @@ def _block_compiled_dual_jvp(case, dev, dtype, seed, x, timestep, context, tange
 
 
 def step_inputs(case: ModelSpec, batch: int, dev: torch.device, dtype: torch.dtype, seed: int):
-    """Random (latents, timesteps, text, (latent tangent, timestep tangent)) at `case`'s shape."""
+    """Random (latents, timesteps, condition, (latent tangent, timestep tangent)) at `case`'s shape."""
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.randn(batch, *case.latent_shape, generator=gen, device=dev).to(dtype)
     timestep = case.timestep_scale * torch.rand(batch, generator=gen, device=dev)
-    context = torch.randn(batch, case.text_len, case.text_dim, generator=gen, device=dev).to(dtype)
+    text = torch.randn(batch, case.text_len, case.text_dim, generator=gen, device=dev).to(dtype)
+    context = case.random_condition(text, gen)  # the text, plus e.g. Wan I2V's image condition
     return x, timestep, context, (torch.randn_like(x), torch.randn_like(timestep))
 
 

@@ -48,6 +48,14 @@ class Family:
     random-init runs (Wan: its own init as built, which draws from torch's global generator)."""
     flops: Callable[[Any, int, int], tuple[float, float]]
     """(config, tokens, text tokens) -> (linear FLOPs, attention FLOPs) of one forward of one sample."""
+    random_condition: Callable[[Any, torch.Tensor, tuple[int, ...], torch.Generator], Any] | None = None
+    """(config, text [B, L, D], latent shape (C, T, H, W), generator) -> a random sample's condition for
+    benchmarks and smoke runs, where the net reads more than the text (rcmfn.condition; Wan I2V's image
+    condition); None: the text itself."""
+    image_condition: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+    """Image-to-video families: (text [B, L, D], CLIP image states [B, N, Dimg], VAE latent of the video
+    [first frame, zero frames...] [B, C, T, H, W]) -> the condition (rcmfn.condition); prepare and sample
+    build it from an image (rcmfn.image_encoder). None: the condition is the text."""
     negative_prompt: str | None = None
     """The teacher's unconditional text when the user gives none: this prompt's encoding (Wan's default
     negative prompt), or None for an all-zero text embedding (Cosmos; registry.unconditional_prompt)."""
@@ -138,6 +146,12 @@ class ModelSpec:
         if self.family.diffusers_config is None:
             raise ValueError(f"the {self.family.name} family has no diffusers transformer class to export to")
         return self.family.diffusers_config(self.config)
+
+    def random_condition(self, text: torch.Tensor, generator: torch.Generator, latent_shape=None):
+        """The condition net(params, x, t, cond) takes for `text` [B, L, D], with random extras where the
+        family has them (`Family.random_condition`), at `latent_shape` (default: the spec's)."""
+        make = self.family.random_condition
+        return text if make is None else make(self.config, text, latent_shape or self.latent_shape, generator)
 
     def random_init(self, module: nn.Module, generator: torch.Generator) -> nn.Module:
         return self.family.random_init(module, generator)

@@ -14,8 +14,17 @@ from rcmfn.models.checkpoint import FP32_PATTERNS_ATTR, LoadReport, load_into_me
 from rcmfn.models.cosmos.configs import COSMOS_2B_T2I, COSMOS_2B_V2W, COSMOS_14B_T2I, COSMOS_14B_V2W, TINY_T2I
 from rcmfn.models.cosmos.family import COSMOS
 from rcmfn.models.family import Family, ModelSpec
-from rcmfn.models.wan.configs import WAN22_TI2V_5B, WAN22_TINY, WAN_1_3B, WAN_14B, WAN_TINY
+from rcmfn.models.wan.configs import (
+    WAN22_TI2V_5B,
+    WAN22_TINY,
+    WAN_1_3B,
+    WAN_14B,
+    WAN_I2V_14B,
+    WAN_I2V_TINY,
+    WAN_TINY,
+)
 from rcmfn.models.wan.family import WAN
+from rcmfn.models.wan.i2v import WAN_I2V
 
 __all__ = ["MODELS", "Family", "ModelSpec", "build_model", "cast_params", "get_spec", "random_model", "trainable_spec"]
 
@@ -29,6 +38,11 @@ WAN_1_3B_480P_LATENT = (16, 20, 60, 104)
 WAN_14B_480P_LATENT = (16, 21, 60, 104)
 # Cosmos-Predict2 (SPEC-models §2.5): text-to-image 1024 px 1:1 -> 16 x 1 x 128 x 128; Video2World
 # 720p, 93 frames of 1280 x 704 -> 16 x 24 x 88 x 160 (needs a condition mask, see CosmosDiT).
+# Wan2.1 I2V 14B, 81 frames (generate.py:84-85 default frame_num) -> 21 latent frames, at 832 x 480
+# (60 x 104 latents) and 1280 x 720 (90 x 160); the official sizes of 'i2v-14B' (wan/configs/__init__.py
+# SUPPORTED_SIZES). One network serves both: the two releases differ in weights only.
+WAN_I2V_480P_LATENT = (16, 21, 60, 104)
+WAN_I2V_720P_LATENT = (16, 21, 90, 160)
 COSMOS_1024PX_LATENT = (16, 1, 128, 128)
 COSMOS_720P_LATENT = (16, 24, 88, 160)
 # Wan2.2 TI2V-5B at its release size, 121 frames of 1280 x 704 (wan/configs/wan_ti2v_5B.py:36,
@@ -39,6 +53,8 @@ WAN22_VAE_STRIDE = (4, 16, 16)
 MODELS: dict[str, ModelSpec] = {
     "wan1.3b": ModelSpec(WAN, WAN_1_3B, WAN_1_3B_480P_LATENT, 512, 4096),
     "wan14b": ModelSpec(WAN, WAN_14B, WAN_14B_480P_LATENT, 512, 4096),
+    "wan-i2v-14b-480p": ModelSpec(WAN_I2V, WAN_I2V_14B, WAN_I2V_480P_LATENT, 512, 4096),
+    "wan-i2v-14b-720p": ModelSpec(WAN_I2V, WAN_I2V_14B, WAN_I2V_720P_LATENT, 512, 4096),
     "cosmos2b": ModelSpec(COSMOS, COSMOS_2B_T2I, COSMOS_1024PX_LATENT, 512, 1024),
     "cosmos14b": ModelSpec(COSMOS, COSMOS_14B_T2I, COSMOS_1024PX_LATENT, 512, 1024),
     "cosmos2b-video": ModelSpec(COSMOS, COSMOS_2B_V2W, COSMOS_720P_LATENT, 512, 1024),
@@ -49,6 +65,7 @@ MODELS: dict[str, ModelSpec] = {
     "wan-tiny": ModelSpec(WAN, WAN_TINY, (16, 3, 8, 12), 12, WAN_TINY.text_dim),
     "cosmos-tiny": ModelSpec(COSMOS, TINY_T2I, (16, 2, 8, 12), 12, TINY_T2I.text_dim),
     "wan2.2-tiny": ModelSpec(WAN, WAN22_TINY, (48, 2, 4, 6), 12, WAN22_TINY.text_dim, WAN22_VAE_STRIDE),
+    "wan-i2v-tiny": ModelSpec(WAN_I2V, WAN_I2V_TINY, (16, 3, 8, 12), 12, WAN_I2V_TINY.text_dim),
 }
 
 

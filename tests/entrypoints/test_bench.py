@@ -9,7 +9,8 @@ from entrypoints.bench.models import CONFIGS, model_flops
 
 
 @pytest.mark.parametrize(
-    "config, tokens", [("wan-tiny", 3 * 4 * 6), ("cosmos-tiny", 2 * 4 * 6), ("wan2.2-tiny", 2 * 2 * 3)]
+    "config, tokens",
+    [("wan-tiny", 3 * 4 * 6), ("cosmos-tiny", 2 * 4 * 6), ("wan2.2-tiny", 2 * 2 * 3), ("wan-i2v-tiny", 3 * 4 * 6)],
 )
 def test_models_benchmark_smoke_on_cpu(tmp_path, config, tokens):
     out = tmp_path / "models.json"

@@ -21,14 +21,14 @@ from tests.entrypoints.test_distill import TINY_TOY
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["wan-tiny", "cosmos-tiny"])
+@pytest.mark.parametrize("name", ["wan-tiny", "cosmos-tiny", "wan-i2v-tiny"])
 def test_model_flops_count_every_matmul_of_the_forward(name):
     """On the CPU the attention reference runs as bmm, the rest as mm / addmm: FlopCounterMode counts both."""
     case = CONFIGS[name]
     model, _ = _build(case, torch.device("cpu"), torch.float32, 0)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, *case.latent_shape, generator=g)
-    context = torch.randn(1, case.text_len, case.text_dim, generator=g)
+    context = case.random_condition(torch.randn(1, case.text_len, case.text_dim, generator=g), g)  # + I2V image
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, torch.rand(1, generator=g) * case.timestep_scale, context)
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}

@@ -36,7 +36,7 @@ TINY_WAN = dataclasses.replace(
     text_dim=24,
 )
 FLAGS = """--batch --count --device --dtype --fit --frame-stride --frames --from-teacher --guidance --height --help
---input --mixture.channels --mixture.class-norm --mixture.frames --mixture.height --mixture.mode-offset
+--image-encoder --input --mixture.channels --mixture.class-norm --mixture.frames --mixture.height --mixture.mode-offset
 --mixture.modes-per-class --mixture.num-classes --mixture.seed --mixture.std-range --mixture.text-dim
 --mixture.text-tokens --mixture.weight-ratio --mixture.width --model --negative-prompt --no-from-teacher
 --no-overwrite --no-progress --no-random-teacher --no-truncate-prompts --output --overwrite --progress --prompt-file

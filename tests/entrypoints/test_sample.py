@@ -47,7 +47,8 @@ TINY_WAN = dataclasses.replace(
 TINY_COSMOS = dataclasses.replace(
     get_spec("cosmos2b"), config=cosmos.CONFIGS["cosmos-tiny"], latent_shape=(16, 1, 4, 6), text_len=16, text_dim=24
 )
-FLAGS = """--batch --checkpoint --device --dtype --fps --frames --guidance --height --help --layout --mid-times
+FLAGS = """--batch --checkpoint --device --dtype --fps --frames --guidance --height --help --image --image-encoder
+--layout --mid-times
 --model --negative-prompt --no-strict --output --prompt-file --prompts --run --seeds --shift --sigma-max --steps
 --strict --teacher --teacher-steps --text-encoder --vae --weights --width""".split()
 

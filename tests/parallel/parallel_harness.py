@@ -16,12 +16,15 @@ from tensordict import TensorDict
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig, parallelize
 from parallel.sharded_training import init_sharded_state, sharded_networks
+from rcmfn.condition import with_text
 from rcmfn.loop import LoopConfig, Networks, OptimConfig, train_iteration
 from rcmfn.models.cosmos import CosmosDiT, init_random_
 from rcmfn.models.cosmos import velocity_net as cosmos_velocity_net
 from rcmfn.models.cosmos.configs import TINY_T2I
 from rcmfn.models.wan import WAN22_TINY, WAN_TINY, WanModel
 from rcmfn.models.wan import velocity_net as wan_velocity_net
+from rcmfn.models.wan.configs import WAN_I2V_TINY
+from rcmfn.models.wan.i2v import image_condition
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.step import LossConfig
 from rcmfn.time import LogNormal
@@ -29,10 +32,14 @@ from rcmfn.time import LogNormal
 DTYPE = torch.float64
 DEVICE = torch.device("cpu")
 # (latent [C, T, H, W], text [L, D], timestep scale): token grids 2x2x2 (Wan) and 1x2x2 (Cosmos).
-SHAPES = {"wan": ((16, 2, 4, 4), (3, 24), 1000.0), "cosmos": ((16, 1, 4, 4), (3, 24), 1.0)}
+SHAPES = {
+    "wan": ((16, 2, 4, 4), (3, 24), 1000.0),
+    "cosmos": ((16, 1, 4, 4), (3, 24), 1.0),
+    "wan-i2v": ((16, 2, 4, 4), (3, 24), 1000.0),  # plus 5 image tokens of 20 and a first-frame condition
+}
 # Wan2.2 TI2V-5B's architecture at tiny size (48 latent channels), trained text-to-video like Wan2.1.
 SHAPES["wan2.2"] = ((48, 2, 4, 4), (3, 20), 1000.0)
-WAN_CONFIGS = {"wan": WAN_TINY, "wan2.2": WAN22_TINY}
+WAN_CONFIGS = {"wan": WAN_TINY, "wan2.2": WAN22_TINY, "wan-i2v": WAN_I2V_TINY}
 
 
 def free_port() -> int:
@@ -72,7 +79,13 @@ def tiny_batch(family: str, batch: int = 2, seed: int = 1):
     latent, text, _ = SHAPES[family]
     g = torch.Generator().manual_seed(seed)
     draws = [torch.randn(batch, *shape, generator=g, dtype=torch.float64) for shape in (latent, text, text)]
-    return tuple(d.to(DEVICE, DTYPE) for d in draws)
+    x0, cond, uncond = (d.to(DEVICE, DTYPE) for d in draws)
+    if family != "wan-i2v":
+        return x0, cond, uncond
+    image = torch.randn(batch, WAN_I2V_TINY.image_tokens, WAN_I2V_TINY.image_dim, generator=g, dtype=torch.float64)
+    first_frame = torch.randn(batch, *latent, generator=g, dtype=torch.float64)
+    cond = image_condition(cond, image.to(DEVICE, DTYPE), first_frame.to(DEVICE, DTYPE))
+    return x0, cond, with_text(cond, uncond)  # CFG drops the text only (rcmfn.condition)
 
 
 def loop_config(method: str = "rcm", seed: int = 3) -> LoopConfig:
@@ -91,7 +104,12 @@ def three_nets(family: str):
 def plain_networks(student, teacher, fake, family: str) -> Networks:
     """The single-process rcmfn path: functional_call velocity nets, default torch.func.jvp tangent."""
     scale = SHAPES[family][2] / 1000.0
-    vnet = {"wan": wan_velocity_net, "wan2.2": wan_velocity_net, "cosmos": cosmos_velocity_net}[family]
+    vnet = {
+        "wan": wan_velocity_net,
+        "wan2.2": wan_velocity_net,
+        "cosmos": cosmos_velocity_net,
+        "wan-i2v": wan_velocity_net,
+    }[family]
 
     def denoiser(module):
         net = vnet(module)

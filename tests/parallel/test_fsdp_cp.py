@@ -29,13 +29,13 @@ STEPS = 5  # sCM-only student, student with DMD, critic, student, critic (tangen
 # size runs all of its cases (process start-up dominates the cost on a 2-core CPU). "_compile": blocks
 # compiled per block with inductor, the tangent pass through their compiled JVP graphs (block_jvp.py).
 CASES = {
-    "fsdp2": (2, {"dp_shard": 2}, "none", ("wan", "cosmos", "wan2.2")),
+    "fsdp2": (2, {"dp_shard": 2}, "none", ("wan", "cosmos", "wan2.2", "wan-i2v")),
     "fsdp2_compile": (2, {"dp_shard": 2}, "none", ("wan", "cosmos")),
-    "cp2": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos", "wan2.2")),
+    "cp2": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos", "wan2.2", "wan-i2v")),
     "cp2_compile": (2, {"dp_shard": 1, "cp": 2}, "none", ("wan", "cosmos")),
     "fsdp2_ac_full": (2, {"dp_shard": 2}, "full", ("wan",)),
     "cp2_ac_mm_only": (2, {"dp_shard": 1, "cp": 2}, "mm_only", ("cosmos",)),
-    "fsdp2_cp2": (4, {"dp_shard": 2, "cp": 2}, "none", ("wan", "cosmos")),
+    "fsdp2_cp2": (4, {"dp_shard": 2, "cp": 2}, "none", ("wan", "cosmos", "wan-i2v")),
 }
 
 
@@ -93,7 +93,7 @@ def sharded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    return {family: train(family, STEPS) for family in ("wan", "cosmos", "wan2.2")}
+    return {family: train(family, STEPS) for family in ("wan", "cosmos", "wan2.2", "wan-i2v")}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class WanConfig:
-    """Architecture of a Wan2.1 text-to-video DiT (`WanModel` with model_type "t2v")."""
+    """Architecture of a Wan2.1 DiT: text-to-video (`WanModel` model_type "t2v") or, with `image_dim` set,
+    image-to-video (model_type "i2v")."""
 
     dim: int
     """Model width D."""
@@ -32,6 +33,15 @@ class WanConfig:
     """Epsilon of every LayerNorm and of the q/k RMSNorms."""
     rope_theta: float = 10000.0
     """RoPE base, the same for the t, h and w axes."""
+    image_dim: int | None = None
+    """I2V only: width of the CLIP image states (1280, ViT-H/14); None for text-to-video. Adds the image
+    projection `img_emb` and the image keys/values of every cross-attention (Wan-Video/Wan2.1
+    wan/modules/model.py:187-229, :487-488)."""
+    image_tokens: int = 257
+    """I2V only: image tokens per sample (ViT-H/14 at 224 px: 16 x 16 patches + the class token)."""
+    condition_channels: int = 0
+    """I2V only: condition channels concatenated after the noisy latent, inside `in_dim` (20 = a 4-channel
+    first-frame mask + the 16-channel VAE latent; wan/image2video.py:210-249, model.py:530-531)."""
 
     def __post_init__(self):
         if self.dim % self.num_heads != 0:
@@ -43,8 +53,19 @@ class WanConfig:
         for name in ("dim", "ffn_dim", "num_heads", "num_layers", "text_dim", "in_dim", "out_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.image_dim is not None and (self.image_dim < 1 or self.image_tokens < 1):
+            raise ValueError(f"image_dim={self.image_dim}, image_tokens={self.image_tokens} must be >= 1")
+        if not 0 <= self.condition_channels < self.in_dim:
+            raise ValueError(f"condition_channels={self.condition_channels} must be in [0, in_dim={self.in_dim})")
+        if (self.image_dim is None) != (self.condition_channels == 0):
+            raise ValueError("image_dim and condition_channels come together (I2V) or not at all (T2V)")
         if len(self.patch_size) != 3 or min(self.patch_size) < 1:
             raise ValueError(f"patch_size={self.patch_size} must be three positive ints (t, h, w)")
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the noisy latent x (in_dim without the condition channels)."""
+        return self.in_dim - self.condition_channels
 
     @property
     def head_dim(self) -> int:
@@ -80,3 +101,24 @@ WAN22_TI2V_5B = WanConfig(dim=3072, ffn_dim=14336, num_heads=24, num_layers=30, 
 # Tiny Wan2.2-shaped net (48 channels; CPU tests and runs): four heads of dim 12 (RoPE 4/4/4), so that
 # context parallelism of 2 divides the heads.
 WAN22_TINY = WanConfig(dim=48, ffn_dim=40, num_heads=4, num_layers=2, text_dim=20, in_dim=48, out_dim=48)
+# Image-to-video 14B (Wan-Video/Wan2.1 wan/configs/wan_i2v_14B.py:27-36): the T2V 14B's transformer with
+# in_dim 36 = 16 noisy + 20 condition channels (model.py:387 docstring, image2video.py:249) and the CLIP
+# image branch; the same network serves 480p and 720p (generate.py SUPPORTED_SIZES 'i2v-14B').
+WAN_I2V_14B = WanConfig(
+    dim=5120, ffn_dim=13824, num_heads=40, num_layers=40, in_dim=36, image_dim=1280, condition_channels=20
+)
+# A tiny I2V net for tests and CPU smoke runs: WAN_TINY's shape with a 20-wide image state of 5 tokens.
+WAN_I2V_TINY = WanConfig(
+    dim=32,
+    ffn_dim=48,
+    num_heads=2,
+    num_layers=2,
+    text_dim=24,
+    in_dim=36,
+    image_dim=20,
+    image_tokens=5,
+    condition_channels=20,
+)
+# The I2V release's negative prompt: the shared one with "镜头晃动，" (camera shake) in front
+# (Wan-Video/Wan2.1 wan/configs/wan_i2v_14B.py:11).
+I2V_NEGATIVE_PROMPT = "镜头晃动，" + NEGATIVE_PROMPT

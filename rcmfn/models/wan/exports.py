@@ -20,8 +20,9 @@ COMFYUI_PREFIX = "diffusion_model."
 def diffusers_config(cfg: WanConfig) -> tuple[str, dict]:
     """(class name, config.json entries) of the diffusers transformer equal to `cfg`'s network.
 
-    Wan2.1 T2V: no image cross-attention (image_dim, added_kv_proj_dim None), affine cross-attention norm,
-    RMSNorm of q and k across heads, RoPE table of 1024 positions per axis (the release's).
+    T2V: no image cross-attention (image_dim, added_kv_proj_dim None); I2V: CLIP states of image_dim
+    through the image projection and added K/V projections of width D in every cross-attention. Affine
+    cross-attention norm, RMSNorm of q and k across heads, RoPE table of 1024 positions per axis (the release's).
     """
     if not math.isclose(cfg.rope_theta, DIFFUSERS_ROPE_THETA):
         raise ValueError(f"diffusers' Wan transformer fixes rope_theta at 10000; this config has {cfg.rope_theta}")
@@ -38,8 +39,8 @@ def diffusers_config(cfg: WanConfig) -> tuple[str, dict]:
         "cross_attn_norm": True,
         "qk_norm": "rms_norm_across_heads",
         "eps": cfg.eps,
-        "image_dim": None,
-        "added_kv_proj_dim": None,
+        "image_dim": cfg.image_dim,
+        "added_kv_proj_dim": None if cfg.image_dim is None else cfg.dim,
         "rope_max_seq_len": 1024,
         "pos_embed_seq_len": None,
     }

@@ -1,4 +1,4 @@
-"""Checkpoint layouts of the Wan2.1 T2V DiT as data: official <-> ours <-> diffusers.
+"""Checkpoint layouts of the Wan2.1 T2V and I2V DiTs as data: official <-> ours <-> diffusers.
 
 SPEC-models §3.5. Our parameter names ARE the official ones (`WanModel` mirrors the release module
 tree), so the official map only strips wrapper prefixes and drops junk; the diffusers map is the
@@ -22,6 +22,12 @@ GLOBAL_LINEARS = {
     "text_embedding.0": "condition_embedder.text_embedder.linear_1",
     "text_embedding.2": "condition_embedder.text_embedder.linear_2",
     "head.head": "proj_out",
+    # I2V image projection (official MLPProj `img_emb.proj` = LayerNorm, Linear, GELU, Linear, LayerNorm;
+    # diffusers WanImageEmbedding norm1, ff, norm2). Absent from T2V nets, so T2V loads are unchanged.
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
 }
 # Module paths inside `blocks.{i}.`, official -> diffusers, with weight and bias.
 BLOCK_LINEARS = {
@@ -29,6 +35,9 @@ BLOCK_LINEARS = {
     "self_attn.o": "attn1.to_out.0",
     **{f"cross_attn.{p}": f"attn2.{d}" for p, d in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"))},
     "cross_attn.o": "attn2.to_out.0",
+    # I2V image keys/values (official WanI2VCrossAttention k_img, v_img; diffusers add_k_proj, add_v_proj).
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
     "norm3": "norm2",  # the affine cross-attention LayerNorm: official norm3 IS diffusers norm2
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
@@ -42,7 +51,10 @@ BLOCK_PARAMS = {
         for a, b in (("self_attn", "attn1"), ("cross_attn", "attn2"))
         for x in "qk"
     },
+    "cross_attn.norm_k_img.weight": "attn2.norm_added_k.weight",
 }
+# diffusers ignores this I2V key on load (transformer_wan.py `_keys_to_ignore_on_load_unexpected`); so do we.
+DIFFUSERS_JUNK_SUFFIXES = (".attn2.norm_added_q.weight",)
 
 
 def _with_leaves(table: dict[str, str]) -> dict[str, str]:
@@ -75,8 +87,10 @@ def official_to_ours(name: str) -> str | None:
     return name
 
 
-def diffusers_to_ours(name: str) -> str:
-    """diffusers `WanTransformer3DModel` key -> our (official) name."""
+def diffusers_to_ours(name: str) -> str | None:
+    """diffusers `WanTransformer3DModel` key -> our (official) name; None for junk that is dropped."""
+    if name.endswith(DIFFUSERS_JUNK_SUFFIXES):
+        return None
     return _rename(name, DIFFUSERS_TO_OFFICIAL_GLOBAL, DIFFUSERS_TO_OFFICIAL_BLOCK)
 
 

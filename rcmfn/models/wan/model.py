@@ -1,4 +1,4 @@
-"""Wan2.1 T2V DiT: v = net(x, 1000 r, text), one module whose parameters are passed in.
+"""Wan2.1 T2V / I2V DiT: v = net(x, 1000 r, text[, image, condition]), one module whose parameters are passed in.
 
 SPEC-models §3.2-3.4 (architecture), SPEC-rcm §8.1, §8.3, §8.4 (precision, "high-precision time").
 
@@ -150,6 +150,53 @@ def modulation_terms(table: Tensor, e: Tensor) -> tuple[Tensor, ...]:
     return (table[:, None] + e).unbind(dim=2)
 
 
+class ImageCrossAttention(Attention):
+    """I2V cross-attention (official `WanI2VCrossAttention`, Wan-Video/Wan2.1 wan/modules/model.py:187-229):
+    one query attends separately to the image tokens (own k_img, v_img, norm_k_img) and to the text,
+    and the two outputs are summed before `o`. `source` is [image tokens; text], both embedded to D."""
+
+    def __init__(self, cfg: WanConfig, attention_fn: AttentionFn):
+        super().__init__(cfg, attention_fn)
+        self.k_img, self.v_img = nn.Linear(cfg.dim, cfg.dim), nn.Linear(cfg.dim, cfg.dim)
+        self.norm_k_img = RMSNorm(cfg.dim)
+        self.image_tokens = cfg.image_tokens
+
+    def forward(self, x: Tensor, source: Tensor, rope: tuple[Tensor, Tensor] | None) -> Tensor:
+        heads = (self.num_heads, -1)
+        image, text = source[:, : self.image_tokens], source[:, self.image_tokens :]
+        q = rms_norm(self.q(x), self.norm_q.weight, self.eps).unflatten(-1, heads).to(x.dtype)
+        k = rms_norm(self.k(text), self.norm_k.weight, self.eps).unflatten(-1, heads).to(x.dtype)
+        k_img = rms_norm(self.k_img(image), self.norm_k_img.weight, self.eps).unflatten(-1, heads).to(x.dtype)
+        # Keys and values come from the condition only: under jvp they carry no tangent, so ops.attention
+        # takes its no-K/V-tangent kernel for both calls, as for T2V's text (ops/attention/op.py).
+        out = self.attention_fn(q, k, self.v(text).unflatten(-1, heads))
+        out_img = self.attention_fn(q, k_img, self.v_img(image).unflatten(-1, heads))
+        return self.o((out + out_img).flatten(2))
+
+
+class ImageProjection(nn.Module):
+    """CLIP image states -> D (official `MLPProj`, model.py:350-369): LayerNorm, Linear, exact GELU,
+    Linear, LayerNorm. The norms run in the wide dtype (diffusers' FP32LayerNorm; the release runs
+    this under bf16 autocast, where layer_norm is float32), the linears in the act dtype."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        width = cfg.image_dim
+        self.proj = nn.Sequential(
+            nn.LayerNorm(width, eps=1e-5),
+            nn.Linear(width, width),
+            nn.GELU(),
+            nn.Linear(width, cfg.dim),
+            nn.LayerNorm(cfg.dim, eps=1e-5),
+        )
+
+    def forward(self, image: Tensor, act: torch.dtype) -> Tensor:
+        norm_in, linear_1, _, linear_2, norm_out = self.proj
+        y = layer_norm(image, norm_in.eps, norm_in.weight, norm_in.bias).to(act)
+        y = linear_2(F.gelu(linear_1(y)))
+        return layer_norm(y, norm_out.eps, norm_out.weight, norm_out.bias).to(act)
+
+
 class WanBlock(nn.Module):
     """One DiT block: modulated self-attention, plain cross-attention, modulated FFN. SPEC §3.2 step 4."""
 
@@ -158,7 +205,7 @@ class WanBlock(nn.Module):
         self.eps = cfg.eps
         self.self_attn = Attention(cfg, attention_fn)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=cfg.eps)  # the affine cross-attention norm
-        self.cross_attn = Attention(cfg, attention_fn)
+        self.cross_attn = (Attention if cfg.image_dim is None else ImageCrossAttention)(cfg, attention_fn)
         self.ffn = nn.Sequential(
             nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, cfg.dim)
         )
@@ -203,6 +250,9 @@ class WanModel(nn.Module):
         "*.norm_q.*",
         "*.norm_k.*",
         "*.norm3.*",
+        "*.norm_k_img.*",
+        "img_emb.proj.0.*",
+        "img_emb.proj.4.*",
     )
 
     def __init__(
@@ -228,12 +278,24 @@ class WanModel(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.blocks = nn.ModuleList(WanBlock(cfg, attention_fn) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        if cfg.image_dim is not None:
+            self.img_emb = ImageProjection(cfg)
 
-    def check_inputs(self, x: Tensor, timestep: Tensor, context: Tensor) -> None:
+    def check_inputs(self, x: Tensor, timestep: Tensor, context: Tensor, image=None, condition=None) -> None:
         """Raise ValueError naming the first input whose shape does not fit the config."""
         cfg = self.cfg
-        if x.dim() != 5 or x.shape[1] != cfg.in_dim:
-            raise ValueError(f"x must be [B, {cfg.in_dim}, T, H, W]; got {tuple(x.shape)}")
+        if x.dim() != 5 or x.shape[1] != cfg.latent_channels:
+            raise ValueError(f"x must be [B, {cfg.latent_channels}, T, H, W]; got {tuple(x.shape)}")
+        if cfg.image_dim is None and (image is not None or condition is not None):
+            raise ValueError("image / condition given to a text-to-video net (config.image_dim is None)")
+        if cfg.image_dim is not None:
+            B, want = x.shape[0], (x.shape[0], cfg.condition_channels, *x.shape[2:])
+            if condition is None or tuple(condition.shape) != want:
+                got = None if condition is None else tuple(condition.shape)
+                raise ValueError(f"I2V net needs condition (mask + first-frame latent) {list(want)}; got {got}")
+            if image is None or tuple(image.shape) != (B, cfg.image_tokens, cfg.image_dim):
+                got = None if image is None else tuple(image.shape)
+                raise ValueError(f"I2V net needs image states [{B}, {cfg.image_tokens}, {cfg.image_dim}]; got {got}")
         if any(s % p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True)):
             raise ValueError(f"x's T, H, W {tuple(x.shape[2:])} must divide by patch_size {cfg.patch_size}")
         tokens = math.prod([s // p for s, p in zip(x.shape[2:], cfg.patch_size, strict=True)])
@@ -257,9 +319,22 @@ class WanModel(nn.Module):
         e, e0 = e.unflatten(0, timestep.shape), e0.unflatten(0, timestep.shape)
         return e, e0.unflatten(-1, (6, -1))
 
-    def forward(self, x: Tensor, timestep: Tensor, context: Tensor) -> Tensor:
-        """Velocity v (B, out_dim, T, H, W) in the wide dtype. SPEC-models §3.2."""
-        self.check_inputs(x, timestep, context)
+    def forward(
+        self, x: Tensor, timestep: Tensor, context, image: Tensor | None = None, condition: Tensor | None = None
+    ) -> Tensor:
+        """Velocity v (B, out_dim, T, H, W) in the wide dtype. SPEC-models §3.2.
+
+        I2V (config.image_dim set) also takes the CLIP image states `image` [B, image_tokens, image_dim]
+        and `condition` [B, condition_channels, T, H, W] (mask, then the first-frame latent), which is
+        concatenated after x on the channel axis (official model.py:530-531); the embedded image tokens
+        go in front of the text (model.py:561-563). `context` may also be a condition TensorDict holding
+        all three (rcmfn.condition; "text", "image", "latent"), so every caller's net(x, t, cond) works.
+        """
+        if not isinstance(context, Tensor):
+            context, image, condition = context["text"], context["image"], context["latent"]
+        self.check_inputs(x, timestep, context, image, condition)
+        if condition is not None:
+            x = torch.cat([x, condition.to(x.dtype)], dim=1)
         cfg = self.cfg
         act = self.patch_embedding.weight.dtype
         wide = torch.promote_types(act, torch.float32)
@@ -268,6 +343,8 @@ class WanModel(nn.Module):
         h = F.linear(patchify(x.to(act), cfg.patch_size), weight, self.patch_embedding.bias).to(wide)
         e, e0 = self.time_embeddings(timestep, wide)
         c = self.text_embedding(context.to(act))
+        if image is not None:
+            c = torch.cat([self.img_emb(image, act), c], dim=1)
         angles = rope_angles(grid, cfg, x.device)
         rope_cos, rope_sin = torch.cos(angles).to(wide), torch.sin(angles).to(wide)
         for block in self.blocks:
