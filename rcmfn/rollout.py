@@ -10,7 +10,7 @@ import math
 import torch
 
 from rcmfn.precond import Denoiser, batch_view, x0_from_velocity
-from rcmfn.time import TimeDistribution, check_trig_time, sample_time
+from rcmfn.time import TimeDistribution, Truncated, check_trig_time, sample_time
 
 BACKWARD_TIMESTEPS = (1.5, 1.4, 1.0)  # official mid times, SPEC-rcm §3.2 / §6.1
 
@@ -18,7 +18,7 @@ BACKWARD_TIMESTEPS = (1.5, 1.4, 1.0)  # official mid times, SPEC-rcm §3.2 / §6
 def rollout_times(
     num_steps: int,
     batch: int,
-    p_D: TimeDistribution | None = None,
+    p_D: TimeDistribution | Truncated | None = None,
     generator: torch.Generator | None = None,
     fixed_times: tuple[float, ...] | None = None,
     device: torch.device | str = "cpu",

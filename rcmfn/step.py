@@ -16,7 +16,7 @@ from rcmfn.losses import dcm_loss, dmd_loss, fake_score_loss, nonfinite_samples,
 from rcmfn.precond import Denoiser, batch_view, check_guidance, guided_velocity, x0_from_velocity
 from rcmfn.rollout import BACKWARD_TIMESTEPS, consistency_rollout, rollout_times
 from rcmfn.tangent import TangentMethod, scm_tangent
-from rcmfn.time import LogNormal, TimeDistribution, UniformShift, rf_to_trig, sample_time, shift_rf_time
+from rcmfn.time import LogNormal, TimeDistribution, Truncated, UniformShift, rf_to_trig, sample_time, shift_rf_time
 
 # "dcm+dmd" is the official cm_type = "dcm" with a fake score: the dCM term stands where sCM's would and the
 # DMD term is added exactly as in rcm (NVlabs/rcm t2v_model_distill_rcm.py:702-722, 5b41aa9; SPEC-rcm §5).
@@ -33,8 +33,8 @@ class LossConfig:
     loss_scale: float = 100.0
     loss_scale_dmd: float = 1.0
     dmd_reference_elements: int | None = None  # lambda scaled by sqrt(N_ref / N) (losses.dmd_size_factor)
-    p_G: TimeDistribution = field(default_factory=lambda: LogNormal(-0.8, 1.6))
-    p_D: TimeDistribution = field(default_factory=lambda: LogNormal(0.0, 1.6))
+    p_G: TimeDistribution | Truncated = field(default_factory=lambda: LogNormal(-0.8, 1.6))
+    p_D: TimeDistribution | Truncated = field(default_factory=lambda: LogNormal(0.0, 1.6))
     tangent_method: TangentMethod = "jvp"
     fd_step: float = 1e-4
     max_rollout_steps: int = 4

@@ -93,7 +93,8 @@ class Truncated:
             raise ValueError(f"need 0 <= t_min < t_max <= pi/2; got [{self.t_min}, {self.t_max}]")
 
 
-TimeDistribution = LogNormal | UniformShift | Truncated
+TimeDistribution = LogNormal | UniformShift
+"""The distributions a command line chooses among; `Truncated` ones are built from them in code."""
 
 
 def convert_from_sigma(sigma: torch.Tensor, domain: TimeDomain) -> torch.Tensor:
@@ -108,7 +109,7 @@ def convert_from_sigma(sigma: torch.Tensor, domain: TimeDomain) -> torch.Tensor:
 
 
 def sample_time(
-    dist: TimeDistribution,
+    dist: TimeDistribution | Truncated,
     n: int,
     generator: torch.Generator | None = None,
     domain: TimeDomain = "trig",

@@ -18,6 +18,7 @@ from torch import nn
 
 from rcmfn.models.checkpoint import KeyMap
 from rcmfn.precond import TIME_SCALE
+from rcmfn.switch import ExpertSwitch
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,6 +68,10 @@ class ModelSpec:
     """Text tokens per sample fed to cross-attention (zero-padded)."""
     text_dim: int
     """Width of the text-encoder states the net takes."""
+    experts: ExpertSwitch | None = None
+    """A two-expert model (Wan2.2 A14B): two networks of `config`, a high-noise and a low-noise one,
+    switched at this boundary with their own sampler guidance (rcmfn/switch.py); every other property
+    describes one expert. Checkpoints hold one folder per expert (rcmfn/models/experts.py). None: one net."""
 
     @property
     def build(self) -> Callable[..., nn.Module]:

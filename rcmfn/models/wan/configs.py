@@ -5,6 +5,8 @@ SPEC-models §3.1 (hyperparameters), §5 (the tiny config the equivalence test u
 
 from dataclasses import dataclass
 
+from rcmfn.switch import ExpertSwitch
+
 
 @dataclass(frozen=True)
 class WanConfig:
@@ -70,3 +72,14 @@ WAN_1_3B = WanConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)
 WAN_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
 # SPEC-models §5: two heads of dim 16 (RoPE split 8/4/4), text width 24, two blocks.
 WAN_TINY = WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=24)
+
+# Wan2.2 T2V A14B: two experts, each the Wan2.1 14B architecture (Wan-Video/Wan2.2 wan/configs/wan_t2v_A14B.py:
+# dim 5120, ffn_dim 13824, freq_dim 256, num_heads 40, num_layers 40, text_len 512, in/out 16, qk_norm,
+# cross_attn_norm, eps 1e-6; high_noise_checkpoint 'high_noise_model', low_noise_checkpoint 'low_noise_model'),
+# switched at boundary 0.875 of the 1000 training timesteps with sample_guide_scale (3.0, 4.0) = (low, high)
+# (same file, "inference"; sample_shift 12.0, sample_steps 40). I2V A14B uses boundary 0.900
+# (wan/configs/wan_i2v_A14B.py), as the released rCM Wan2.2 I2V script (NVlabs/rcm
+# rcm/inference/wan2pt2_i2v_rcm_infer.py, --boundary 0.9).
+WAN22_T2V_A14B = WAN_14B
+WAN22_T2V_A14B_SWITCH = ExpertSwitch(boundary=0.875, guidance_high=4.0, guidance_low=3.0)
+WAN22_SAMPLE_SHIFT = 12.0
