@@ -1,5 +1,6 @@
 """distill --expert: one expert of a two-expert model per run (entrypoints/expert_run.py)."""
 
+import json
 import math
 
 import pytest
@@ -39,3 +40,60 @@ def test_an_expert_runs_teacher_is_its_folder_of_the_release(tmp_path):
     assert expert_teacher(tmp_path, "official", "wan2.2-tiny", "low") == tmp_path / "low_noise_model"
     assert expert_teacher(tmp_path, "diffusers", "wan2.2-tiny", "high") == tmp_path / "transformer"
     assert expert_teacher(tmp_path / "x.safetensors", "official", "wan-tiny", None) == tmp_path / "x.safetensors"
+
+
+def test_both_expert_runs_train_from_the_release_folder_and_sample_together(tmp_path):
+    """distill --expert high / low from one official two-expert teacher folder (float64, 4 iterations each:
+    student with sCM + DMD, then critic), then `sample` with the two exports linked as a student pair."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from rcmfn import codecs
+    from rcmfn.models.experts import export_experts
+    from rcmfn.models.wan import WAN_TINY, WanModel
+    from rcmfn.shards import ShardWriter, write_negative_embedding
+
+    if any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")):
+        pytest.skip("needs the media extra (transformers, diffusers, av)")
+    g = torch.Generator().manual_seed(0)
+    with ShardWriter(tmp_path / "data", (16, 1, 4, 4), (3, 24), "float32", 3) as writer:
+        for i in range(4):
+            writer.add(torch.randn(16, 1, 4, 4, generator=g), torch.randn(3, 24, generator=g), f"prompt {i}")
+    write_negative_embedding(tmp_path / "data", torch.randn(3, 24, generator=g))
+    weights = {}
+    for expert, seed in (("high", 1), ("low", 2)):
+        torch.manual_seed(seed)
+        weights[expert] = {k: v.detach() for k, v in WanModel(WAN_TINY).named_parameters()}
+    export_experts(weights, tmp_path / "teacher", "official", get_spec("wan2.2-tiny"))
+    root, env = Path(__file__).resolve().parents[2], os.environ | {"OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = str(root)
+    students = tmp_path / "students"
+    students.mkdir()
+    for expert, folder in (("high", "high_noise_model"), ("low", "low_noise_model")):
+        run = tmp_path / f"run-{expert}"
+        args = ["--model", "wan2.2-tiny", "--expert", expert, "--distributed.teacher", str(tmp_path / "teacher")]
+        args += ["--distributed.data", str(tmp_path / "data"), "--distributed.dtype", "float64", "--output", str(run)]
+        args += ["--iterations", "4", "--student-update-freq", "2", "--log-every", "1", "--no-progress"]
+        done = subprocess.run(
+            [sys.executable, "-m", "entrypoints.distill", *args], cwd=root, env=env, capture_output=True
+        )
+        assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
+        lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [m["phase"] for m in lines] == ["student", "critic"] * 2
+        assert all(math.isfinite(m["dmd_loss"]) and m["dmd_loss"] > 0 for m in lines if m["phase"] == "student")
+        (students / f"{folder}.safetensors").symlink_to(run / "student_ema.safetensors")
+    codecs.write_tiny_text_encoder(tmp_path, "umt5", dim=24)
+    codecs.write_tiny_vae(tmp_path)
+    args = ["--model", "wan2.2-tiny", "--checkpoint", str(students), "--teacher", str(tmp_path / "teacher")]
+    args += ["--text-encoder", str(tmp_path), "--vae", str(tmp_path), "--prompts", "a b", "--negative-prompt", "x"]
+    args += ["--frames", "1", "--height", "32", "--width", "32", "--teacher-steps", "4", "--dtype", "float32"]
+    args += ["--device", "cpu", "--output", str(tmp_path / "samples")]
+    done = subprocess.run([sys.executable, "-m", "entrypoints.sample", *args], cwd=root, env=env, capture_output=True)
+    assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
+    pngs = sorted(p.parent.name for p in (tmp_path / "samples").glob("*/*.png"))
+    assert pngs == ["student-1-step", "student-2-step", "student-4-step", "teacher-Euler-4"]
