@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from entrypoints.config import check_resume_length, export_name, fingerprint, run_stages, total_iterations
+from entrypoints.expert_run import expert_teacher
 from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
@@ -52,6 +53,8 @@ def check_before_gpu(cfg, world_size: int):
         raise ValueError(
             f"teacher checkpoint {d.teacher} not found (pass --distributed.teacher, or --distributed.random-init)"
         )
+    if not d.random_init:  # a two-expert model's run: its expert's folder must be there (named if not)
+        expert_teacher(d.teacher, d.teacher_layout, cfg.model, cfg.expert)
     layouts = {"--distributed.export-layouts": d.export_layouts if d.export else ()}
     layouts["--distributed.teacher-layout"] = () if d.random_init else (d.teacher_layout,)
     for flag, names in layouts.items():

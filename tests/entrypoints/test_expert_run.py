@@ -40,6 +40,9 @@ def test_an_expert_runs_teacher_is_its_folder_of_the_release(tmp_path):
     assert expert_teacher(tmp_path, "official", "wan2.2-tiny", "low") == tmp_path / "low_noise_model"
     assert expert_teacher(tmp_path, "diffusers", "wan2.2-tiny", "high") == tmp_path / "transformer"
     assert expert_teacher(tmp_path / "x.safetensors", "official", "wan-tiny", None) == tmp_path / "x.safetensors"
+    (tmp_path / "low_noise_model").rmdir()
+    with pytest.raises(FileNotFoundError, match="no low-noise expert.*high_noise_model and low_noise_model"):
+        expert_teacher(tmp_path, "official", "wan2.2-tiny", "low")
 
 
 def test_both_expert_runs_train_from_the_release_folder_and_sample_together(tmp_path):
