@@ -10,6 +10,7 @@ from entrypoints.expert_run import expert_teacher
 from entrypoints.presets import get_preset
 from rcmfn.models.registry import get_spec
 from rcmfn.time import Truncated
+from tests.entrypoints.test_prepare import codec_dir  # noqa: F401, F811 (a fixture)
 
 
 def test_two_expert_models_need_one_expert_per_run_and_others_take_none():
@@ -100,3 +101,18 @@ def test_both_expert_runs_train_from_the_release_folder_and_sample_together(tmp_
     assert done.returncode == 0, done.stdout.decode()[-2000:] + done.stderr.decode()[-2000:]
     pngs = sorted(p.parent.name for p in (tmp_path / "samples").glob("*/*.png"))
     assert pngs == ["student-1-step", "student-2-step", "student-4-step", "teacher-Euler-4"]
+
+
+def test_prepare_writes_shards_for_the_two_expert_model(codec_dir, tmp_path):  # noqa: F811
+    """Captioned media -> shards for wan2.2-tiny: the data are the experts' common input (both take the
+    same latents and text), so prepare treats the model like any other."""
+    import dataclasses
+
+    from entrypoints.prepare import prepare_media
+    from rcmfn.shards import read_manifest
+    from tests.entrypoints.test_prepare import TINY_WAN, media_config, media_folder
+
+    spec = dataclasses.replace(get_spec("wan2.2-tiny"), latent_shape=TINY_WAN.latent_shape, text_len=16, text_dim=24)
+    cfg = media_config(codec_dir, media_folder(tmp_path / "in"), tmp_path / "out", model="wan2.2-tiny")
+    assert prepare_media(cfg, spec)["written"] == 2
+    assert read_manifest(tmp_path / "out").latent_shape == (16, 2, 2, 2)
