@@ -192,6 +192,8 @@ def finish_output(cfg, num_prompts: int) -> Manifest:
 def prepare_from_teacher(cfg, spec: ModelSpec) -> dict:
     """The whole job on this rank (torchrun: RANK / WORLD_SIZE; else one process): checks, encoder, rank 0's
     open_output, this rank's shards, and rank 0's manifest once every rank is done."""
+    if spec.experts is not None:  # not built yet: the switched sampler of entrypoints/sample_experts.py would do it
+        raise ValueError("--from-teacher samples a one-network teacher; a two-expert teacher is not supported yet")
     t = cfg.teacher_data
     prompts = read_prompt_file(t.prompt_file)
     if t.teacher is not None and not t.teacher.exists():  # before minutes of loading, not after

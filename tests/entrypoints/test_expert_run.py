@@ -116,3 +116,10 @@ def test_prepare_writes_shards_for_the_two_expert_model(codec_dir, tmp_path):  #
     cfg = media_config(codec_dir, media_folder(tmp_path / "in"), tmp_path / "out", model="wan2.2-tiny")
     assert prepare_media(cfg, spec)["written"] == 2
     assert read_manifest(tmp_path / "out").latent_shape == (16, 2, 2, 2)
+
+
+def test_prepare_from_a_two_expert_teacher_is_refused_clearly():
+    from entrypoints.teacher_data import prepare_from_teacher
+
+    with pytest.raises(ValueError, match="two-expert teacher is not supported yet"):
+        prepare_from_teacher(None, get_spec("wan2.2-tiny"))
