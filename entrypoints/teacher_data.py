@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from entrypoints.run_folder import prepare_output
 from entrypoints.sample import DTYPES as NET_DTYPES
 from entrypoints.sample import SampleConfig, load_denoiser, synced
+from entrypoints.sample_experts import load_expert_pair, teacher_row
 from entrypoints.teacher_data_config import sampler_settings
 from parallel.checkpoint import rank_zero_first
 from rcmfn import codecs
@@ -44,6 +45,7 @@ from rcmfn.shards import (
     write_negative_embedding,
     write_zero_uncondition,
 )
+from rcmfn.switch import EXPERTS
 from rcmfn.teacher_data import (
     SETTINGS,
     any_shard_written,
@@ -70,6 +72,10 @@ def teacher_settings(cfg, spec: ModelSpec) -> dict:
     """Everything that decides the samples, as teacher.json records it (rank 0: hashes the teacher)."""
     t = cfg.teacher_data
     guidance, shift, sigma_max = sampler_settings(cfg)
+    teacher_spec = spec if t.teacher_model in (None, cfg.model) else get_spec(t.teacher_model)
+    if (switch := teacher_spec.experts) is not None:  # two experts: both weights and the boundary
+        g = (switch.guidance_high, switch.guidance_low) if t.guidance is None else (t.guidance, t.guidance)
+        guidance = {"high": g[0], "low": g[1], "boundary": switch.boundary}
     digest = None
     if t.teacher is not None:
         digest = folder_digests(t.teacher) if t.teacher.is_dir() else file_digest(t.teacher)
@@ -123,19 +129,28 @@ def open_output(cfg, spec: ModelSpec, encoder, held: contextlib.ExitStack) -> di
 
 
 def load_teacher(cfg, spec: ModelSpec, device: torch.device):
-    """(denoise, params) of the teacher (--teacher-model's network, else `spec`'s): the checkpoint, loaded
-    strictly by entrypoints.sample's loader, or random weights (--random-teacher; the family's
-    random init: Cosmos draws every layer since its release init zeroes some)."""
+    """sample(noise, rf_times, cond, uncond) -> x0 of the teacher (--teacher-model's network, else `spec`'s):
+    the checkpoint, loaded strictly by entrypoints.sample's loader, or random weights (--random-teacher; the
+    family's random init: Cosmos draws every layer since its release init zeroes some). A two-expert teacher
+    is its pair, switched at the boundary with each expert's guidance unless --guidance (sample_experts.py)."""
     t = cfg.teacher_data
     if t.teacher_model not in (None, cfg.model):
         spec = get_spec(t.teacher_model)
-    if t.teacher is not None:
-        loader = SampleConfig(model=cfg.model, layout=t.teacher_layout, strict=True, dtype=t.teacher_dtype)
-        return load_denoiser(spec, t.teacher, False, loader, device)
-    dtype = NET_DTYPES[t.teacher_dtype]
-    module = random_model(spec, dtype, device, cfg.seed)
-    params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return trigflow_denoiser(spec.velocity_net(module.eval()), net_dtype=dtype), params
+    loader = SampleConfig(model=cfg.model, layout=t.teacher_layout, strict=True, dtype=t.teacher_dtype)
+
+    def load(spec, path, seed=cfg.seed):
+        if path is not None:
+            return load_denoiser(spec, path, False, loader, device)
+        module = random_model(spec, NET_DTYPES[t.teacher_dtype], device, seed)
+        params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        return trigflow_denoiser(spec.velocity_net(module.eval()), net_dtype=NET_DTYPES[t.teacher_dtype]), params
+
+    if spec.experts is None:
+        denoise, params, w = *load(spec, t.teacher), sampler_settings(cfg)[0]
+        return lambda noise, rf, cond, uncond: teacher_euler_sample(denoise, params, noise, rf, cond, uncond, w)
+    pair = {e: load(spec, None, cfg.seed + i) for i, e in enumerate(EXPERTS)} if t.teacher is None else None
+    pair = pair or load_expert_pair(spec, t.teacher, t.teacher_layout, lambda s, p: load(s, p))
+    return lambda noise, rf, cond, uncond: teacher_row(pair, spec.experts, rf, uncond, t.guidance)[2](noise[None], cond)
 
 
 def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: int, world: int, device) -> dict:
@@ -148,8 +163,8 @@ def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: i
     result |= {"written": sum(len(plan[k]) for k in todo), "seconds": 0.0}
     if not todo:
         return result
-    denoise, params = load_teacher(cfg, spec, device)
-    guidance, shift, sigma_max = sampler_settings(cfg)
+    sample = load_teacher(cfg, spec, device)
+    _, shift, sigma_max = sampler_settings(cfg)
     rf_times, shape = teacher_rf_times(t.steps, shift, sigma_max), latent_shape(cfg, spec)
     uncond = read_uncondition(cfg.output).to(device)  # what distill's teacher will be given
     start = synced(device)
@@ -162,7 +177,7 @@ def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: i
                 text = torch.stack([encode(encoder, prompts[i], cfg.truncate_prompts) for i in chunk]).to(dtype)
                 cond = text.to(device)
                 noise = prompt_noise(shape, cfg.seed, chunk).to(device)
-                x0 = teacher_euler_sample(denoise, params, noise, rf_times, cond, uncond.expand_as(cond), guidance)
+                x0 = sample(noise, rf_times, cond, uncond.expand_as(cond))
                 latents.append(x0.to("cpu", dtype))
                 embeddings.append(text)
                 bar.update(len(chunk))
@@ -192,8 +207,6 @@ def finish_output(cfg, num_prompts: int) -> Manifest:
 def prepare_from_teacher(cfg, spec: ModelSpec) -> dict:
     """The whole job on this rank (torchrun: RANK / WORLD_SIZE; else one process): checks, encoder, rank 0's
     open_output, this rank's shards, and rank 0's manifest once every rank is done."""
-    if spec.experts is not None:  # not built yet: the switched sampler of entrypoints/sample_experts.py would do it
-        raise ValueError("--from-teacher samples a one-network teacher; a two-expert teacher is not supported yet")
     t = cfg.teacher_data
     prompts = read_prompt_file(t.prompt_file)
     if t.teacher is not None and not t.teacher.exists():  # before minutes of loading, not after

@@ -1,9 +1,12 @@
 """distill --expert: one expert of a two-expert model per run (entrypoints/expert_run.py)."""
 
+import dataclasses
 import json
 import math
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from entrypoints.config import DistillConfig, loop_config
 from entrypoints.expert_run import expert_teacher
@@ -118,8 +121,43 @@ def test_prepare_writes_shards_for_the_two_expert_model(codec_dir, tmp_path):  #
     assert read_manifest(tmp_path / "out").latent_shape == (16, 2, 2, 2)
 
 
-def test_prepare_from_a_two_expert_teacher_is_refused_clearly():
+def test_prepare_from_a_two_expert_teacher_samples_with_the_switched_pair(tmp_path):
+    """--from-teacher with wan2.2-tiny's official folder: each sample is the switched Euler sampler's (shift
+    12, guidance 4 above the boundary and 3 below), teacher.json records both weights and the boundary."""
+    from entrypoints.sample import SampleConfig, load_denoiser
     from entrypoints.teacher_data import prepare_from_teacher
+    from rcmfn.models.experts import export_experts
+    from rcmfn.models.wan import WanModel
+    from rcmfn.samplers import teacher_rf_times
+    from rcmfn.shards import read_manifest
+    from rcmfn.switch import switched_teacher_euler_sample
+    from tests.entrypoints.test_sample import random_weights
+    from tests.entrypoints.test_teacher_data import LATENT, TINY_WAN, config, files  # noqa: F401
 
-    with pytest.raises(ValueError, match="two-expert teacher is not supported yet"):
-        prepare_from_teacher(None, get_spec("wan2.2-tiny"))
+    pytest.importorskip("transformers")
+    spec = dataclasses.replace(get_spec("wan2.2-tiny"), latent_shape=TINY_WAN.latent_shape, text_len=16, text_dim=24)
+    weights = {e: random_weights(WanModel(spec.config), s) for e, s in (("high", 5), ("low", 6))}
+    export_experts(weights, tmp_path / "teacher", "official", spec)
+    codecs_dir = tmp_path / "codecs"
+    from rcmfn import codecs
+
+    codecs.write_tiny_text_encoder(codecs_dir, "umt5", dim=24)
+    (codecs_dir / "prompts.txt").write_text("a b c\nw1 w2\n")
+    cfg = config(codecs_dir, tmp_path / "out", teacher=tmp_path / "teacher")
+    cfg = dataclasses.replace(cfg, model="wan2.2-tiny")
+    assert prepare_from_teacher(cfg, spec)["written"] == 2
+    saved = json.loads((tmp_path / "out" / "teacher.json").read_text())["sampler"]
+    assert saved["guidance"] == {"high": 4.0, "low": 3.0, "boundary": 0.875} and saved["shift"] == 12.0
+    manifest = read_manifest(tmp_path / "out")
+    shard = load_file(tmp_path / "out" / manifest.shards[0].file)
+    loader = SampleConfig(model="wan2.2-tiny", dtype="float32")
+    pair = {
+        e: load_denoiser(spec, tmp_path / "teacher" / f"{e}_noise_model", False, loader, "cpu") for e in ("high", "low")
+    }
+    noise = torch.stack([torch.randn(LATENT, generator=torch.Generator().manual_seed(3_000_009 + i)) for i in (0, 1)])
+    cond = shard["text_embeddings"]
+    uncond = load_file(tmp_path / "out" / "negative.safetensors")
+    uncond = next(iter(uncond.values())).expand_as(cond)
+    rf = teacher_rf_times(3, 12.0, 80.0)
+    want = switched_teacher_euler_sample(pair, spec.experts, noise, rf, cond, uncond).to(torch.bfloat16)
+    assert torch.equal(shard["latents"], want) and want.float().std() > 0.1
