@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from entrypoints.config import check_resume_length, export_name, fingerprint, run_stages, total_iterations
-from entrypoints.expert_run import expert_teacher
+from entrypoints.expert_run import check_expert, expert_teacher
 from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
@@ -49,6 +49,7 @@ def check_before_gpu(cfg, world_size: int):
     d = cfg.distributed
     dims = ParallelDims(world_size, d.dp_replicate, d.dp_shard, d.cp)
     spec = get_spec(cfg.model)
+    check_expert(cfg.model, cfg.expert, require=True)
     if not d.random_init and (d.teacher is None or not d.teacher.exists()):
         raise ValueError(
             f"teacher checkpoint {d.teacher} not found (pass --distributed.teacher, or --distributed.random-init)"

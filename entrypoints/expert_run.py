@@ -17,12 +17,13 @@ from rcmfn.step import LossConfig
 from rcmfn.time import Truncated
 
 
-def check_expert(model: str, expert: str | None) -> None:
-    """A two-expert model trains one expert per run (--expert); a one-network model takes no --expert."""
+def check_expert(model: str, expert: str | None, require: bool = False) -> None:
+    """A one-network model takes no --expert; with `require` (a run about to start) a two-expert model needs
+    one: its experts are distilled one per run."""
     experts = None if model == "toy" else get_spec(model).experts
     if expert is not None and experts is None:
         raise ValueError(f"--expert {expert}: model {model!r} has one network, not two experts")
-    if expert is None and experts is not None:
+    if require and expert is None and experts is not None:
         raise ValueError(f"model {model!r} has two experts: distil one per run with --expert high or --expert low")
 
 
