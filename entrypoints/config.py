@@ -1,6 +1,6 @@
 """Every setting of `python -m entrypoints.distill` (DistillConfig, with the sharded path's DistributedConfig
 in its `distributed` field), how the model preset fills the unset ones (`loop_config`, `total_iterations`),
-and what a checkpoint must share with the run that resumes it (`fingerprint`, `check_resume_length`).
+and what a checkpoint must share with the run that resumes it (`fingerprint`; `run_folder.check_resume_length`).
 """
 
 import json
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 from entrypoints import toy as toy_world
+from entrypoints.expert_run import check_expert, expert_loss
 from entrypoints.presets import get_preset
 from rcmfn.loop import LoopConfig
 from rcmfn.precond import check_guidance
@@ -107,7 +108,9 @@ class DistillConfig:
     value if unset (0 but for the toy)"""
     guidance: float | None = None
     """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1); preset value
-    if unset"""
+    if unset; an expert run's default is its expert's own"""
+    expert: Literal["high", "low"] | None = None
+    """two-expert models (wan2.2-*): the expert this run distils over its own time range (entrypoints/expert_run.py)"""
     student_lr: float | None = None
     """student AdamW learning rate; preset value if unset"""
     fake_lr: float | None = None
@@ -151,6 +154,7 @@ class DistillConfig:
 
     def __post_init__(self):
         get_preset(self.model)
+        check_expert(self.model, self.expert)
         if self.guidance is not None:
             check_guidance(self.guidance, "--guidance")
         if self.dmd_weight is not None and (self.dmd_weight < 0 or not math.isfinite(self.dmd_weight)):
@@ -208,6 +212,7 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
     )
     warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
     freq = pick(cfg.student_update_freq, preset.student_update_freq)
+    loss = expert_loss(loss, cfg.model, cfg.expert, cfg.guidance)
     return LoopConfig(loss, optim, warmup, freq, cfg.seed, max_bad_steps=cfg.max_bad_steps)
 
 
@@ -224,16 +229,6 @@ def run_stages(cfg: DistillConfig) -> tuple[tuple[Stage, ...], tuple[LoopConfig,
         return (Stage(cfg.method, total_iterations(cfg)),), (loop_config(cfg),)
     stages = parse_stages(cfg.stages)
     return stages, tuple(loop_config(replace(cfg, method=s.method, stages=None)) for s in stages)
-
-
-def check_resume_length(ckpt: Path, iteration: int, total: int) -> None:
-    """Refuse to resume a checkpoint past the requested length: nothing would train, and the longer-trained
-    model would be evaluated and labelled as a `total`-iteration one."""
-    if iteration > total:
-        raise ValueError(
-            f"checkpoint {ckpt} is at iteration {iteration}, past the requested total of {total} iterations; "
-            f"pass --iterations {iteration} or more to resume it, or use another --output"
-        )
 
 
 def fingerprint(cfg: DistillConfig) -> dict:

@@ -20,15 +20,15 @@ import torch.distributed as dist
 
 from entrypoints.config import (
     DIFFUSERS_FOLDER,
-    check_resume_length,
     export_name,
     fingerprint,
     loop_config,
     run_stages,
     total_iterations,
 )
+from entrypoints.expert_run import check_expert, expert_teacher
 from entrypoints.presets import get_preset
-from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
+from entrypoints.run_folder import check_fresh_output, check_resume_length, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
 from parallel import checkpoint
@@ -54,14 +54,6 @@ from rcmfn.train_checkpoint import config_differences
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
-def student_card(cfg, spec) -> str:
-    """The exported student's model card: the preset's sampler settings (--mid-times if given) and the
-    teacher guidance the run distilled."""
-    preset = get_preset(cfg.model)
-    settings = FewStepSettings(preset.sigma_max, cfg.mid_times or preset.mid_times)
-    return model_card(cfg.model, spec, settings, loop_config(cfg).loss.guidance)
-
-
 def check_before_gpu(cfg, world_size: int):
     """Every configuration error that needs no GPU: mesh vs world size, CP vs heads and tokens, the
     teacher and the data, a checkpoint written by another configuration or past the requested length, and
@@ -69,10 +61,13 @@ def check_before_gpu(cfg, world_size: int):
     d = cfg.distributed
     dims = ParallelDims(world_size, d.dp_replicate, d.dp_shard, d.cp)
     spec = get_spec(cfg.model)
+    check_expert(cfg.model, cfg.expert, require=True)
     if not d.random_init and (d.teacher is None or not d.teacher.exists()):
         raise ValueError(
             f"teacher checkpoint {d.teacher} not found (pass --distributed.teacher, or --distributed.random-init)"
         )
+    if not d.random_init:  # a two-expert model's run: its expert's folder must be there (named if not)
+        expert_teacher(d.teacher, d.teacher_layout, cfg.model, cfg.expert)
     layouts = {"--distributed.export-layouts": d.export_layouts if d.export else ()}
     layouts["--distributed.teacher-layout"] = () if d.random_init else (d.teacher_layout,)
     for flag, names in layouts.items():
@@ -240,7 +235,11 @@ def train_sharded(
     if rank == 0:
         for layout in d.export_layouts if d.export else ():
             if layout == DIFFUSERS_FOLDER:
-                write_diffusers_folder(spec, ema, cfg.output / export_name(layout), student_card(cfg, spec))
+                # The card names the preset's sampler (--mid-times if given) and the guidance distilled.
+                preset = get_preset(cfg.model)
+                few_step = FewStepSettings(preset.sigma_max, cfg.mid_times or preset.mid_times)
+                card = model_card(cfg.model, spec, few_step, loop_config(cfg).loss.guidance)
+                write_diffusers_folder(spec, ema, cfg.output / export_name(layout), card)
             else:
                 export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
         write_json_atomically(cfg.output / "metrics.json", summary, indent=1)

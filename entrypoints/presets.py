@@ -151,8 +151,25 @@ MODELS["wan-i2v-14b-480p"] = replace(
 MODELS["wan-i2v-14b-720p"] = replace(
     MODELS["wan14b"], description="Wan2.1 I2V 14B 720p (T2V 14B recipe; official I2V sampling)", teacher_shift=5.0
 )
+# Wan2.2 T2V A14B: each expert is distilled by its own run (--expert high / low; docs/toy.md "Two experts"),
+# with the Wan2.1 14B rCM recipe above (iterations, p_G, p_D, learning rates, update frequency: the experts
+# have the 14B architecture and no rCM training config of Wan2.2 is public). Each run's teacher guidance
+# defaults to its expert's own sample_guide_scale (4.0 high, 3.0 low: Wan-Video/Wan2.2
+# wan/configs/wan_t2v_A14B.py; `guidance` below, the high expert's, applies only without --expert); the
+# teacher sampler uses the release's sample_shift 12.0 (same file); the student samples as the released rCM
+# Wan2.2 script: mid times (1.5, 1.4, 1.0) (NVlabs/rcm rcm/inference/wan2pt2_i2v_rcm_infer.py, `mid_t`),
+# sigma_max 80 as the Wan2.1 T2V script (the I2V script's default is 200, its 720p I2V setting).
+MODELS["wan2.2-t2v-a14b"] = replace(
+    MODELS["wan14b"],
+    description="Wan2.2 T2V A14B, two experts distilled one run each (--expert high / low)",
+    guidance=4.0,
+    teacher_shift=12.0,
+)
 # The registry's tiny nets (CPU runs and tests) train with their family's recipe.
 MODELS["wan-tiny"] = replace(MODELS["wan1.3b"], description="tiny random Wan2.1-architecture net (CPU tests)")
+MODELS["wan2.2-a14b-tiny"] = replace(
+    MODELS["wan2.2-t2v-a14b"], description="tiny random two-expert Wan net (CPU tests)"
+)
 MODELS["cosmos-tiny"] = replace(MODELS["cosmos2b"], description="tiny random Cosmos-architecture net (CPU tests)")
 MODELS["wan2.2-tiny"] = replace(MODELS["wan2.2-ti2v-5b"], description="tiny random Wan2.2 TI2V-shaped net (CPU tests)")
 MODELS["wan-i2v-tiny"] = replace(MODELS["wan-i2v-14b-480p"], description="tiny random Wan2.1 I2V net (CPU tests)")

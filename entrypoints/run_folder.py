@@ -82,3 +82,13 @@ def training_weights(folder: Path, which: str = "ema"):
     if (folder / ".metadata").is_file():
         return read_weights(folder, which)
     raise FileNotFoundError(f"{folder} holds no {which} weights ({which}.safetensors or DCP shards)")
+
+
+def check_resume_length(ckpt: Path, iteration: int, total: int) -> None:
+    """Refuse to resume a checkpoint past the requested length: nothing would train, and the longer-trained
+    model would be evaluated and labelled as a `total`-iteration one."""
+    if iteration > total:
+        raise ValueError(
+            f"checkpoint {ckpt} is at iteration {iteration}, past the requested total of {total} iterations; "
+            f"pass --iterations {iteration} or more to resume it, or use another --output"
+        )

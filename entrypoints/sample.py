@@ -6,7 +6,7 @@ student's consistency sampler and the teacher's Euler sampler (CFG) from the sam
 through the VAE into PNG / MP4 per sample and a contact sheet (rows: samplers; columns: prompt x seed).
 SPEC-rcm §6 (samplers), SPEC-models §4 (encoders, VAE). Reading order: SampleConfig, sample_model.
 """
-# size budget: ~340 lines, over the 250 of an entrypoint: two paths (the toy's figure and metrics, real models
+# size budget: ~390 lines, over the 250 of an entrypoint: two paths (the toy's figure and metrics, real models
 # with media) behind 27 documented flags. The model wiring (time input, condition mask) is the spec's
 # (`ModelSpec.velocity_net`, rcmfn/models/family.py).
 
@@ -27,6 +27,7 @@ from entrypoints.config import export_name
 from entrypoints.image_condition import sampling_conditions
 from entrypoints.presets import MODELS as PRESETS
 from entrypoints.run_folder import is_training_checkpoint, newest_training_checkpoint, training_weights
+from entrypoints.sample_experts import load_expert_pair, switched_student, teacher_row
 from rcmfn import codecs, media
 from rcmfn.atomic import write_json_atomically
 from rcmfn.condition import text_of, with_text
@@ -94,7 +95,7 @@ class SampleConfig:
     """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1; default: the
     run's / preset's)"""
     shift: float | None = None
-    """teacher time shift (default: the model preset's, 5.0 for Wan T2V, 3.0 for I2V 480p; toy 1.0)"""
+    """teacher time shift (default: the model preset's: 5.0 Wan T2V, 3.0 I2V 480p, 12.0 Wan2.2 A14B; toy 1.0)"""
     seeds: tuple[int, ...] = (0,)
     """noise seeds; every prompt is sampled once per seed, all samplers from the same noise"""
     batch: int = 1
@@ -315,7 +316,12 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
         sigma_max = PRESETS[cfg.model].sigma_max if cfg.model in PRESETS else 80.0
     latents, rows = {}, {}
     # The student computes as distillation trained it (float32 time path); the teacher as released.
-    denoise, params = load_denoiser(trainable_spec(spec), student_path, ours, cfg, device)
+    load = lambda spec, path: load_denoiser(spec, path, ours, cfg, device)  # noqa: E731
+    if spec.experts is None:
+        denoise, params = load(trainable_spec(spec), student_path)
+    else:  # two experts (Wan2.2 A14B): a folder per expert, switched at the boundary (entrypoints/sample_experts.py)
+        pair = load_expert_pair(trainable_spec(spec), student_path, cfg.layout, load)
+        denoise, params = switched_student(pair, spec.experts)
     for k in cfg.steps:
         times = consistency_times(k, sigma_max, sampler_mid_times(cfg))
         latents[f"student {k}-step"], seconds = run_sampler(
@@ -330,27 +336,23 @@ def sample_model(cfg: SampleConfig, spec: ModelSpec) -> dict:
     del denoise, params
     teacher = None
     if cfg.teacher is not None and cfg.teacher_steps:
-        guidance = (
-            cfg.guidance if cfg.guidance is not None else (PRESETS[cfg.model].guidance if cfg.model in PRESETS else 5.0)
-        )
-        preset_shift = PRESETS[cfg.model].teacher_shift if cfg.model in PRESETS else 5.0
-        rf = teacher_rf_times(cfg.teacher_steps, preset_shift if cfg.shift is None else cfg.shift, sigma_max)
-        denoise, params = load_denoiser(spec, cfg.teacher, False, cfg, device)
-        teacher = f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"
-        latents[teacher], seconds = run_sampler(
-            lambda n, c: teacher_euler_sample(
-                denoise, params, n[0], rf, c, with_text(c, uncond[0].to(text_of(c))), guidance
-            ),
-            noises,
-            conds,
-            cfg.batch,
-            device,
-        )
-        rows[teacher] = {
-            "nfe": cfg.teacher_steps * (2 if guidance > 1.0 else 1),
-            "seconds_per_sample": seconds / len(jobs),
-        }
-        del denoise, params
+        preset = PRESETS.get(cfg.model)
+        guidance = cfg.guidance if cfg.guidance is not None else (preset.guidance if preset else 5.0)
+        rf = teacher_rf_times(cfg.teacher_steps, cfg.shift or (preset.teacher_shift if preset else 5.0), sigma_max)
+        if spec.experts is None:
+            denoise, params = load_denoiser(spec, cfg.teacher, False, cfg, device)
+            teacher = f"teacher Euler {cfg.teacher_steps} (cfg {guidance:g})"
+            nfe = cfg.teacher_steps * (2 if guidance > 1.0 else 1)
+            negative = uncond[0]  # CFG swaps the text only, an image condition stays (rcmfn.condition)
+            fn = lambda n, c: teacher_euler_sample(  # noqa: E731
+                denoise, params, n[0], rf, c, with_text(c, negative.to(text_of(c))), guidance
+            )
+        else:
+            pair = load_expert_pair(spec, cfg.teacher, cfg.layout, lambda s, p: load_denoiser(s, p, False, cfg, device))
+            teacher, nfe, fn = teacher_row(pair, spec.experts, rf, uncond, cfg.guidance)
+        latents[teacher], seconds = run_sampler(fn, noises, conds, cfg.batch, device)
+        rows[teacher] = {"nfe": nfe, "seconds_per_sample": seconds / len(jobs)}
+        del fn
     cfg.output.mkdir(parents=True, exist_ok=True)
     slug = lambda name: name.split(" (")[0].replace(" ", "-")  # noqa: E731
     save_file({slug(n): x.contiguous() for n, x in latents.items()}, cfg.output / "latents.safetensors")

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import torch
 
+from entrypoints.expert_run import expert_teacher
 from parallel.fsdp import materialize
 from parallel.parallelize import parallelize
 from rcmfn.models.registry import build_model, cast_params, random_model, trainable_spec
@@ -15,7 +16,8 @@ def teacher_weights(cfg, spec) -> dict[str, torch.Tensor]:
     """Rank 0's full teacher state dict (CPU, release dtype), from the checkpoint or random."""
     d = cfg.distributed
     if not d.random_init:
-        module, report = build_model(spec, d.teacher, d.teacher_layout, strict=d.strict, seed=cfg.seed)
+        path = expert_teacher(d.teacher, d.teacher_layout, cfg.model, cfg.expert)  # a two-expert model's one
+        module, report = build_model(spec, path, d.teacher_layout, strict=d.strict, seed=cfg.seed)
         if not report.ok or report.initialised:
             print(f"non-strict teacher load (--distributed.no-strict):\n{report.describe()}", flush=True)
         return module.state_dict()

@@ -24,16 +24,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from entrypoints.run_folder import prepare_output
-from entrypoints.sample import DTYPES as NET_DTYPES
-from entrypoints.sample import SampleConfig, load_denoiser, synced
+from entrypoints.sample import synced
 from entrypoints.teacher_data_config import sampler_settings
+from entrypoints.teacher_load import load_teacher
 from parallel.checkpoint import rank_zero_first
 from rcmfn import codecs
 from rcmfn.checksums import file_digest, folder_digests
-from rcmfn.models.registry import ModelSpec, get_spec, random_model, unconditional_prompt
-from rcmfn.precond import trigflow_denoiser
+from rcmfn.models.registry import ModelSpec, get_spec, unconditional_prompt
 from rcmfn.run_lock import run_lock
-from rcmfn.samplers import teacher_euler_sample, teacher_rf_times
+from rcmfn.samplers import teacher_rf_times
 from rcmfn.shards import (
     DTYPES,
     MANIFEST,
@@ -72,6 +71,10 @@ def teacher_settings(cfg, spec: ModelSpec) -> dict:
     """Everything that decides the samples, as teacher.json records it (rank 0: hashes the teacher)."""
     t = cfg.teacher_data
     guidance, shift, sigma_max = sampler_settings(cfg)
+    teacher_spec = spec if t.teacher_model in (None, cfg.model) else get_spec(t.teacher_model)
+    if (switch := teacher_spec.experts) is not None:  # two experts: both weights and the boundary
+        g = (switch.guidance_high, switch.guidance_low) if t.guidance is None else (t.guidance, t.guidance)
+        guidance = {"high": g[0], "low": g[1], "boundary": switch.boundary}
     digest = None
     if t.teacher is not None:
         digest = folder_digests(t.teacher) if t.teacher.is_dir() else file_digest(t.teacher)
@@ -124,22 +127,6 @@ def open_output(cfg, spec: ModelSpec, encoder, held: contextlib.ExitStack) -> di
     return settings
 
 
-def load_teacher(cfg, spec: ModelSpec, device: torch.device):
-    """(denoise, params) of the teacher (--teacher-model's network, else `spec`'s): the checkpoint, loaded
-    strictly by entrypoints.sample's loader, or random weights (--random-teacher; the family's
-    random init: Cosmos draws every layer since its release init zeroes some)."""
-    t = cfg.teacher_data
-    if t.teacher_model not in (None, cfg.model):
-        spec = get_spec(t.teacher_model)
-    if t.teacher is not None:
-        loader = SampleConfig(model=cfg.model, layout=t.teacher_layout, strict=True, dtype=t.teacher_dtype)
-        return load_denoiser(spec, t.teacher, False, loader, device)
-    dtype = NET_DTYPES[t.teacher_dtype]
-    module = random_model(spec, dtype, device, cfg.seed)
-    params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return trigflow_denoiser(spec.velocity_net(module.eval()), net_dtype=dtype), params
-
-
 def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: int, world: int, device) -> dict:
     """Rank `rank` of `world`: sample and write each of its shards that is not written yet (after open_output)."""
     t, dtype = cfg.teacher_data, DTYPES[cfg.dtype or "bfloat16"]
@@ -150,8 +137,8 @@ def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: i
     result |= {"written": sum(len(plan[k]) for k in todo), "seconds": 0.0}
     if not todo:
         return result
-    denoise, params = load_teacher(cfg, spec, device)
-    guidance, shift, sigma_max = sampler_settings(cfg)
+    sample = load_teacher(cfg, spec, device)
+    _, shift, sigma_max = sampler_settings(cfg)
     rf_times, shape = teacher_rf_times(t.steps, shift, sigma_max), latent_shape(cfg, spec)
     uncond = read_uncondition(cfg.output).to(device)  # what distill's teacher will be given
     start = synced(device)
@@ -164,7 +151,7 @@ def write_rank_shards(cfg, spec: ModelSpec, prompts: list[str], encoder, rank: i
                 text = torch.stack([encode(encoder, prompts[i], cfg.truncate_prompts) for i in chunk]).to(dtype)
                 cond = text.to(device)
                 noise = prompt_noise(shape, cfg.seed, chunk).to(device)
-                x0 = teacher_euler_sample(denoise, params, noise, rf_times, cond, uncond.expand_as(cond), guidance)
+                x0 = sample(noise, rf_times, cond, uncond.expand_as(cond))
                 latents.append(x0.to("cpu", dtype))
                 embeddings.append(text)
                 bar.update(len(chunk))

@@ -39,7 +39,7 @@ class TeacherDataConfig:
     """teacher CFG weight w >= 1 (standard form F_u + w (F_c - F_u); applied only when w > 1; default: the
     model preset's)"""
     shift: float | None = None
-    """time shift of the teacher's Euler grid (default 5.0, the model's, as entrypoints.sample)"""
+    """time shift of the teacher's Euler grid (default: the model preset's, 5.0 but Wan2.2's 12.0; as sample)"""
     sigma_max: float | None = None
     """start noise level of the teacher's grid (default: the model preset's, as entrypoints.sample)"""
     batch: int = 1
@@ -80,4 +80,5 @@ def sampler_settings(cfg) -> tuple[float, float, float]:
     t, preset = cfg.teacher_data, PRESETS.get(cfg.model)
     guidance = t.guidance if t.guidance is not None else (preset.guidance if preset else 5.0)
     sigma_max = t.sigma_max if t.sigma_max is not None else (preset.sigma_max if preset else 80.0)
-    return guidance, TEACHER_SHIFT if t.shift is None else t.shift, sigma_max
+    shift = t.shift if t.shift is not None else (preset.teacher_shift if preset else TEACHER_SHIFT)
+    return guidance, shift, sigma_max

@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
-from entrypoints.config import DistillConfig, check_resume_length, fingerprint, run_stages, total_iterations
+from entrypoints.config import DistillConfig, fingerprint, run_stages, total_iterations
 from entrypoints.presets import get_preset
-from entrypoints.run_folder import check_fresh_output
+from entrypoints.run_folder import check_fresh_output, check_resume_length
 from entrypoints.stop_signal import stop_signals
 from rcmfn.compile import compiled
 from rcmfn.divergence import check_finite_weights

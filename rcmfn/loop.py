@@ -183,7 +183,7 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
         metrics |= {"dcm_loss": loss.mean().item(), **{k: v.item() for k, v in aux.items()}}
     if loss_cfg.uses_critic and i >= cfg.tangent_warmup:
         steps = rollout_steps(i_eff, loss_cfg.max_rollout_steps)
-        draws = draw_rollout(steps, x0.shape, loss_cfg, gen, x0.device)
+        draws = draw_rollout(steps, x0.shape, loss_cfg, gen, x0.device, x0)
         loss, aux = dmd_student_loss(
             nets.student,
             state.student,
@@ -210,7 +210,7 @@ def _student_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: L
 def _critic_update(state: TrainState, nets: Networks, batch: Batch, gen, cfg: LoopConfig, i: int) -> dict:
     x0, cond, _ = batch
     steps = rollout_steps(critic_iteration(i, cfg.schedule), cfg.loss.max_rollout_steps)
-    draws = draw_rollout(steps, x0.shape, cfg.loss, gen, x0.device)
+    draws = draw_rollout(steps, x0.shape, cfg.loss, gen, x0.device, x0)
     loss, aux = critic_loss(nets.student, state.student, nets.fake, state.fake, cond, *draws)
     loss.sum().backward()
     health = _optimizer_step(state.fake_opt, cfg.optim.fake_lr, state.critic_steps, cfg.optim)

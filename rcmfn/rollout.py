@@ -10,7 +10,7 @@ import math
 import torch
 
 from rcmfn.precond import Denoiser, batch_view, x0_from_velocity
-from rcmfn.time import TimeDistribution, check_trig_time, sample_time
+from rcmfn.time import TimeDistribution, Truncated, check_trig_time, sample_time
 
 BACKWARD_TIMESTEPS = (1.5, 1.4, 1.0)  # official mid times, SPEC-rcm §3.2 / §6.1
 
@@ -18,12 +18,13 @@ BACKWARD_TIMESTEPS = (1.5, 1.4, 1.0)  # official mid times, SPEC-rcm §3.2 / §6
 def rollout_times(
     num_steps: int,
     batch: int,
-    p_D: TimeDistribution | None = None,
+    p_D: TimeDistribution | Truncated | None = None,
     generator: torch.Generator | None = None,
     fixed_times: tuple[float, ...] | None = None,
     device: torch.device | str = "cpu",
+    start: float = math.pi / 2,
 ) -> torch.Tensor:
-    """[num_steps + 1, B] float64 times for a rollout: pi/2, then draws from p_D, then 0.
+    """[num_steps + 1, B] float64 times for a rollout: `start` (pi/2), then draws from p_D, then 0.
 
     SPEC-rcm §3.2: t_n = min(t_hat_n, t_{n-1}) with t_hat_n ~ p_D (a running minimum, so monotone
     non-increasing), or `fixed_times[n - 2]` for every sample when given (dmd_fix_timesteps).
@@ -35,7 +36,7 @@ def rollout_times(
         raise ValueError(f"{num_steps} steps need {num_steps - 1} fixed mid times; got {fixed_times}")
     if fixed_times is None and p_D is None and num_steps > 1:
         raise ValueError("a rollout of more than one step needs p_D or fixed_times")
-    times = [torch.full((batch,), math.pi / 2, dtype=torch.float64, device=device)]
+    times = [torch.full((batch,), start, dtype=torch.float64, device=device)]
     for n in range(1, num_steps):
         if fixed_times is not None:
             draw = torch.full((batch,), float(fixed_times[n - 1]), dtype=torch.float64, device=device)

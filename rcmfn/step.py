@@ -6,6 +6,7 @@ generator, so that ranks and resumed runs agree without broadcasts) and returns 
 plus detached diagnostics. The loop sums, backpropagates and steps the optimisers.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
@@ -15,7 +16,7 @@ from rcmfn.losses import dcm_loss, dmd_loss, fake_score_loss, nonfinite_samples,
 from rcmfn.precond import Denoiser, batch_view, check_guidance, guided_velocity, x0_from_velocity
 from rcmfn.rollout import BACKWARD_TIMESTEPS, consistency_rollout, rollout_times
 from rcmfn.tangent import TangentMethod, scm_tangent
-from rcmfn.time import LogNormal, TimeDistribution, UniformShift, rf_to_trig, sample_time, shift_rf_time
+from rcmfn.time import LogNormal, TimeDistribution, Truncated, UniformShift, rf_to_trig, sample_time, shift_rf_time
 
 # "dcm+dmd" is the official cm_type = "dcm" with a fake score: the dCM term stands where sCM's would and the
 # DMD term is added exactly as in rcm (NVlabs/rcm t2v_model_distill_rcm.py:702-722, 5b41aa9; SPEC-rcm §5).
@@ -32,8 +33,8 @@ class LossConfig:
     loss_scale: float = 100.0
     loss_scale_dmd: float = 1.0
     dmd_reference_elements: int | None = None  # lambda scaled by sqrt(N_ref / N) (losses.dmd_size_factor)
-    p_G: TimeDistribution = field(default_factory=lambda: LogNormal(-0.8, 1.6))
-    p_D: TimeDistribution = field(default_factory=lambda: LogNormal(0.0, 1.6))
+    p_G: TimeDistribution | Truncated = field(default_factory=lambda: LogNormal(-0.8, 1.6))
+    p_D: TimeDistribution | Truncated = field(default_factory=lambda: LogNormal(0.0, 1.6))
     tangent_method: TangentMethod = "jvp"
     fd_step: float = 1e-4
     max_rollout_steps: int = 4
@@ -42,6 +43,10 @@ class LossConfig:
     dcm_total_steps: int = 48
     dcm_skip_steps: int = 1
     dcm_shift: float = 5.0
+    rollout_start: float | None = None
+    """TrigFlow time the DMD / critic rollouts start at, from the data renoised to it (the true marginal)
+    instead of from pure noise at pi/2: the low-noise expert of a two-expert model trained over its own
+    range starts where the high-noise expert hands over (rcmfn/switch.py, docs/toy.md "Two experts")."""
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -49,6 +54,8 @@ class LossConfig:
         check_guidance(self.guidance)
         if self.max_rollout_steps < 1:
             raise ValueError(f"max_rollout_steps must be >= 1; got {self.max_rollout_steps}")
+        if self.rollout_start is not None and not 0.0 < self.rollout_start <= math.pi / 2:
+            raise ValueError(f"rollout_start must lie in (0, pi/2]; got {self.rollout_start}")
         if self.dmd_reference_elements is not None and self.dmd_reference_elements < 0:
             raise ValueError(f"dmd_reference_elements must be >= 0 (0 = off); got {self.dmd_reference_elements}")
 
@@ -109,13 +116,22 @@ def scm_student_loss(
 
 
 def draw_rollout(
-    num_steps: int, shape, cfg: LossConfig, generator: torch.Generator, device
+    num_steps: int, shape, cfg: LossConfig, generator: torch.Generator, device, x0: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noise [N, B, ...], times [N + 1, B], D-time t_D [B] and its noise, for one DMD / critic step."""
+    """Noise [N, B, ...], times [N + 1, B], D-time t_D [B] and its noise, for one DMD / critic step.
+
+    With `cfg.rollout_start` the rollout starts at that time from `x0` renoised with noise[0] (same draws,
+    so the default path is unchanged): noise[0] becomes the start state cos t_s x0 + sin t_s noise[0].
+    """
     noise = noise_like((num_steps, *shape), generator, device)
     fixed = cfg.backward_timesteps if cfg.dmd_fix_timesteps else None
-    times = rollout_times(num_steps, shape[0], cfg.p_D, generator, fixed, device)
+    start = math.pi / 2 if cfg.rollout_start is None else cfg.rollout_start
+    times = rollout_times(num_steps, shape[0], cfg.p_D, generator, fixed, device, start)
     t_D = sample_time(cfg.p_D, shape[0], generator, "trig", device)
+    if cfg.rollout_start is not None:
+        if x0 is None:
+            raise ValueError("LossConfig.rollout_start needs the batch's x0 to start the rollout from")
+        noise = torch.cat([_renoise(x0, times[0], noise[0]).to(noise.dtype)[None], noise[1:]])
     return noise, times, t_D, noise_like(shape, generator, device)
 
 

@@ -76,7 +76,25 @@ class UniformShift:
     shift: float = 5.0
 
 
+@dataclass(frozen=True)
+class Truncated:
+    """`base` conditioned on TrigFlow time t in [t_min, t_max]: the time distribution of one expert of a
+    two-expert model trained over its own range (rcmfn/switch.py; docs/toy.md "Two experts"). Drawn by
+    inverse CDF within the range, so no draw is rejected and the in-range shape of `base` is kept."""
+
+    base: "LogNormal | UniformShift"
+    t_min: float = 0.0
+    t_max: float = math.pi / 2
+
+    def __post_init__(self):
+        if isinstance(self.base, Truncated):
+            raise TypeError("Truncated.base must be LogNormal or UniformShift, not another Truncated")
+        if not 0.0 <= self.t_min < self.t_max <= math.pi / 2:
+            raise ValueError(f"need 0 <= t_min < t_max <= pi/2; got [{self.t_min}, {self.t_max}]")
+
+
 TimeDistribution = LogNormal | UniformShift
+"""The distributions a command line chooses among; `Truncated` ones are built from them in code."""
 
 
 def convert_from_sigma(sigma: torch.Tensor, domain: TimeDomain) -> torch.Tensor:
@@ -91,7 +109,7 @@ def convert_from_sigma(sigma: torch.Tensor, domain: TimeDomain) -> torch.Tensor:
 
 
 def sample_time(
-    dist: TimeDistribution,
+    dist: TimeDistribution | Truncated,
     n: int,
     generator: torch.Generator | None = None,
     domain: TimeDomain = "trig",
@@ -104,6 +122,8 @@ def sample_time(
     `device`, so a CPU generator gives the same times on every device.
     """
     draw_device = generator.device if generator is not None else device
+    if isinstance(dist, Truncated):
+        return _sample_truncated(dist, n, generator, domain, device)
     if isinstance(dist, LogNormal):
         normal = torch.randn(n, generator=generator, device=draw_device, dtype=torch.float32).double().to(device)
         sigma = torch.exp(dist.p_mean + dist.p_std * normal)
@@ -117,6 +137,24 @@ def sample_time(
             return rf_to_trig(r)
         return rf_to_sigma(r)
     raise TypeError(f"unknown time distribution {dist!r}; expected LogNormal or UniformShift")
+
+
+def _sample_truncated(dist: Truncated, n: int, generator, domain: TimeDomain, device) -> torch.Tensor:
+    """u ~ U[F(t_min), F(t_max)) pushed through the base's inverse CDF F^-1 (float32 draw, float64 after)."""
+    draw_device = generator.device if generator is not None else device
+    u = torch.rand(n, generator=generator, device=draw_device, dtype=torch.float32).double().to(device)
+    lo, hi = torch.tensor([dist.t_min, dist.t_max], dtype=torch.float64, device=device)
+    base = dist.base
+    if isinstance(base, LogNormal):  # CDF in z = (log sigma - mean) / std, sigma = tan t
+        to_z = lambda t: (torch.log(torch.tan(t)) - base.p_mean) / base.p_std  # noqa: E731
+        c_lo, c_hi = torch.special.ndtr(to_z(lo)), torch.special.ndtr(to_z(hi))
+        z = torch.special.ndtri(c_lo + u * (c_hi - c_lo))
+        return convert_from_sigma(torch.exp(base.p_mean + base.p_std * z), domain)
+    if isinstance(base, UniformShift):  # CDF is the unshifted u itself
+        u_lo, u_hi = (unshift_rf_time(trig_to_rf(t), base.shift) for t in (lo, hi))
+        r = shift_rf_time(u_lo + u * (u_hi - u_lo), base.shift)
+        return {"rf": r, "trig": rf_to_trig(r), "sigma": rf_to_sigma(r)}[domain]
+    raise TypeError(f"unknown time distribution {base!r}; expected LogNormal or UniformShift")
 
 
 def check_trig_time(t: torch.Tensor, name: str = "t", allow_endpoints: bool = False) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from rcmfn.models.checkpoint import KeyMap
 from rcmfn.precond import TIME_SCALE
+from rcmfn.switch import ExpertSwitch
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +86,10 @@ class ModelSpec:
     """(time, height, width) compression of the family's VAE: the Wan2.1 VAE's (4, 8, 8), which Wan2.1 and
     Cosmos-Predict2 use (SPEC-models §3.4, §4); the Wan2.2 VAE's (4, 16, 16) for Wan2.2 TI2V-5B
     (Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py:17)."""
+    experts: ExpertSwitch | None = None
+    """A two-expert model (Wan2.2 A14B): two networks of `config`, a high-noise and a low-noise one,
+    switched at this boundary with their own sampler guidance (rcmfn/switch.py); every other property
+    describes one expert. Checkpoints hold one folder per expert (rcmfn/models/experts.py). None: one net."""
 
     @property
     def build(self) -> Callable[..., nn.Module]:

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from entrypoints import prepare, teacher_data
+from entrypoints import prepare, teacher_data, teacher_load
 from entrypoints.prepare import PrepareConfig, prepare_toy
 from entrypoints.sample import SampleConfig, load_denoiser
 from entrypoints.teacher_data import finish_output, open_output, prepare_from_teacher, write_rank_shards
@@ -133,7 +133,7 @@ def test_teacher_json_records_checkpoint_sampler_seed_and_uncondition(files, str
 
 
 def test_resume_after_an_interruption_and_damage_writes_the_same_bits(files, straight, tmp_path, monkeypatch):
-    real, calls = teacher_data.teacher_euler_sample, []
+    real, calls = teacher_load.teacher_euler_sample, []
 
     def interrupt_on_the_third(*args):
         calls.append(1)
@@ -141,7 +141,7 @@ def test_resume_after_an_interruption_and_damage_writes_the_same_bits(files, str
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(teacher_data, "teacher_euler_sample", interrupt_on_the_third)
+    monkeypatch.setattr(teacher_load, "teacher_euler_sample", interrupt_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         prepare_from_teacher(config(files, tmp_path), TINY_WAN)
     assert sorted(p.name for p in tmp_path.glob("*.record.json")) == [
@@ -155,7 +155,7 @@ def test_resume_after_an_interruption_and_damage_writes_the_same_bits(files, str
     (tmp_path / "shard-00001.safetensors").write_bytes(bytes(damaged))
     (tmp_path / "shard-00002.safetensors").write_bytes(b"\x00half a shard" * 7)
     calls.clear()
-    monkeypatch.setattr(teacher_data, "teacher_euler_sample", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(teacher_load, "teacher_euler_sample", lambda *a: calls.append(1) or real(*a))
     result = prepare_from_teacher(config(files, tmp_path), TINY_WAN)
     assert (result["skipped_shards"], result["written"], len(calls)) == (1, 5, 3)  # shards 1, 2, 3 redone
     assert folder_bytes(tmp_path) == folder_bytes(straight)
@@ -223,7 +223,8 @@ def test_cosmos_samples_with_the_zero_uncondition_and_random_teacher_runs(files,
 
 def test_a_bigger_teacher_samples_data_of_the_models_shape(files, tmp_path, monkeypatch):
     """--model wan1.3b --teacher-model wan14b, the official 1.3B run's data: the data keep --model's shape."""
-    monkeypatch.setattr(teacher_data, "get_spec", lambda name: {"wan14b": DEEP_WAN}[name])
+    for module in (teacher_data, teacher_load):
+        monkeypatch.setattr(module, "get_spec", lambda name: {"wan14b": DEEP_WAN}[name])
     with pytest.raises(CheckpointMismatchError, match="unexpected"):  # the 14B file does not fit the 1.3B net
         prepare_from_teacher(config(files, tmp_path / "a", teacher=files / "deep.safetensors"), TINY_WAN)
     cfg = config(files, tmp_path / "b", teacher=files / "deep.safetensors", teacher_model="wan14b", steps=1)

@@ -5,6 +5,8 @@ SPEC-models §3.1 (hyperparameters), §5 (the tiny config the equivalence test u
 
 from dataclasses import dataclass
 
+from rcmfn.switch import ExpertSwitch
+
 
 @dataclass(frozen=True)
 class WanConfig:
@@ -122,3 +124,13 @@ WAN_I2V_TINY = WanConfig(
 # The I2V release's negative prompt: the shared one with "镜头晃动，" (camera shake) in front
 # (Wan-Video/Wan2.1 wan/configs/wan_i2v_14B.py:11).
 I2V_NEGATIVE_PROMPT = "镜头晃动，" + NEGATIVE_PROMPT
+# Wan2.2 T2V A14B: two experts, each the Wan2.1 14B architecture (Wan-Video/Wan2.2 wan/configs/wan_t2v_A14B.py:
+# dim 5120, ffn_dim 13824, freq_dim 256, num_heads 40, num_layers 40, text_len 512, in/out 16, qk_norm,
+# cross_attn_norm, eps 1e-6; high_noise_checkpoint 'high_noise_model', low_noise_checkpoint 'low_noise_model'),
+# switched at boundary 0.875 of the 1000 training timesteps with sample_guide_scale (3.0, 4.0) = (low, high)
+# (same file, "inference"; sample_shift 12.0, sample_steps 40). I2V A14B uses boundary 0.900
+# (wan/configs/wan_i2v_A14B.py), as the released rCM Wan2.2 I2V script (NVlabs/rcm
+# rcm/inference/wan2pt2_i2v_rcm_infer.py, --boundary 0.9).
+WAN22_T2V_A14B = WAN_14B
+WAN22_T2V_A14B_SWITCH = ExpertSwitch(boundary=0.875, guidance_high=4.0, guidance_low=3.0)
+WAN22_SAMPLE_SHIFT = 12.0
