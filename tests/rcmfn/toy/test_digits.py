@@ -115,7 +115,9 @@ def test_digit_metrics_of_the_reference_itself_and_of_shuffled_labels(classifier
     """The held-out digits against themselves: FD 0, precision = recall = 1, accuracy the classifier's.
     The same images under permuted labels: only the accuracy falls (to about chance)."""
     m = digits.digit_metrics(classifier, SPLIT.held_x, SPLIT.held_y, SPLIT.held_x)
-    assert abs(m["fd"]) < 1e-8 and m["precision"] == 1.0 and m["recall"] == 1.0 and m["accuracy"] > 0.95
+    # FD of a set with itself is 0 up to the square roots of round-off eigenvalues of a rank-deficient
+    # covariance (sqrt(1e-16) = 1e-8 each, summed over the features): 4.9e-7 seen on one BLAS; a blurred set is > 10.
+    assert abs(m["fd"]) < 1e-5 and m["precision"] == 1.0 and m["recall"] == 1.0 and m["accuracy"] > 0.95
     shuffled = SPLIT.held_y[torch.randperm(SPLIT.held_y.shape[0], generator=torch.Generator().manual_seed(0))]
     s = digits.digit_metrics(classifier, SPLIT.held_x, shuffled, SPLIT.held_x)
     assert s["accuracy"] < 0.2 and s["fd"] == m["fd"] and s["recall"] == 1.0
