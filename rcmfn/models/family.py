@@ -51,6 +51,8 @@ class Family:
     negative_prompt: str | None = None
     """The teacher's unconditional text when the user gives none: this prompt's encoding (Wan's default
     negative prompt), or None for an all-zero text embedding (Cosmos; registry.unconditional_prompt)."""
+    lora_targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """LoRA target name (rcmfn.lora.TARGETS) -> fnmatch patterns of the state-dict weight keys it adapts."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,6 +85,10 @@ class ModelSpec:
     @property
     def negative_prompt(self) -> str | None:
         return self.family.negative_prompt
+
+    @property
+    def lora_targets(self) -> Mapping[str, tuple[str, ...]]:
+        return self.family.lora_targets
 
     @property
     def channels(self) -> int:

@@ -51,4 +51,9 @@ COSMOS = Family(
     random_init=init_random_,
     flops=forward_flops,
     negative_prompt=None,  # all-zero text embedding (registry.unconditional_prompt)
+    lora_targets={
+        "attention": ("blocks.*.self_attn.*_proj.weight", "blocks.*.cross_attn.*_proj.weight"),
+        "ffn": ("blocks.*.mlp.layer[12].weight",),
+        "modulation": ("blocks.*.adaln_modulation_*.weight", "final_layer.adaln_modulation.*.weight"),
+    },
 )

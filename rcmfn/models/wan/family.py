@@ -36,4 +36,10 @@ WAN = Family(
     random_init=lambda module, generator: module,  # the module's own init, as built
     flops=forward_flops,
     negative_prompt=NEGATIVE_PROMPT,
+    # time_projection is the one D -> 6D linear all blocks' modulation comes from (e0, SPEC-models §3.2).
+    lora_targets={
+        "attention": ("blocks.*.self_attn.[qkvo].weight", "blocks.*.cross_attn.[qkvo].weight"),
+        "ffn": ("blocks.*.ffn.0.weight", "blocks.*.ffn.2.weight"),
+        "modulation": ("time_projection.1.weight",),
+    },
 )
