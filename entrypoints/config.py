@@ -12,6 +12,7 @@ from typing import Literal
 from entrypoints import toy as toy_world
 from entrypoints.presets import get_preset
 from rcmfn.loop import LoopConfig
+from rcmfn.lora import LoraConfig
 from rcmfn.precond import check_guidance
 from rcmfn.stages import Stage, parse_stages
 from rcmfn.stages import total_iterations as stages_total
@@ -136,6 +137,12 @@ class DistillConfig:
     """torch intra-op CPU threads; 0 = torch default (all cores: the toy's width-128 student steps 1.4-1.5x
     faster on 2 idle cores than on 1). Use 1 on a machine whose cores other jobs share: oversubscribed
     OpenMP threads ran a warm-start step 5x slower there"""
+    lora_rank: int = 0
+    """train student and fake score as rank-R adapters on the frozen teacher (rcmfn/lora.py); 0 = full fine-tuning"""
+    lora_alpha: float | None = None
+    """adapter scale numerator: weight delta = (alpha / rank) up @ down; unset = the rank (scale 1)"""
+    lora_targets: tuple[str, ...] = ("attention", "ffn")
+    """adapted weights: attention (self/cross q, k, v, o), ffn, modulation (the adaLN modulation linears)"""
     toy: toy_world.ToyConfig = field(default_factory=toy_world.ToyConfig)
     """toy problem settings (only with --model toy)"""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -176,6 +183,7 @@ class DistillConfig:
             raise ValueError(
                 f"toy.batch_size and toy.eval_samples must be >= 1; got {self.toy.batch_size}, {self.toy.eval_samples}"
             )
+        LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets)  # names a bad rank, alpha or target
         run_stages(self)  # the preset merged with these values: its own checks run now, before any work
 
 
@@ -233,6 +241,7 @@ def fingerprint(cfg: DistillConfig) -> dict:
     the teacher is checked or the student exported: those change no trained value)."""
     skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
     skip |= {"max_bad_steps", "mid_times"}  # mid_times: evaluation only
+    skip |= {"lora_rank", "lora_alpha", "lora_targets"} if cfg.lora_rank == 0 else set()  # older runs resume
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}

@@ -75,7 +75,8 @@ def adapted_keys(
         keys += [k for k in found if k not in keys]
     for key in keys:
         if rank > min(shapes[key]):
-            raise ValueError(f"lora rank {rank} exceeds min(out, in) = {min(shapes[key])} of {key} {tuple(shapes[key])}")
+            shape = tuple(shapes[key])
+            raise ValueError(f"lora rank {rank} exceeds min(out, in) = {min(shape)} of {key} {shape}")
     return [k for k in shapes if k in keys]
 
 
@@ -114,7 +115,8 @@ def adapter_pairs(adapters: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch
         if down is None or up is None:
             raise ValueError(f"adapter of {key} lacks its {DOWN if down is None else UP}")
         if down.dim() != 2 or up.dim() != 2 or down.shape[0] != up.shape[1]:
-            raise ValueError(f"adapter of {key}: down {tuple(down.shape)} and up {tuple(up.shape)} are not [r, in], [out, r]")
+            shapes = f"down {tuple(down.shape)} and up {tuple(up.shape)}"
+            raise ValueError(f"adapter of {key}: {shapes} are not [rank, in], [out, rank]")
     return {k: (d, u) for k, (d, u) in pairs.items()}
 
 
@@ -138,7 +140,8 @@ def merge(
         weight = merged[key]
         if tuple(weight.shape) != (up.shape[0], down.shape[1]):
             raise ValueError(
-                f"adapter of {key}: up {tuple(up.shape)} @ down {tuple(down.shape)} does not fit the weight {tuple(weight.shape)}"
+                f"adapter of {key}: up {tuple(up.shape)} @ down {tuple(down.shape)} "
+                f"does not fit the weight {tuple(weight.shape)}"
             )
         rank = down.shape[0]
         wide = torch.promote_types(weight.dtype, down.dtype)

@@ -120,9 +120,7 @@ def test_the_merge_is_the_scaled_low_rank_product():
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    st.integers(1, 9), st.integers(1, 9), st.integers(1, 9), st.integers(1, 5), st.booleans(), st.integers(0, 2**31)
-)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(1, 9), st.integers(1, 5), st.booleans(), st.integers(0, 2**31))
 def test_lora_linear_equals_the_linear_over_the_merged_weight(n_in, n_out, rank, tokens, bias, seed):
     """Property: the low-rank path of any shape (odd, rank above the dims included) is the merge."""
     g = torch.Generator().manual_seed(seed)
@@ -179,7 +177,8 @@ def test_rank_above_a_weights_smaller_side_and_missing_targets_are_named():
         adapted_keys(shapes, {"attention": ("*q.weight",)}, ("ffn",), 2)
     spec = get_spec("cosmos-tiny")  # its adaLN-LoRA down projections are 32 -> 8
     with pytest.raises(ValueError, match="exceeds min"):
-        adapt_module(random_model(spec.with_blocks(1), torch.float32), spec.lora_targets, LoraConfig(9, None, ("modulation",)))
+        module = random_model(spec.with_blocks(1), torch.float32)
+        adapt_module(module, spec.lora_targets, LoraConfig(9, None, ("modulation",)))
 
 
 def test_a_bad_adapter_set_is_named_by_merge():
