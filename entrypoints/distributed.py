@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from entrypoints.config import check_resume_length, export_name, fingerprint, run_stages, total_iterations
 from entrypoints.run_folder import check_fresh_output, prepare_output, single_process_group_env
@@ -28,8 +29,9 @@ from parallel.context_parallel import check_cp_size
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
-from rcmfn.atomic import write_json_atomically
+from rcmfn.atomic import write_atomically, write_json_atomically
 from rcmfn.divergence import check_finite_weights
+from rcmfn.lora import LoraConfig, merge
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.checkpoint import export_checkpoint
 from rcmfn.models.registry import get_spec
@@ -38,6 +40,8 @@ from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
 from rcmfn.stages import check_stage_record, stage_record, staged_iteration
 from rcmfn.train_checkpoint import config_differences
 
+LORA_EXPORT = "student_ema.lora.safetensors"
+"""A LoRA run's EMA adapter set (rcmfn/lora.py convention, the model's own weight keys), beside the merged export."""
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -139,7 +143,10 @@ def train_sharded(
     lcfg, critic = configs[-1], any(c.loss.uses_critic for c in configs)  # optimiser, tangent: one per run
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
     pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile, allow_eager_tangent=d.allow_eager_tangent)
-    teacher, student, fake = build_networks(spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic)
+    lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    teacher, student, fake = build_networks(
+        spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic, lora=lora, lora_seed=cfg.seed
+    )
     del full_state
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
@@ -192,9 +199,8 @@ def train_sharded(
             break
     if d.export:
         check_finite_weights({"EMA": state.ema}, "the EMA student's export")
-    ema = {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu", torch.bfloat16) for k, v in state.ema.items()
-    }
+    kept = torch.float32 if lora.enabled else torch.bfloat16  # LoRA: the adapters stay float32 until merged
+    ema = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu", kept) for k, v in state.ema.items()}
     summary = {
         "iteration": state.iteration,
         "stopped_by_signal": state.iteration < total,
@@ -203,6 +209,9 @@ def train_sharded(
         "world": asdict(dims),
     }
     if rank == 0:
+        if lora.enabled and d.export:  # the adapters as trained, then the teacher's weights merged with them
+            write_atomically(cfg.output / LORA_EXPORT, lambda tmp: save_file(ema, tmp))
+            ema = {k: v.to(torch.bfloat16) for k, v in merge(teacher_weights(cfg, spec), ema, lora.alpha).items()}
         for layout in d.export_layouts if d.export else ():
             export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
         write_json_atomically(cfg.output / "metrics.json", summary, indent=1)
