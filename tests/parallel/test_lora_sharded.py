@@ -77,4 +77,5 @@ def test_the_sharded_entrypoint_trains_resumes_and_exports_lora(tmp_path):
     official = get_spec("cosmos-tiny").key_maps["official"]
     exported = {official.to_ours(k): v for k, v in load_file(tmp_path / "run" / "student_ema.safetensors").items()}
     assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)
-    assert any(not torch.equal(want[k], teacher[k].to(torch.bfloat16)) for k in want)
+    wide = {k: v.double() for k, v in teacher.items()}  # the trained delta is below bf16's resolution here
+    assert sum(not torch.equal(v, wide[k]) for k, v in merge(wide, adapters, alpha=4.0).items()) == len(adapters) // 2
