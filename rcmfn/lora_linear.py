@@ -1,13 +1,15 @@
 """How a network computes with an adapter set (rcmfn/lora.py): the low-rank path beside each frozen linear.
 
-y = x W^T + b + (alpha / rank) (x down^T) up^T, never W + delta: a merged weight per adapted layer
-would be a new full-size tensor that autograd keeps until the backward pass (it is saved for the input
-gradient), i.e. a second copy of nearly every weight of the net for the whole step (Wan 14B: the
-adapted q/k/v/o and FFN weights are ~13e9 of its 14e9 parameters, ~26 GB in bf16, more than its
-activations at 480p under full activation checkpointing), plus a full-size weight gradient per layer.
+y = x W^T + b + (alpha / rank) (x down^T) up^T, never W + delta: a merged weight per adapted layer is a
+new full-size tensor that autograd keeps for the backward wherever the layer's input carries gradient
+(saved for the input gradient; also under the mm_only activation-checkpointing policy, which saves the
+up @ down product), i.e. a second copy of nearly every adapted weight for the whole step. Wan 14B: per
+block the self-attention q/k/v/o, cross-attention q/o and FFN weights, 6 D^2 + 2 D F = 0.30e9, 12e9 over
+40 blocks, ~24 GB in bf16; full activation checkpointing bounds that to one block but recomputes every
+merge. Either way each merge also builds a full-size weight gradient before it reaches the adapters.
 The low-rank path saves only x down^T ([tokens, rank]) beside the input the frozen linear saves anyway,
-and its weight gradients are rank-sized. The tangent of the sCM loss (w.r.t. x and t) flows through
-both terms like any linear.
+and its weight gradients are rank-sized (tests/rcmfn/test_lora.py counts the saved bytes of both). The
+tangent of the sCM loss (w.r.t. x and t) flows through both terms like any linear.
 
 `attach_adapters` swaps each adapted `nn.Linear` of a module for a `LoraLinear` holding the same weight
 and bias objects plus `lora_down` / `lora_up` parameters, so the module stays an ordinary module:

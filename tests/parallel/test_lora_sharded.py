@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from entrypoints.config import DistillConfig, DistributedConfig
 from entrypoints.distributed import LORA_EXPORT, teacher_weights
 from parallel.mesh import ParallelDims
+from parallel.parallelize import ParallelConfig
 from rcmfn.lora import LoraConfig, merge
 from rcmfn.models.registry import get_spec
 from tests.parallel.parallel_harness import assert_same_run, free_port, init_gloo, shutdown_gloo, train
-from tests.parallel.test_distributed import ROOT, _lines, _shards
+from tests.parallel.test_distributed import ROOT, _lines, _shards, one_rank_group  # noqa: F401 (fixture)
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic
 LORA = LoraConfig(rank=2, alpha=3.0, targets=("attention", "ffn", "modulation"))
@@ -79,3 +80,37 @@ def test_the_sharded_entrypoint_trains_resumes_and_exports_lora(tmp_path):
     assert exported.keys() == want.keys() and all(torch.equal(exported[k], want[k]) for k in want)
     wide = {k: v.double() for k, v in teacher.items()}  # the trained delta is below bf16's resolution here
     assert sum(not torch.equal(v, wide[k]) for k, v in merge(wide, adapters, alpha=4.0).items()) == len(adapters) // 2
+
+
+@pytest.mark.parametrize("model", ["wan-tiny", "cosmos-tiny"])
+def test_lora_student_and_fake_score_start_bit_for_bit_as_the_teacher(one_rank_group, model):  # noqa: F811
+    """bf16 as the run builds them: frozen weights stored in bf16 beside float32 adapters in one FSDP unit
+    (FSDP2 asks a uniform dtype of the trainable parameters only); at iteration 0 (lora_up = 0) both
+    networks compute the teacher's output bit for bit, the merged modulation weights included."""
+    from entrypoints.sharded_networks import build_networks
+    from parallel.sharded_training import init_sharded_state, sharded_networks
+    from rcmfn.loop import LoopConfig
+    from rcmfn.models.registry import trainable_spec
+
+    cfg = DistillConfig(model=model, distributed=DistributedConfig(random_init=True, dtype="bfloat16"))
+    spec, lcfg, cpu = get_spec(model), LoopConfig(), torch.device("cpu")
+    full = teacher_weights(cfg, spec)
+    trainable = trainable_spec(spec)
+    build = lambda lora: build_networks(  # noqa: E731
+        trainable, full, one_rank_group, torch.bfloat16, ParallelConfig(), cpu, True, trainable, lora=lora
+    )
+    teacher = build(None)[0]
+    _, student, fake = build(LoraConfig(rank=4, targets=("attention", "ffn", "modulation")))
+    state = init_sharded_state(student, fake, lcfg)
+    assert {p.dtype for p in state.student.values()} == {torch.float32}
+    frozen = [p for n, p in student.named_parameters() if not p.requires_grad]
+    assert frozen and {p.dtype for p in frozen} == {torch.bfloat16}
+    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
+    g = torch.Generator().manual_seed(5)
+    x_t = torch.randn(2, 16, 2, 4, 4, generator=g, dtype=torch.float64)
+    cond = torch.randn(2, 3, 24, generator=g).to(torch.bfloat16)
+    t = torch.tensor([0.4, 1.3], dtype=torch.float64)
+    with torch.no_grad():
+        F_teacher = nets.teacher(nets.teacher_params, x_t, t, cond)
+        assert torch.equal(nets.student(state.student, x_t, t, cond), F_teacher)
+        assert torch.equal(nets.fake(state.fake, x_t, t, cond), F_teacher)

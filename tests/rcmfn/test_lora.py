@@ -189,3 +189,34 @@ def test_a_bad_adapter_set_is_named_by_merge():
         merge(W, {"b.weight.lora_down": torch.ones(2, 4), "b.weight.lora_up": torch.ones(3, 2)})
     with pytest.raises(ValueError, match="does not fit the weight"):
         merge(W, {"a.weight.lora_down": torch.ones(2, 5), "a.weight.lora_up": torch.ones(3, 2)})
+
+
+def saved_bytes(fn, params: dict) -> int:
+    """Bytes of the distinct new storages autograd saves for the backward of fn() (parameters' own
+    storages, which the frozen weights share in both paths, not counted)."""
+    own = {p.untyped_storage().data_ptr() for p in params.values()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_the_low_rank_path_saves_no_merged_weight_for_the_backward():
+    """The memory claim of rcmfn/lora_linear.py, counted: merging W + delta inside the step makes autograd
+    keep a full-size merged copy of each adapted weight whose input carries gradient (every o and FFN
+    weight here; not the cross-attention k, v of the frozen text, nor block 0's q, k, v, which see no
+    trained input yet) until the backward; the low-rank path keeps none."""
+    cfg = LoraConfig(rank=2, targets=("attention", "ffn"))
+    plain, lora, weights, adapters, x, cond = adapted("wan-tiny", cfg)
+    adapters = adapters.apply(lambda t: t.requires_grad_(True))
+    low_rank = saved_bytes(lambda: lora(adapters, x, T, cond), weights | dict(adapters.items()))
+    merged = saved_bytes(lambda: plain(merge(weights, adapters), x, T, cond), weights | dict(adapters.items()))
+    always_saved = sum(weights[k].nbytes for k in adapter_pairs(adapters) if ".ffn." in k or k.endswith(".o.weight"))
+    assert merged - low_rank >= 0.9 * always_saved > 0
