@@ -220,3 +220,15 @@ def test_the_low_rank_path_saves_no_merged_weight_for_the_backward():
     merged = saved_bytes(lambda: plain(merge(weights, adapters), x, T, cond), weights | dict(adapters.items()))
     always_saved = sum(weights[k].nbytes for k in adapter_pairs(adapters) if ".ffn." in k or k.endswith(".o.weight"))
     assert merged - low_rank >= 0.9 * always_saved > 0
+
+
+def test_compiled_adapted_forward_and_tangent_match_eager():
+    """The adapted net under torch.compile(fullgraph=True) as the toy's --compile runs it: forward and jvp."""
+    from rcmfn.compile import compiled
+
+    _, lora, weights, adapters, x, cond = adapted("toy", LoraConfig(rank=2, targets=("attention", "ffn", "modulation")))
+    velocity = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    tangent = lambda p, x_t, t, c, f: scm_tangent(lora, p, x_t, t, c, f)  # noqa: E731
+    torch.testing.assert_close(compiled(lora)(adapters, x, T, cond), lora(adapters, x, T, cond), rtol=1e-12, atol=1e-12)
+    got, want = compiled(tangent)(adapters, x, T, cond, velocity), tangent(adapters, x, T, cond, velocity)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
