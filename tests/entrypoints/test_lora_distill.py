@@ -33,8 +33,12 @@ def test_a_lora_run_trains_only_adapters_and_resumes_bit_for_bit(tmp_path):
     assert "student 4-step" in final["rows"]  # evaluated on the teacher weights merged with the EMA adapters
 
 
-def test_a_lora_checkpoint_is_not_resumed_as_full_fine_tuning(tmp_path):
+def test_a_lora_checkpoint_is_not_resumed_as_full_fine_tuning_nor_read_as_weights(tmp_path):
+    from entrypoints.run_folder import training_weights
+
     run(tiny_config(tmp_path, iterations=3, lora_rank=2))
+    with pytest.raises(ValueError, match="holds LoRA adapters"):
+        training_weights(tmp_path / "checkpoints" / "step-00000003")
     with pytest.raises(ValueError, match="another configuration.*lora_rank"):
         run(tiny_config(tmp_path, iterations=6))
 
