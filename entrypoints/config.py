@@ -13,6 +13,7 @@ from entrypoints import toy as toy_world
 from entrypoints.expert_run import check_expert, expert_loss
 from entrypoints.presets import get_preset
 from rcmfn.loop import LoopConfig
+from rcmfn.lora import LoraConfig
 from rcmfn.precond import check_guidance
 from rcmfn.stages import Stage, parse_stages
 from rcmfn.stages import total_iterations as stages_total
@@ -65,18 +66,6 @@ class DistributedConfig:
             raise ValueError(
                 f"batch_size and keep_checkpoints must be >= 1; got {self.batch_size}, {self.keep_checkpoints}"
             )
-
-
-DIFFUSERS_FOLDER = "diffusers-folder"
-"""The export that is a diffusers model folder (rcmfn/models/diffusers_folder.py), not a key layout."""
-
-
-def export_name(layout: str) -> str:
-    """File name of the EMA student's export in a key layout (the official one keeps the plain name), or
-    the folder name of the diffusers-folder export."""
-    if layout == DIFFUSERS_FOLDER:
-        return "student_ema.diffusers"
-    return "student_ema.safetensors" if layout == "official" else f"student_ema.{layout}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -147,6 +136,12 @@ class DistillConfig:
     """torch intra-op CPU threads; 0 = torch default (all cores: the toy's width-128 student steps 1.4-1.5x
     faster on 2 idle cores than on 1). Use 1 on a machine whose cores other jobs share: oversubscribed
     OpenMP threads ran a warm-start step 5x slower there"""
+    lora_rank: int = 0
+    """train student and fake score as rank-R adapters on the frozen teacher (rcmfn/lora.py); 0 = full fine-tuning"""
+    lora_alpha: float | None = None
+    """adapter scale numerator: weight delta = (alpha / rank) up @ down; unset = the rank (scale 1)"""
+    lora_targets: tuple[str, ...] = ("attention", "ffn")
+    """adapted weights: attention (self/cross q, k, v, o), ffn, modulation (the adaLN modulation linears)"""
     toy: toy_world.ToyConfig = field(default_factory=toy_world.ToyConfig)
     """toy problem settings (only with --model toy)"""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -188,6 +183,7 @@ class DistillConfig:
             raise ValueError(
                 f"toy.batch_size and toy.eval_samples must be >= 1; got {self.toy.batch_size}, {self.toy.eval_samples}"
             )
+        LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets)  # names a bad rank, alpha or target
         run_stages(self)  # the preset merged with these values: its own checks run now, before any work
 
 
@@ -236,6 +232,7 @@ def fingerprint(cfg: DistillConfig) -> dict:
     the teacher is checked or the student exported: those change no trained value)."""
     skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
     skip |= {"max_bad_steps", "mid_times"}  # mid_times: evaluation only
+    skip |= {"lora_rank", "lora_alpha", "lora_targets"} if cfg.lora_rank == 0 else set()  # older runs resume
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}

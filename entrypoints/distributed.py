@@ -19,15 +19,12 @@ import torch
 import torch.distributed as dist
 
 from entrypoints.config import (
-    DIFFUSERS_FOLDER,
-    export_name,
     fingerprint,
-    loop_config,
     run_stages,
     total_iterations,
 )
 from entrypoints.expert_run import check_expert, expert_teacher
-from entrypoints.presets import get_preset
+from entrypoints.run_exports import DIFFUSERS_FOLDER, write_exports
 from entrypoints.run_folder import check_fresh_output, check_resume_length, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
 from entrypoints.stop_signal import StopSignal, stop_signals
@@ -40,11 +37,8 @@ from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
 from rcmfn.condition import make_condition, with_text
 from rcmfn.divergence import check_finite_weights
-from rcmfn.few_step import FewStepSettings
+from rcmfn.lora import LoraConfig
 from rcmfn.metrics_log import MetricsLog
-from rcmfn.models.checkpoint import export_checkpoint
-from rcmfn.models.diffusers_folder import write_diffusers_folder
-from rcmfn.models.model_card import model_card
 from rcmfn.models.registry import get_spec
 from rcmfn.run_lock import run_lock
 from rcmfn.shards import ShardLoader, read_manifest, read_uncondition
@@ -167,7 +161,10 @@ def train_sharded(
     lcfg, critic = configs[-1], any(c.loss.uses_critic for c in configs)  # optimiser, tangent: one per run
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
     pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile, allow_eager_tangent=d.allow_eager_tangent)
-    teacher, student, fake = build_networks(spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic)
+    lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    teacher, student, fake = build_networks(
+        spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic, lora=lora, lora_seed=cfg.seed
+    )
     del full_state
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
@@ -222,9 +219,8 @@ def train_sharded(
             break
     if d.export:
         check_finite_weights({"EMA": state.ema}, "the EMA student's export")
-    ema = {
-        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu", torch.bfloat16) for k, v in state.ema.items()
-    }
+    kept = torch.float32 if lora.enabled else torch.bfloat16  # LoRA: the adapters stay float32 until merged
+    ema = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).to("cpu", kept) for k, v in state.ema.items()}
     summary = {
         "iteration": state.iteration,
         "stopped_by_signal": state.iteration < total,
@@ -233,15 +229,8 @@ def train_sharded(
         "world": asdict(dims),
     }
     if rank == 0:
-        for layout in d.export_layouts if d.export else ():
-            if layout == DIFFUSERS_FOLDER:
-                # The card names the preset's sampler (--mid-times if given) and the guidance distilled.
-                preset = get_preset(cfg.model)
-                few_step = FewStepSettings(preset.sigma_max, cfg.mid_times or preset.mid_times)
-                card = model_card(cfg.model, spec, few_step, loop_config(cfg).loss.guidance)
-                write_diffusers_folder(spec, ema, cfg.output / export_name(layout), card)
-            else:
-                export_checkpoint(ema, cfg.output / export_name(layout), spec.key_maps[layout])
+        if d.export:
+            write_exports(cfg, spec, ema, lora, d.export_layouts)
         write_json_atomically(cfg.output / "metrics.json", summary, indent=1)
         log.close()
     return summary

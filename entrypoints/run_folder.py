@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 
 def prepare_output(path: Path) -> None:
@@ -69,6 +70,15 @@ def newest_training_checkpoint(run: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
+def refuse_adapters(names, folder: Path) -> None:
+    """A --lora-rank run's checkpoints hold adapters only (rcmfn/lora.py), not a network: say so."""
+    if any(name.endswith((".lora_down", ".lora_up")) for name in names):
+        raise ValueError(
+            f"{folder} holds LoRA adapters (a --lora-rank run), not whole weights: use the sharded run's merged "
+            "export (student_ema.safetensors), or rcmfn.lora.merge them onto the teacher's weights"
+        )
+
+
 def training_weights(folder: Path, which: str = "ema"):
     """One network's weights (`which`: ema, student or fake) of a training checkpoint folder of either
     runner, in our key names, read in this process without a process group: the toy's safetensors file
@@ -78,9 +88,13 @@ def training_weights(folder: Path, which: str = "ema"):
     if which not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}; got {which!r}")
     if (folder / f"{which}.safetensors").is_file():
+        with safe_open(folder / f"{which}.safetensors", "pt") as f:
+            refuse_adapters(f.keys(), folder)
         return folder / f"{which}.safetensors"
     if (folder / ".metadata").is_file():
-        return read_weights(folder, which)
+        weights = read_weights(folder, which)
+        refuse_adapters(weights, folder)
+        return weights
     raise FileNotFoundError(f"{folder} holds no {which} weights ({which}.safetensors or DCP shards)")
 
 

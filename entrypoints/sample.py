@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 
 from entrypoints import toy as toy_world
-from entrypoints.config import export_name
 from entrypoints.image_condition import sampling_conditions
 from entrypoints.presets import MODELS as PRESETS
+from entrypoints.run_exports import export_name
 from entrypoints.run_folder import is_training_checkpoint, newest_training_checkpoint, training_weights
 from entrypoints.sample_experts import load_expert_pair, switched_student, teacher_row
 from rcmfn import codecs, media

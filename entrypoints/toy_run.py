@@ -4,6 +4,7 @@ Reading order: `run_toy`, then rcmfn/loop.py. Called by entrypoints/distill.py `
 folder's lock (rcmfn/run_lock.py).
 """
 
+import copy
 import json
 import shutil
 import sys
@@ -12,6 +13,7 @@ import uuid
 from dataclasses import replace
 
 import torch
+from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
@@ -22,9 +24,13 @@ from entrypoints.stop_signal import stop_signals
 from rcmfn.compile import compiled
 from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import LoopConfig, Networks, init_state
+from rcmfn.lora import LoraConfig, init_adapters, merge
+from rcmfn.lora_linear import adapt_module, lora_denoiser
 from rcmfn.metrics_log import MetricsLog
+from rcmfn.precond import trigflow_denoiser
 from rcmfn.stages import check_stage_record, stage_record, staged_iteration
 from rcmfn.tangent import scm_tangent
+from rcmfn.toy.tiny_dit import LORA_TARGETS, velocity_net
 from rcmfn.train_checkpoint import (
     check_checkpoint_config,
     load_checkpoint,
@@ -54,15 +60,17 @@ def run_toy(cfg: DistillConfig) -> dict:
             shutil.rmtree(old)
     run_id = resumed.get("run_id") or uuid.uuid4().hex  # kept across resumes; pruning removes only its own
     world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
+    lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    student, start = lora_student(world, lora, cfg.seed) if lora.enabled else (world.student, world.init_params)
     nets = Networks(
-        student=world.student,
+        student=student,
         teacher=world.teacher,
         teacher_params=world.mixture,
-        fake=world.student if critic else None,
+        fake=student if critic else None,
     )
     if cfg.compile:
         nets = compiled_networks(nets, lcfg)
-    state = init_state(world.init_params, world.init_params if critic else None, lcfg)
+    state = init_state(start, start if critic else None, lcfg)
     if ckpt is not None:
         state = load_checkpoint(ckpt, state, config)
     (cfg.output / "config.json").write_text(json.dumps(config, indent=2))
@@ -95,11 +103,27 @@ def run_toy(cfg: DistillConfig) -> dict:
         return {"iteration": state.iteration, "stopped_by_signal": True}
     preset = get_preset(cfg.model)
     mid_times = cfg.mid_times or preset.mid_times
-    final, figure = toy_world.final_report(world, state.ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max, mid_times)
+    ema = TensorDict(merge(world.init_params, state.ema, lora.alpha), batch_size=[]) if lora.enabled else state.ema
+    final, figure = toy_world.final_report(world, ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max, mid_times)
     final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
     (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
     toy_world.save_sets_figure(world, figure, cfg.output / "samples.png")
     return final
+
+
+def lora_student(world: toy_world.ToyWorld, lora: LoraConfig, seed: int) -> tuple:
+    """(the student as a denoiser over adapters on the frozen warm-started weights, its fresh adapters).
+
+    Student and fake score both start from these adapters (each trains its own copy), as both start from
+    the warm start in full fine-tuning; the adapters are drawn from their own generator (seed, 1).
+    """
+    module = copy.deepcopy(world.module)
+    keys = adapt_module(module, LORA_TARGETS, lora)
+    shapes = {k: tuple(v.shape) for k, v in world.init_params.items()}
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 1)
+    adapters = init_adapters(shapes, keys, lora.rank, generator, world.init_params["patch_embed.weight"].dtype)
+    frozen = {k: v.detach() for k, v in world.init_params.items()}
+    return lora_denoiser(trigflow_denoiser(velocity_net(module), net_dtype=torch.float32), frozen), adapters
 
 
 def compiled_networks(nets: Networks, cfg: LoopConfig, backend: str = "inductor") -> Networks:

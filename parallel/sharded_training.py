@@ -23,6 +23,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from rcmfn.loop import LoopConfig, Networks, TrainState
+from rcmfn.lora_linear import adapter_key, is_adapter
 from rcmfn.precond import Denoiser, trigflow_denoiser
 from rcmfn.tangent import TangentMethod, dual_jvp, scm_tangent
 
@@ -33,15 +34,25 @@ def own_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters a network trains, as the optimiser, the EMA and checkpoints hold them: a network
+    with LoRA adapters attached (rcmfn/lora_linear.py) trains only those, keyed by the adapter-set
+    convention (rcmfn/lora.py: "<weight key>.lora_down"); any other network trains every parameter."""
+    named = own_parameters(model)
+    adapters = {adapter_key(name): p for name, p in named.items() if is_adapter(name)}
+    return adapters or named
+
+
 def sharded_velocity_net(model: nn.Module, timestep_scale: float) -> Callable:
     """net(params, x_in, c_noise, cond) -> v for a module whose parameters are FSDP-managed.
 
     The module is called directly (FSDP's hooks all-gather its parameters); `params` must be the
     module's own parameters (`own_parameters`), checked by identity, since passing other tensors
-    cannot work (trap 2 in the module docstring). c_noise = 1000 r is rescaled to the net's timestep
-    (1000 r for Wan, r for Cosmos: `timestep_scale` / 1000, SPEC-models §1).
+    cannot work (trap 2 in the module docstring); with adapters attached, the adapters
+    (`trainable_parameters`: the frozen weights are the module's too). c_noise = 1000 r is rescaled
+    to the net's timestep (1000 r for Wan, r for Cosmos: `timestep_scale` / 1000, SPEC-models §1).
     """
-    own = tuple(own_parameters(model).values())
+    own = tuple(trainable_parameters(model).values())
     scale = timestep_scale / 1000.0
 
     def net(params: Mapping[str, torch.Tensor], x_in: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Tensor:
@@ -76,20 +87,22 @@ def sharded_scm_tangent(
 
 
 def init_sharded_state(student: nn.Module, fake: nn.Module | None, cfg: LoopConfig) -> TrainState:
-    """`rcmfn.loop.init_state` for FSDP modules: the state holds the modules' own sharded parameters
-    (not copies: the optimiser must step what FSDP all-gathers), an fp32 EMA sharded like them, and a
-    AdamW per network (the loop measures the raw gradient norm, rcmfn.divergence)."""
+    """`rcmfn.loop.init_state` for FSDP modules: the state holds the modules' own sharded trainable
+    parameters (`trainable_parameters`; not copies: the optimiser must step what FSDP all-gathers), an
+    fp32 EMA sharded like them, and a AdamW per network (the loop measures the raw gradient norm,
+    rcmfn.divergence)."""
 
     def adamw(params: TensorDict, lr: float) -> torch.optim.AdamW:
         o = cfg.optim
         leaves = list(params.values())
         return torch.optim.AdamW(leaves, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
 
-    student_params = TensorDict(own_parameters(student), batch_size=[])
-    fake_params = None if fake is None else TensorDict(own_parameters(fake), batch_size=[])
-    for params in (student_params, fake_params):
-        for p in [] if params is None else params.values():
-            p.requires_grad_(True)
+    student_params = TensorDict(trainable_parameters(student), batch_size=[])
+    fake_params = None if fake is None else TensorDict(trainable_parameters(fake), batch_size=[])
+    for module, params in ((student, student_params), (fake, fake_params)):
+        trained = set() if params is None else {id(p) for p in params.values()}
+        for p in [] if module is None else module.parameters():  # LoRA: the frozen weights get no gradient
+            p.requires_grad_(id(p) in trained)
     return TrainState(
         iteration=0,
         student=student_params,

@@ -66,6 +66,8 @@ class Family:
     comfyui_name: Callable[[str], str] | None = None
     """our tensor name -> ComfyUI's state-dict name of that tensor (`diffusion_model.` + the release's
     name), for LoRA files ComfyUI loads (rcmfn/models/lora_formats.py); None: no ComfyUI naming."""
+    lora_targets: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    """LoRA target name (rcmfn.lora.TARGETS) -> fnmatch patterns of the state-dict weight keys it adapts."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -106,6 +108,10 @@ class ModelSpec:
     @property
     def negative_prompt(self) -> str | None:
         return self.family.negative_prompt
+
+    @property
+    def lora_targets(self) -> Mapping[str, tuple[str, ...]]:
+        return self.family.lora_targets
 
     @property
     def channels(self) -> int:

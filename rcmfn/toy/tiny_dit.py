@@ -199,6 +199,14 @@ class TinyDiT(nn.Module):
         return out.reshape(b, c, t, h, w)
 
 
+LORA_TARGETS = {
+    "attention": ("blocks.*_attn.[qkv].weight", "blocks.*_attn.out.weight"),
+    "ffn": ("blocks.*.mlp.[02].weight",),
+    "modulation": ("blocks.*.modulation.weight", "head_modulation.weight"),
+}
+"""LoRA target -> weight-key patterns of the tiny DiT (rcmfn/lora.py; Family.lora_targets for the real nets)."""
+
+
 def init_params(module: TinyDiT, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> TensorDict:
     """Fresh parameters as a flat TensorDict {parameter name: tensor}, drawn from `generator` (CPU).
 

@@ -18,9 +18,12 @@ from parallel.parallelize import ParallelConfig, parallelize
 from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.condition import with_text
 from rcmfn.loop import LoopConfig, Networks, OptimConfig, train_iteration
+from rcmfn.lora import LoraConfig, init_adapters
+from rcmfn.lora_linear import adapt_module, is_adapter, lora_denoiser, module_name
 from rcmfn.models.cosmos import CosmosDiT, init_random_
 from rcmfn.models.cosmos import velocity_net as cosmos_velocity_net
 from rcmfn.models.cosmos.configs import TINY_T2I
+from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN22_TINY, WAN_TINY, WanModel
 from rcmfn.models.wan import velocity_net as wan_velocity_net
 from rcmfn.models.wan.configs import WAN_I2V_TINY
@@ -94,10 +97,18 @@ def loop_config(method: str = "rcm", seed: int = 3) -> LoopConfig:
     return LoopConfig(loss, optim, tangent_warmup=1, student_update_freq=2, seed=seed)
 
 
-def three_nets(family: str):
-    """Teacher, student and fake score: the student and fake score start as copies of the teacher."""
+def three_nets(family: str, lora: LoraConfig | None = None):
+    """Teacher, student and fake score: the student and fake score start as copies of the teacher (with
+    `lora`: plus the same fresh adapters, the frozen weights left to `init_sharded_state`)."""
     teacher = tiny_model(family)
     student, fake = tiny_model(family), tiny_model(family)
+    for module in (student, fake) if lora is not None else ():
+        keys = adapt_module(module, get_spec(f"{family}-tiny").lora_targets, lora)
+        shapes = {k: tuple(p.shape) for k, p in teacher.named_parameters()}
+        adapters = init_adapters(shapes, keys, lora.rank, torch.Generator().manual_seed(11), torch.float64)
+        with torch.no_grad():
+            for key, value in adapters.items():
+                module.get_parameter(module_name(key)).copy_(value.to(DEVICE, DTYPE))
     return student, teacher, fake
 
 
@@ -113,7 +124,9 @@ def plain_networks(student, teacher, fake, family: str) -> Networks:
 
     def denoiser(module):
         net = vnet(module)
-        return trigflow_denoiser(lambda p, x, c, cond: net(p, x, c * scale, cond))
+        base = trigflow_denoiser(lambda p, x, c, cond: net(p, x, c * scale, cond))
+        frozen = {k: p for k, p in module.named_parameters() if not is_adapter(k)}
+        return lora_denoiser(base, frozen) if len(frozen) < len(dict(module.named_parameters())) else base
 
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -142,9 +155,9 @@ def probe_tangent(nets: Networks, state, family: str) -> torch.Tensor:
     return nets.student_tangent(state.student, x_t, t, cond, velocity)[1]
 
 
-def build(family: str, dims: ParallelDims | None, cfg: LoopConfig, pcfg: ParallelConfig):
+def build(family: str, dims: ParallelDims | None, cfg: LoopConfig, pcfg: ParallelConfig, lora=None):
     """(networks, fresh state, student module, fake module) -- sharded when `dims` is given."""
-    student, teacher, fake = three_nets(family)
+    student, teacher, fake = three_nets(family, lora)
     fake = fake if cfg.loss.uses_critic else None
     if dims is None:
         nets = plain_networks(student, teacher, fake, family)
@@ -183,11 +196,12 @@ def train(
     cfg: LoopConfig | None = None,
     pcfg: ParallelConfig | None = None,
     method: str = "rcm",
+    lora: LoraConfig | None = None,
 ) -> dict:
     """Run `steps` iterations; return metrics per iteration, the probe tangent before training, the
     final student / EMA / fake weights (full tensors). Sharded when `dims` is given (inside a group)."""
     cfg = cfg or loop_config(method)
-    nets, state, _, _ = build(family, dims, cfg, pcfg or ParallelConfig(reduce_dtype=None))
+    nets, state, _, _ = build(family, dims, cfg, pcfg or ParallelConfig(reduce_dtype=None), lora)
     tangent = probe_tangent(nets, state, family)
     metrics = run_steps(state, nets, cfg, family, steps)
     return {"metrics": metrics, "tangent": full(tangent)} | snapshot(state)

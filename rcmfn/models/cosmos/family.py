@@ -54,4 +54,9 @@ COSMOS = Family(
     negative_prompt=None,  # all-zero text embedding (registry.unconditional_prompt)
     diffusers_config=diffusers_config,
     comfyui_name=comfyui_name,
+    lora_targets={
+        "attention": ("blocks.*.self_attn.*_proj.weight", "blocks.*.cross_attn.*_proj.weight"),
+        "ffn": ("blocks.*.mlp.layer[12].weight",),
+        "modulation": ("blocks.*.adaln_modulation_*.weight", "final_layer.adaln_modulation.*.weight"),
+    },
 )

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ops import attention
+from rcmfn.lora_linear import linear_weight
 from rcmfn.models.cosmos.configs import CosmosConfig
 
 NORM_EPS = 1e-6  # the no-affine LayerNorms and the time-embedding RMSNorm (official)
@@ -82,8 +83,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def linear_in(x: Tensor, layer: nn.Linear) -> Tensor:
-    """layer(x) computed in x's dtype (the weight is cast, a no-op when the dtypes agree)."""
-    return F.linear(x, layer.weight.to(x.dtype))
+    """layer(x) computed in x's dtype (the weight is cast, a no-op when the dtypes agree); a LoRA layer
+    with its adapter merged (rcmfn/lora_linear.py)."""
+    return F.linear(x, linear_weight(layer).to(x.dtype))
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:

@@ -39,4 +39,10 @@ WAN = Family(
     negative_prompt=NEGATIVE_PROMPT,
     diffusers_config=diffusers_config,
     comfyui_name=comfyui_name,
+    # time_projection is the one D -> 6D linear all blocks' modulation comes from (e0, SPEC-models §3.2).
+    lora_targets={
+        "attention": ("blocks.*.self_attn.[qkvo].weight", "blocks.*.cross_attn.[qkvo].weight"),
+        "ffn": ("blocks.*.ffn.0.weight", "blocks.*.ffn.2.weight"),
+        "modulation": ("time_projection.1.weight",),
+    },
 )

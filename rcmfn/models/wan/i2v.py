@@ -21,7 +21,7 @@ from rcmfn.condition import Condition, make_condition
 from rcmfn.models.family import Family
 from rcmfn.models.wan.configs import I2V_NEGATIVE_PROMPT, WanConfig
 from rcmfn.models.wan.exports import comfyui_name, diffusers_config
-from rcmfn.models.wan.family import forward_flops
+from rcmfn.models.wan.family import WAN, forward_flops
 from rcmfn.models.wan.keys import key_maps
 from rcmfn.models.wan.model import WanModel, velocity_net
 
@@ -87,4 +87,9 @@ WAN_I2V = Family(
     image_condition=image_condition,
     diffusers_config=diffusers_config,
     comfyui_name=comfyui_name,
+    # T2V's targets and the image keys' and values' projections of every cross-attention.
+    lora_targets={
+        **WAN.lora_targets,
+        "attention": (*WAN.lora_targets["attention"], "blocks.*.cross_attn.[kv]_img.weight"),
+    },
 )

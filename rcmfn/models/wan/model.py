@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ops import attention as ops_attention
+from rcmfn.lora_linear import linear_weight
 from rcmfn.models.wan.configs import WanConfig
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (B, S, H, D) q, k, v -> (B, Sq, H, D)
@@ -88,8 +89,9 @@ def layer_norm(x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor
 
 
 def wide_linear(x: Tensor, layer: nn.Linear, dtype: torch.dtype) -> Tensor:
-    """A linear layer evaluated in `dtype` whatever its weights are stored in (fp32 "autocast")."""
-    return F.linear(x.to(dtype), layer.weight.to(dtype), layer.bias.to(dtype))
+    """A linear layer evaluated in `dtype` whatever its weights are stored in (fp32 "autocast"); a LoRA
+    layer with its adapter merged (rcmfn/lora_linear.py)."""
+    return F.linear(x.to(dtype), linear_weight(layer).to(dtype), layer.bias.to(dtype))
 
 
 def patchify(x: Tensor, patch: tuple[int, int, int]) -> Tensor:

@@ -360,3 +360,19 @@ def test_diffusers_folder_of_an_i2v_net_loads_through_from_pretrained(diffusers_
     assert want.abs().mean() > 0.1
     # The folder holds float32 tensors (diffusers' default load dtype), hence float32's tolerance.
     assert max_relative_error(diffusers_forward(loaded, x, timestep, cond), want) <= 1e-5
+
+
+def test_lora_attention_targets_include_the_image_keys_and_values():
+    """--lora-targets attention on an I2V net adapts the image K/V projections too, in every block."""
+    from rcmfn.lora import adapted_keys
+
+    spec = get_spec("wan-i2v-tiny")
+    shapes = {k: v.shape for k, v in meta_model(spec.config).state_dict().items()}
+    keys = adapted_keys(shapes, spec.lora_targets, ("attention",), 2)
+    blocks = spec.config.num_layers
+    assert sum("_img." in k for k in keys) == 2 * blocks
+    assert (
+        sum(".self_attn." in k for k in keys)
+        == sum(".cross_attn." in k and "_img" not in k for k in keys)
+        == 4 * blocks
+    )
