@@ -16,7 +16,7 @@ from rcmfn.models.wan import WAN_14B, WanConfig, WanModel
 from rcmfn.models.wan.keys import diffusers_to_ours
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.switch import ExpertSwitch, switched_denoiser
-from tests.rcmfn.models.test_wan import perturb_
+from tests.rcmfn.models.test_wan import perturb_, tiny_diffusers_model
 
 # Not the Wan tests' tiny default: 4 heads of 12 (RoPE 4/4/4), one block, text width 20, FFN narrower than D.
 ODD = WanConfig(dim=48, ffn_dim=40, num_heads=4, num_layers=1, text_dim=20)
@@ -78,28 +78,10 @@ def test_a_missing_expert_or_a_mismatched_one_is_named(tmp_path):
 
 
 def odd_diffusers_model(seed: int):
-    diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(seed)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=4,
-        attention_head_dim=12,
-        in_channels=16,
-        out_channels=16,
-        text_dim=20,
-        freq_dim=256,
-        ffn_dim=40,
-        num_layers=1,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        eps=1e-6,
-        image_dim=None,
-        added_kv_proj_dim=None,
-        rope_max_seq_len=1024,
+    """Not the tests' default tiny net: 4 heads of 12, text width 20, FFN narrower than D, one block."""
+    return tiny_diffusers_model(
+        seed, num_attention_heads=4, attention_head_dim=12, text_dim=20, ffn_dim=40, num_layers=1
     )
-    model = model.double().eval()
-    perturb_(dict(model.named_parameters()))
-    return model
 
 
 def test_switched_pair_loaded_from_a_diffusers_folder_equals_diffusers_pipeline_choice(tmp_path):

@@ -21,26 +21,24 @@ TINY_1LAYER = WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=1, text_dim=
 TINY_SPEC = get_spec("wan-tiny")
 
 
-def tiny_diffusers_model(seed: int = 0):
-    """SPEC-models §5: the tiny diffusers WanTransformer3DModel, float64, weights N(0, 0.3^2) (+1 norms)."""
+def tiny_diffusers_model(seed: int = 0, **config):
+    """SPEC-models §5: the tiny diffusers WanTransformer3DModel, float64, weights N(0, 0.3^2) (+1 norms);
+    `config` overrides its constructor arguments."""
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(seed)
+    tiny = dict(num_attention_heads=2, attention_head_dim=16, text_dim=24, ffn_dim=48, num_layers=2)
     model = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=16,
         in_channels=16,
         out_channels=16,
-        text_dim=24,
         freq_dim=256,
-        ffn_dim=48,
-        num_layers=2,
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         eps=1e-6,
         image_dim=None,
         added_kv_proj_dim=None,
         rope_max_seq_len=1024,
+        **(tiny | config),
     )
     model = model.double().eval()
     perturb_(dict(model.named_parameters()))
