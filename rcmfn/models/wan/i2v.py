@@ -12,18 +12,15 @@ Both travel in the condition TensorDict (rcmfn.condition) next to "text"; CFG's 
 `WanModel.forward` unpacks that TensorDict itself, so the I2V velocity net is T2V's (net(params, x, t, cond)).
 """
 
+import dataclasses
 import math
 
 import torch
 from torch import Tensor
 
 from rcmfn.condition import Condition, make_condition
-from rcmfn.models.family import Family
 from rcmfn.models.wan.configs import I2V_NEGATIVE_PROMPT, WanConfig
-from rcmfn.models.wan.exports import comfyui_name, diffusers_config
 from rcmfn.models.wan.family import WAN, forward_flops
-from rcmfn.models.wan.keys import key_maps
-from rcmfn.models.wan.model import WanModel, velocity_net
 
 IMAGE, LATENT = "image", "latent"
 MASK_CHANNELS = 4  # the Wan2.1 VAE's temporal stride: latent frame 0 holds pixel frame 0 four times
@@ -70,24 +67,16 @@ def i2v_flops(cfg: WanConfig, tokens: int, text_len: int) -> tuple[float, float]
     return linear, attention + float(cfg.num_layers * 4 * tokens * n * D)
 
 
-WAN_I2V = Family(
+# Wan2.1 T2V's conventions, with the condition latent's channels, the image branch's FLOPs, the I2V
+# negative prompt, its random / real conditions, and LoRA on the image keys' and values' projections too.
+WAN_I2V = dataclasses.replace(
+    WAN,
     name="wan-i2v",
-    build=WanModel,
-    key_maps=key_maps,
     channels=lambda cfg: cfg.latent_channels,
-    patch=lambda cfg: tuple(cfg.patch_size),
-    cp_axes=3,
-    depth_field="num_layers",
-    velocity=velocity_net,
-    timestep_scale=1000.0,
-    random_init=lambda module, generator: module,  # the module's own init, as built (as Wan T2V)
     flops=i2v_flops,
     negative_prompt=I2V_NEGATIVE_PROMPT,
     random_condition=random_condition,
     image_condition=image_condition,
-    diffusers_config=diffusers_config,
-    comfyui_name=comfyui_name,
-    # T2V's targets and the image keys' and values' projections of every cross-attention.
     lora_targets={
         **WAN.lora_targets,
         "attention": (*WAN.lora_targets["attention"], "blocks.*.cross_attn.[kv]_img.weight"),
