@@ -13,9 +13,9 @@ from rcmfn.models.checkpoint import export_checkpoint, load_into_meta_module
 from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN_14B, WanConfig, WanModel, key_maps
 from rcmfn.models.wan.configs import WAN_I2V_14B
-from rcmfn.models.wan.i2v import IMAGE, LATENT, first_frame_mask, image_condition, velocity_net
+from rcmfn.models.wan.i2v import IMAGE, LATENT, first_frame_mask, image_condition
 from rcmfn.models.wan.keys import diffusers_to_ours, ours_to_diffusers
-from rcmfn.models.wan.model import timestep_sinusoid
+from rcmfn.models.wan.model import timestep_sinusoid, velocity_net
 from rcmfn.precond import guided_velocity, trigflow_denoiser
 from rcmfn.tangent import dual_jvp, scm_tangent
 from tests.rcmfn.models.test_wan import max_relative_error, perturb_
