@@ -29,6 +29,9 @@ from rcmfn.schedule import critic_iteration, effective_student_iteration, is_stu
 # tangent costs two more products per score tile (3 x attention). Recomputation (activation
 # checkpointing) is not counted: MFU counts the model's FLOPs, not the hardware's.
 CALL_COST = {"forward": (1, 1), "forward+backward": (3, 3), "jvp": (2, 3)}
+# A LoRA net's backward skips the frozen weights' gradients: its linear layers cost 2 x forward there (the
+# input gradient), the adapters' own products are below 1 % at the ranks used and are not counted.
+LORA_CALL_COST = CALL_COST | {"forward+backward": (2, 3)}
 H200_BF16_PEAK_TFLOPS = 790.0  # measured 8192^3 bf16 matmul rate on the H200 (docs/benchmarks.md)
 
 
@@ -80,9 +83,11 @@ def iteration_calls(
     return [c for c in calls if c.count > 0]
 
 
-def iteration_flops(calls: list[NetworkCall], linear: float, attention: float) -> float:
-    """FLOPs of `calls`, given one forward's linear and attention FLOPs (for the whole batch)."""
-    return sum(c.count * (CALL_COST[c.kind][0] * linear + CALL_COST[c.kind][1] * attention) for c in calls)
+def iteration_flops(calls: list[NetworkCall], linear: float, attention: float, lora: bool = False) -> float:
+    """FLOPs of `calls`, given one forward's linear and attention FLOPs (for the whole batch); `lora`: the
+    trainable nets are LoRA adapters on frozen weights (no weight gradients for the frozen linears)."""
+    cost = LORA_CALL_COST if lora else CALL_COST
+    return sum(c.count * (cost[c.kind][0] * linear + cost[c.kind][1] * attention) for c in calls)
 
 
 def phase_and_rollout(i: int, lcfg) -> tuple[str, int]:
@@ -102,8 +107,10 @@ def build_trainer(
     ac: str = "none",
     max_bad_steps: int = 3,
     student_update_freq: int = 2,
+    lora_rank: int = 0,
 ):
-    """The sharded trainer of entrypoints.distributed at `model`'s training shape, learning rates 0.
+    """The sharded trainer of entrypoints.distributed at `model`'s training shape, learning rates 0;
+    `lora_rank` > 0: student and fake score as LoRA adapters on the frozen teacher (the preset's targets).
 
     Returns (state, networks, loop config, batch_fn, student module, ModelSpec of the net and shape). Needs an
     initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
@@ -113,6 +120,7 @@ def build_trainer(
     from parallel.mesh import ParallelDims
     from parallel.parallelize import ParallelConfig
     from parallel.sharded_training import init_sharded_state, sharded_networks
+    from rcmfn.lora import LoraConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = DistillConfig(
@@ -122,6 +130,7 @@ def build_trainer(
         tangent_warmup=0,
         student_update_freq=student_update_freq,
         max_bad_steps=max_bad_steps,
+        lora_rank=lora_rank,
         distributed=DistributedConfig(random_init=True, batch_size=batch, ac=ac),
     )
     spec = get_spec(model) if blocks is None else get_spec(model).with_blocks(blocks)
@@ -129,9 +138,11 @@ def build_trainer(
     meshes = ParallelDims(1).build_meshes(device.type)
     lcfg = loop_config(cfg)
     # As the runner builds them: float32 master weights all-gathered in `dtype`, the float32 time path
+    lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
     teacher, student, fake = build_networks(
-        spec, full, meshes, dtype, ParallelConfig(ac=ac, compile=compile_), device, True
+        spec, full, meshes, dtype, ParallelConfig(ac=ac, compile=compile_), device, True, lora=lora, lora_seed=cfg.seed
     )
+    del full  # rank 0's host copy: the networks hold their own
     nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
     state = init_sharded_state(student, fake, lcfg)
     latent, text_len = spec.latent_shape, spec.text_len
@@ -152,6 +163,7 @@ def bench_step(
     peak_tflops: float = H200_BF16_PEAK_TFLOPS,
     profile_dir: str | None = None,
     student_update_freq: int = 2,
+    lora_rank: int = 0,
 ) -> dict:
     """Time `iterations` iterations of the trainer; rows per (phase, rollout) kind."""
     from rcmfn.loop import train_iteration
@@ -159,8 +171,11 @@ def bench_step(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     state, nets, lcfg, batch_fn, _, case = build_trainer(
-        model, dtype, compile_, blocks, batch, ac, student_update_freq=student_update_freq
+        model, dtype, compile_, blocks, batch, ac, student_update_freq=student_update_freq, lora_rank=lora_rank
     )
+    # what the run keeps between iterations: weights, optimizer state, EMA (the optimizer's lazily
+    # created state appears after the first step of each net: read again at the end)
+    resident_gib = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
     tokens = case.tokens()
     linear, attention = (batch * f for f in model_flops(case, tokens))
     guided = lcfg.loss.guidance != 1.0
@@ -183,7 +198,7 @@ def bench_step(
     rows = []
     for (phase, rollout), times in sorted(seconds.items()):
         calls = iteration_calls(phase, rollout, guided, lcfg.loss.method, lcfg.loss.dcm_skip_steps)
-        flops = iteration_flops(calls, linear, attention)
+        flops = iteration_flops(calls, linear, attention, lora=lora_rank > 0)
         steady = statistics.median(times[1:]) if len(times) > 1 else None
         row = dict(
             phase=phase,
@@ -206,6 +221,9 @@ def bench_step(
         model=model + (f" x{blocks} blocks" if blocks else ""),
         compile=compile_,
         batch=batch,
+        lora_rank=lora_rank,
+        built_gib=resident_gib,
+        resident_gib=torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None,
         latent=list(case.latent_shape),
         tokens=tokens,
         activation_checkpointing=ac,
@@ -219,7 +237,12 @@ def bench_step(
 
 def print_step_table(result: dict) -> None:
     mode = "--compile" if result["compile"] else "eager"
-    print(f"{result['model']}, batch {result['batch']} x {result['tokens']} tokens, {mode}, {result['device']}")
+    lora = f", LoRA rank {result['lora_rank']}" if result["lora_rank"] else ""
+    print(f"{result['model']}, batch {result['batch']} x {result['tokens']} tokens, {mode}{lora}, {result['device']}")
+    if result["resident_gib"] is not None:
+        print(
+            f"resident between iterations: {result['resident_gib']:.1f} GiB (after building: {result['built_gib']:.1f})"
+        )
     print("| phase | rollout | iterations | first call s | s | tokens/s | TFLOP/s | MFU | peak GiB | GPU busy s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
@@ -228,7 +251,8 @@ def print_step_table(result: dict) -> None:
         cells += [fmt(r["tokens_per_s"], ".0f"), fmt(r["tflops"], ".1f"), fmt(r["mfu"], ".1%")]
         cells += [fmt(r["peak_gib"], ".1f"), fmt(r.get("device_busy_s"), ".3f")]
         print("| " + " | ".join(str(c) for c in cells) + " |")
-    print("Network calls per iteration (forward 1x, forward+backward 3x, jvp 2x linear + 3x attention FLOPs):")
+    backward = "2x linear (frozen weights: no weight gradients) + 3x attention" if result["lora_rank"] else "3x"
+    print(f"Network calls per iteration (forward 1x, forward+backward {backward}, jvp 2x linear + 3x attention FLOPs):")
     for r in result["rows"]:
         listed = "; ".join(f"{c['count']} x {c['network']} {c['kind']} ({c['why']})" for c in r["calls"])
         print(f"  {r['phase']} rollout {r['rollout']}: {r['flops']:.3e} FLOPs = {listed}")
@@ -255,6 +279,7 @@ def run_step(args: argparse.Namespace) -> dict:
             args.peak_tflops,
             args.profile,
             args.student_update_freq,
+            args.lora_rank,
         )
         print_step_table(result)
         results.append(result)
@@ -276,6 +301,9 @@ def add_step(subparsers) -> None:
     p.add_argument("--blocks", type=int, default=None, help="cut the network to this many blocks")
     p.add_argument("--ac", default="none", choices=("none", "full", "mm_only"), help="activation checkpointing")
     p.add_argument("--student-update-freq", type=int, default=2, help="one student iteration every F")
+    p.add_argument(
+        "--lora-rank", type=int, default=0, help="student and fake score as rank-R LoRA adapters (distill's)"
+    )
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="MFU denominator")
     p.add_argument("--profile", default=None, help="folder for Chrome traces of one iteration per kind (GPU)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")

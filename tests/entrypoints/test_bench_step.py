@@ -88,9 +88,13 @@ def test_iteration_flops_weights_each_kind_of_call():
     assert iteration_flops(calls, linear=1.0, attention=0.0) == 4 + 2 + 6 + 1 + 1
     assert iteration_flops(calls, linear=0.0, attention=1.0) == 4 + 3 + 6 + 1 + 1
     assert iteration_flops(iteration_calls("critic", 3), 1.0, 1.0) == 3 * 2 + 3 * 2
+    # LoRA: a trainable net's backward skips the frozen weights' gradients (linear 2x, attention still 3x)
+    assert iteration_flops(calls, linear=1.0, attention=0.0, lora=True) == 4 + 2 + 4 + 1 + 1
+    assert iteration_flops(calls, linear=0.0, attention=1.0, lora=True) == 4 + 3 + 6 + 1 + 1
 
 
-def test_bench_step_runs_tiny_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_bench_step_runs_tiny_on_the_cpu(tmp_path, lora_rank):
     out = tmp_path / "step.json"
     command = [
         sys.executable,
@@ -103,11 +107,15 @@ def test_bench_step_runs_tiny_on_the_cpu(tmp_path):
         "9",
         "--json",
         str(out),
+        "--lora-rank",
+        str(lora_rank),
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert ("LoRA rank 4" in done.stdout) == (lora_rank == 4)
     assert "| student | 1 |" in done.stdout and "2 x teacher forward" in done.stdout
     (run,) = json.loads(out.read_text())["runs"]
+    assert run["lora_rank"] == lora_rank
     assert {(r["phase"], r["rollout"]) for r in run["rows"]} >= {("student", 1), ("critic", 1)}
     for row in run["rows"]:
         assert row["first_call_s"] > 0 and row["flops"] > 0
