@@ -21,7 +21,7 @@ import torch
 
 from entrypoints.bench.common import device_busy_ms, provenance, wall_seconds
 from entrypoints.bench.models import FLOP_FORMULA, model_flops
-from rcmfn.models.registry import get_spec
+from rcmfn.models.registry import get_spec, random_model
 from rcmfn.schedule import critic_iteration, effective_student_iteration, is_student_phase, rollout_steps
 
 # Multiples of one forward's (linear, attention) FLOPs per kind of call (bench_models.FLOP_FORMULA):
@@ -116,7 +116,7 @@ def build_trainer(
     initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
     """
     from entrypoints.config import DistillConfig, DistributedConfig, loop_config
-    from entrypoints.distributed import build_networks, teacher_weights
+    from entrypoints.distributed import build_networks
     from parallel.mesh import ParallelDims
     from parallel.parallelize import ParallelConfig
     from parallel.sharded_training import init_sharded_state, sharded_networks
@@ -134,7 +134,9 @@ def build_trainer(
         distributed=DistributedConfig(random_init=True, batch_size=batch, ac=ac),
     )
     spec = get_spec(model) if blocks is None else get_spec(model).with_blocks(blocks)
-    full = teacher_weights(cfg, spec)
+    # random weights drawn on the device: drawing a 14B's on the host takes minutes (bench only; the
+    # trainer draws rank 0's on the host as a checkpoint would be read)
+    full = random_model(spec, torch.bfloat16, device, cfg.seed).state_dict()
     meshes = ParallelDims(1).build_meshes(device.type)
     lcfg = loop_config(cfg)
     # As the runner builds them: float32 master weights all-gathered in `dtype`, the float32 time path
