@@ -11,6 +11,7 @@ from typing import Literal
 
 from entrypoints import toy as toy_world
 from entrypoints.expert_run import check_expert, expert_loss
+from entrypoints.image_condition import image_fraction_of
 from entrypoints.presets import get_preset
 from rcmfn.loop import LoopConfig
 from rcmfn.lora import LoraConfig
@@ -136,6 +137,9 @@ class DistillConfig:
     """torch intra-op CPU threads; 0 = torch default (all cores: the toy's width-128 student steps 1.4-1.5x
     faster on 2 idle cores than on 1). Use 1 on a machine whose cores other jobs share: oversubscribed
     OpenMP threads ran a warm-start step 5x slower there"""
+    image_fraction: float | None = None
+    """share of samples trained image-to-video, conditioned on their own first latent frame (kept clean, as
+    the image; the rest text-to-video), for nets with that mode (wan2.2-ti2v-5b); preset value if unset"""
     lora_rank: int = 0
     """train student and fake score as rank-R adapters on the frozen teacher (rcmfn/lora.py); 0 = full fine-tuning"""
     lora_alpha: float | None = None
@@ -184,6 +188,7 @@ class DistillConfig:
                 f"toy.batch_size and toy.eval_samples must be >= 1; got {self.toy.batch_size}, {self.toy.eval_samples}"
             )
         LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets)  # names a bad rank, alpha or target
+        image_fraction_of(self)  # names a bad share, or one for a model without the mode
         run_stages(self)  # the preset merged with these values: its own checks run now, before any work
 
 
@@ -233,7 +238,10 @@ def fingerprint(cfg: DistillConfig) -> dict:
     skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
     skip |= {"max_bad_steps", "mid_times"}  # mid_times: evaluation only
     skip |= {"lora_rank", "lora_alpha", "lora_targets"} if cfg.lora_rank == 0 else set()  # older runs resume
+    skip |= {"image_fraction"}  # recorded below as the resolved share, where there is one (older runs resume)
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
+    if fraction := image_fraction_of(cfg):
+        settings["image_fraction"] = fraction
     if "distributed" in settings:
         skip_distributed = {"strict", "export_layouts"}
         settings["distributed"] = {k: v for k, v in settings["distributed"].items() if k not in skip_distributed}

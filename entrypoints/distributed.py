@@ -24,6 +24,7 @@ from entrypoints.config import (
     total_iterations,
 )
 from entrypoints.expert_run import check_expert, expert_teacher
+from entrypoints.image_condition import image_fraction_of, training_condition
 from entrypoints.run_exports import DIFFUSERS_FOLDER, write_exports
 from entrypoints.run_folder import check_fresh_output, check_resume_length, prepare_output, single_process_group_env
 from entrypoints.sharded_networks import build_network, build_networks, teacher_weights  # noqa: F401 (re-exported)
@@ -35,7 +36,7 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
-from rcmfn.condition import make_condition, with_text
+from rcmfn.condition import with_text
 from rcmfn.divergence import check_finite_weights
 from rcmfn.lora import LoraConfig
 from rcmfn.metrics_log import MetricsLog
@@ -174,11 +175,14 @@ def train_sharded(
     negative = read_uncondition(d.data)  # the negative prompt's embedding or zeros, as prepare recorded it
     negative = negative.to(device)
 
+    image_fraction = image_fraction_of(cfg)
+
     def batch_fn(generator):
         batch = next(loader)
-        extra = {name: tensor.to(device) for name, tensor in batch.conditions.items()}  # e.g. Wan I2V's image
-        cond = make_condition(batch.text_embeddings.to(device), **extra)
-        return batch.latents.to(device, torch.float32), cond, with_text(cond, negative)  # CFG drops the text only
+        latents, text = batch.latents.to(device, torch.float32), batch.text_embeddings.to(device)
+        stored = {name: tensor.to(device) for name, tensor in batch.conditions.items()}  # e.g. Wan I2V's image
+        cond = training_condition(spec, text, latents, stored, image_fraction, generator)
+        return latents, cond, with_text(cond, negative)  # CFG drops the text only
 
     total = total_iterations(cfg)
 

@@ -1,15 +1,18 @@
-"""The image condition of image-to-video models (Wan2.1 I2V) in prepare and sample, for any family that
-has one (`Family.image_condition`); text-only families get None and nothing changes for them."""
+"""The image condition of image-to-video models in prepare, sample and distill: Wan2.1 I2V's (CLIP states
+and a first-frame latent, `Family.image_condition`) and Wan2.2 TI2V's (the latent's own first frame,
+`Family.latent_condition`); text-only families get None and nothing changes for them."""
 
+import math
 from pathlib import Path
 
 import torch
 
+from entrypoints.presets import get_preset
 from rcmfn import media
 from rcmfn.codecs import load_vae
-from rcmfn.condition import TEXT, Condition, with_text
+from rcmfn.condition import TEXT, Condition, make_condition, with_text
 from rcmfn.image_encoder import image_conditioner, load_image_encoder
-from rcmfn.models.registry import ModelSpec
+from rcmfn.models.registry import ModelSpec, get_spec
 
 
 def image_condition_of(spec: ModelSpec, image_encoder: Path | None, vae, frames: int, device):
@@ -48,6 +51,8 @@ def sampling_conditions(spec: ModelSpec, cfg, texts: torch.Tensor, shape, device
     """The conditions of sample's jobs: `texts` [J, L, D] for a text-only model; for an image-to-video one
     the condition of `cfg.image` (fitted to the sample size by centre crop, encoded once) beside each text.
     `cfg` is entrypoints.sample's SampleConfig; `shape` the latent (C, T, H, W)."""
+    if spec.family.latent_condition is not None and cfg.image is not None:
+        return first_frame_conditions(spec, cfg, texts, shape, device)
     if spec.family.image_condition is None:
         if cfg.image is not None:
             raise ValueError(f"--image given, but {spec.family.name} nets take no image condition")
@@ -60,3 +65,45 @@ def sampling_conditions(spec: ModelSpec, cfg, texts: torch.Tensor, shape, device
     image = media.fit_frames(media.read_image(cfg.image), 1, height, width, "crop", source=str(cfg.image))
     one = condition_of(texts[:1].to(device), media.to_pixels(image)[None, :, 0].to(device)).cpu()
     return with_text(one.expand(texts.shape[0]), texts)
+
+
+def first_frame_conditions(spec: ModelSpec, cfg, texts: torch.Tensor, shape, device) -> Condition:
+    """Image-to-video for a net whose condition is the latent's own first frame (Wan2.2 TI2V): `cfg.image`
+    fitted to the sample size by centre crop and encoded alone (the causal VAE's first latent frame),
+    beside each text; every job uses it. Without --image the same net samples text-to-video."""
+    if cfg.vae is None:
+        raise ValueError(f"--image needs --vae to encode it for {spec.family.name} nets")
+    _, s_h, s_w = spec.vae_stride
+    height, width = s_h * shape[2], s_w * shape[3]
+    image = media.fit_frames(media.read_image(cfg.image), 1, height, width, "crop", source=str(cfg.image))
+    frame = load_vae(cfg.vae, device).encode(media.to_pixels(image)[None].to(device)).cpu()
+    if frame.shape != (1, shape[0], 1, *shape[2:]):
+        want = [1, shape[0], 1, *shape[2:]]
+        raise ValueError(f"the VAE encodes the image to {list(frame.shape)}; the net takes {want}")
+    jobs = texts.shape[0]
+    use = torch.ones(jobs, dtype=torch.bool)
+    return spec.family.latent_condition(texts, frame.to(texts.dtype).expand(jobs, *frame.shape[1:]), use)
+
+
+def training_condition(
+    spec: ModelSpec, text: torch.Tensor, latents: torch.Tensor, stored: dict, image_fraction: float, generator
+) -> Condition:
+    """A training batch's condition: the text [B, L, D] with what the shards store beside it (`stored`, e.g.
+    Wan I2V's image states); for a net conditioned on its latent's own first frame (Wan2.2 TI2V), each
+    sample uses it with probability `image_fraction`, drawn from `generator` (nothing drawn at 0)."""
+    if image_fraction <= 0:
+        return make_condition(text, **stored)
+    use = torch.rand(latents.shape[0], generator=generator, device=generator.device) < image_fraction
+    return spec.family.latent_condition(text, latents[:, :, :1], use.to(text.device))
+
+
+def image_fraction_of(cfg) -> float:
+    """A distill config's (entrypoints.config) share of image-conditioned samples: --image-fraction or the
+    preset's; ValueError for a share outside [0, 1] or a positive one for a model whose nets have no
+    first-frame image mode."""
+    value = get_preset(cfg.model).image_fraction if cfg.image_fraction is None else cfg.image_fraction
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"image_fraction must be in [0, 1]; got {value}")
+    if value > 0 and cfg.model != "toy" and get_spec(cfg.model).family.latent_condition is None:
+        raise ValueError(f"--image-fraction {value}: {cfg.model} nets have no first-frame image-to-video mode")
+    return value

@@ -40,6 +40,9 @@ class ModelPreset:
     wan/configs/shared_config.py sample_fps)"""
     teacher_shift: float = 5.0
     """time shift of the teacher's Euler sampler (entrypoints/sample.py --shift default): Wan's 5.0"""
+    image_fraction: float = 0.0
+    """share of training samples conditioned on their own first latent frame (--image-fraction default;
+    families with an image-to-video mode on the latent itself: Wan2.2 TI2V, rcmfn/models/wan/ti2v.py)"""
 
 
 MODELS: dict[str, ModelPreset] = {
@@ -120,12 +123,11 @@ MODELS: dict[str, ModelPreset] = {
         sigma_max=800.0,  # paper Table 4 (sigma_max 80 / 80 / 800 for 0.6B / 2B / 14B)
         mid_times=PAPER_MID_TIMES,
     ),
-    # Wan2.2 TI2V-5B, text-to-video distillation (every token shares t; the image-to-video mode, first latent
-    # frame clean, is not trained: rcmfn/models/wan/ti2v.py, README). No official rCM experiment exists for
-    # the 5B (NVlabs/rcm ships Wan2.1 T2V 1.3B / 14B configs and a Wan2.2 A14B I2V inference script), so the
-    # optimiser and loop values are the nearest size's, the 1.3B experiment (SPEC-rcm §10.1).
+    # Wan2.2 TI2V-5B, text- and image-to-video distillation (rcmfn/models/wan/ti2v.py). No official rCM
+    # experiment exists for the 5B (NVlabs/rcm ships Wan2.1 T2V 1.3B / 14B configs and a Wan2.2 A14B I2V
+    # inference script), so the optimiser and loop values are the nearest size's, the 1.3B experiment (SPEC-rcm §10.1).
     "wan2.2-ti2v-5b": ModelPreset(
-        description="Wan2.2 TI2V-5B text-to-video, 121 frames of 1280 x 704 (1.3B experiment's recipe)",
+        description="Wan2.2 TI2V-5B text- and image-to-video, 121 frames of 1280 x 704 (1.3B experiment's recipe)",
         iterations=100_000,  # 1.3B experiment (SPEC-rcm §10.1)
         guidance=5.0,  # sample_guide_scale, Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py:35
         # The paper's p_G rule (Table 4; SPEC-rcm §13.2), mean -0.8 + ln(T) / 2 = 0.917 at the registry's
@@ -138,6 +140,9 @@ MODELS: dict[str, ModelPreset] = {
         sigma_max=80.0,  # official Wan inference (NVlabs/rcm rcm/inference/wan2pt1_t2v_rcm_infer.py:73)
         mid_times=BACKWARD_TIMESTEPS,  # same script :145
         fps=24,  # sample_fps, wan_ti2v_5B.py:32
+        # Ours: the release serves text-to-video and image-to-video with one network (wan/textimage2video.py
+        # t2v / i2v), so the student learns both, half of the samples each (--image-fraction).
+        image_fraction=0.5,
     ),
 }
 # Wan2.1 I2V 14B. The rCM paper and NVlabs/rcm release no Wan2.1 I2V recipe, so the distillation values are

@@ -250,6 +250,15 @@ def apply_cp(model: nn.Module, group: dist.ProcessGroup) -> nn.Module:
             else:
                 grid[dim - 1] *= size
             rope = [_local_rows(r, tuple(grid), dim - 1, rank, size) for r in (rope_cos, rope_sin)]
+            # A per-token input (Wan2.2 TI2V's modulation from per-token timesteps, [B, L, 6, D] beside the
+            # tokens [B, L, D]: one axis more, the same leading token axes) is cut like the tokens.
+            full = [*x.shape[:dim], grid[dim - 1]]
+            middle = [
+                m.narrow(dim, rank * (grid[dim - 1] // size), grid[dim - 1] // size)
+                if isinstance(m, torch.Tensor) and m.dim() == x.dim() + 1 and list(m.shape[: dim + 1]) == full
+                else m
+                for m in middle
+            ]
             return (x, *middle, *rope)
 
         return hook

@@ -57,6 +57,10 @@ class Family:
     """Image-to-video families: (text [B, L, D], CLIP image states [B, N, Dimg], VAE latent of the video
     [first frame, zero frames...] [B, C, T, H, W]) -> the condition (rcmfn.condition); prepare and sample
     build it from an image (rcmfn.image_encoder). None: the condition is the text."""
+    latent_condition: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any] | None = None
+    """Families conditioned on part of the clean latent itself (Wan2.2 TI2V: its first frame, the image):
+    (text [B, L, D], the latent's first frame [B, C, 1, H, W], use [B] bool) -> the condition; distill
+    draws `use` per sample (--image-fraction), sample sets it from --image. None: no such mode."""
     negative_prompt: str | None = None
     """The teacher's unconditional text when the user gives none: this prompt's encoding (Wan's default
     negative prompt), or None for an all-zero text embedding (Cosmos; registry.unconditional_prompt)."""

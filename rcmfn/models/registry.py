@@ -25,7 +25,7 @@ from rcmfn.models.wan.configs import (
     WAN_I2V_TINY,
     WAN_TINY,
 )
-from rcmfn.models.wan.family import WAN
+from rcmfn.models.wan.family import WAN, WAN22_TI2V
 from rcmfn.models.wan.i2v import WAN_I2V
 
 __all__ = ["MODELS", "Family", "ModelSpec", "build_model", "cast_params", "get_spec", "random_model", "trainable_spec"]
@@ -61,7 +61,7 @@ MODELS: dict[str, ModelSpec] = {
     "cosmos14b": ModelSpec(COSMOS, COSMOS_14B_T2I, COSMOS_1024PX_LATENT, 512, 1024),
     "cosmos2b-video": ModelSpec(COSMOS, COSMOS_2B_V2W, COSMOS_720P_LATENT, 512, 1024),
     "cosmos14b-video": ModelSpec(COSMOS, COSMOS_14B_V2W, COSMOS_720P_LATENT, 512, 1024),
-    "wan2.2-ti2v-5b": ModelSpec(WAN, WAN22_TI2V_5B, WAN22_720P_LATENT, 512, 4096, WAN22_VAE_STRIDE),
+    "wan2.2-ti2v-5b": ModelSpec(WAN22_TI2V, WAN22_TI2V_5B, WAN22_720P_LATENT, 512, 4096, WAN22_VAE_STRIDE),
     # Wan2.2 T2V A14B: two 14B experts switched at r = 0.875 (rcmfn/models/wan/configs.py), trained here at the
     # Wan2.1 14B rCM run's 480p 81-frame latent (the release samples 480p and 720p: Wan-Video/Wan2.2
     # wan/configs/__init__.py SUPPORTED_SIZES 't2v-A14B' lists 832*480 and 1280*720).
@@ -70,7 +70,7 @@ MODELS: dict[str, ModelSpec] = {
     # runs: ordinary entries, so every code path treats them as the real ones.
     "wan-tiny": ModelSpec(WAN, WAN_TINY, (16, 3, 8, 12), 12, WAN_TINY.text_dim),
     "cosmos-tiny": ModelSpec(COSMOS, TINY_T2I, (16, 2, 8, 12), 12, TINY_T2I.text_dim),
-    "wan2.2-tiny": ModelSpec(WAN, WAN22_TINY, (48, 2, 4, 6), 12, WAN22_TINY.text_dim, WAN22_VAE_STRIDE),
+    "wan2.2-tiny": ModelSpec(WAN22_TI2V, WAN22_TINY, (48, 2, 4, 6), 12, WAN22_TINY.text_dim, WAN22_VAE_STRIDE),
     "wan-i2v-tiny": ModelSpec(WAN_I2V, WAN_I2V_TINY, (16, 3, 8, 12), 12, WAN_I2V_TINY.text_dim),
     "wan2.2-a14b-tiny": ModelSpec(WAN, WAN_TINY, (16, 3, 8, 12), 12, WAN_TINY.text_dim, experts=WAN22_T2V_A14B_SWITCH),
 }

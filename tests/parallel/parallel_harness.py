@@ -28,6 +28,7 @@ from rcmfn.models.wan import WAN22_TINY, WAN_TINY, WanModel
 from rcmfn.models.wan import velocity_net as wan_velocity_net
 from rcmfn.models.wan.configs import WAN_I2V_TINY
 from rcmfn.models.wan.i2v import image_condition
+from rcmfn.models.wan.ti2v import first_frame_condition
 from rcmfn.precond import trigflow_denoiser
 from rcmfn.step import LossConfig
 from rcmfn.time import LogNormal
@@ -40,7 +41,8 @@ SHAPES = {
     "cosmos": ((16, 1, 4, 4), (3, 24), 1.0),
     "wan-i2v": ((16, 2, 4, 4), (3, 24), 1000.0),  # plus 5 image tokens of 20 and a first-frame condition
 }
-# Wan2.2 TI2V-5B's architecture at tiny size (48 latent channels), trained text-to-video like Wan2.1.
+# Wan2.2 TI2V-5B's architecture at tiny size (48 latent channels), trained text- and image-to-video (one sample
+# each: per-token timesteps, the modulation CP cuts with the tokens; rcmfn/models/wan/ti2v.py).
 SHAPES["wan2.2"] = ((48, 2, 4, 4), (3, 20), 1000.0)
 WAN_CONFIGS = {"wan": WAN_TINY, "wan2.2": WAN22_TINY, "wan-i2v": WAN_I2V_TINY}
 
@@ -83,6 +85,10 @@ def tiny_batch(family: str, batch: int = 2, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     draws = [torch.randn(batch, *shape, generator=g, dtype=torch.float64) for shape in (latent, text, text)]
     x0, cond, uncond = (d.to(DEVICE, DTYPE) for d in draws)
+    if family == "wan2.2":  # TI2V: sample 0 image-to-video (its own first frame kept), sample 1 text-to-video
+        use = torch.arange(batch, device=DEVICE) % 2 == 0
+        cond = first_frame_condition(cond, x0[:, :, :1], use)
+        return x0, cond, with_text(cond, uncond)
     if family != "wan-i2v":
         return x0, cond, uncond
     image = torch.randn(batch, WAN_I2V_TINY.image_tokens, WAN_I2V_TINY.image_dim, generator=g, dtype=torch.float64)

@@ -25,7 +25,7 @@ from tests.parallel.parallel_harness import (
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic (tangent_warmup 1, F = 2)
 # name: (world, ParallelDims kwargs, activation checkpointing, families; "wan2.2": the Wan2.2 TI2V-5B
-# architecture at tiny size, trained text-to-video). One spawned group per world
+# architecture at tiny size, one sample image-to-video, one text-to-video). One spawned group per world
 # size runs all of its cases (process start-up dominates the cost on a 2-core CPU). "_compile": blocks
 # compiled per block with inductor, the tangent pass through their compiled JVP graphs (block_jvp.py).
 CASES = {

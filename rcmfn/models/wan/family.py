@@ -1,10 +1,13 @@
-"""The Wan2.1 family's conventions (SPEC-models §3): see rcmfn.models.family."""
+"""The Wan2.1 family's conventions (SPEC-models §3), and Wan2.2 TI2V's: see rcmfn.models.family."""
+
+import dataclasses
 
 from rcmfn.models.family import Family
 from rcmfn.models.wan.configs import NEGATIVE_PROMPT, WanConfig
 from rcmfn.models.wan.exports import comfyui_name, diffusers_config
 from rcmfn.models.wan.keys import key_maps
 from rcmfn.models.wan.model import WanModel, velocity_net
+from rcmfn.models.wan.ti2v import first_frame_condition
 
 
 def forward_flops(cfg: WanConfig, tokens: int, text_len: int) -> tuple[float, float]:
@@ -46,3 +49,7 @@ WAN = Family(
         "modulation": ("time_projection.1.weight",),
     },
 )
+
+# Wan2.1 T2V's conventions plus the TI2V release's image-to-video mode on the latent's own first frame
+# (rcmfn/models/wan/ti2v.py; the net reads that condition itself, in WanModel.forward).
+WAN22_TI2V = dataclasses.replace(WAN, name="wan2.2-ti2v", latent_condition=first_frame_condition)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ops import attention as ops_attention
 from rcmfn.lora_linear import linear_weight
 from rcmfn.models.wan.configs import WanConfig
+from rcmfn.models.wan.ti2v import FIRST_FRAME, first_frame_forward
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (B, S, H, D) q, k, v -> (B, Sq, H, D)
 
@@ -332,6 +333,8 @@ class WanModel(nn.Module):
         go in front of the text (model.py:561-563). `context` may also be a condition TensorDict holding
         all three (rcmfn.condition; "text", "image", "latent"), so every caller's net(x, t, cond) works.
         """
+        if not isinstance(context, Tensor) and FIRST_FRAME in context.keys():  # Wan2.2 TI2V's image-to-video
+            return first_frame_forward(self.forward, x, timestep, context, tuple(self.cfg.patch_size))
         if not isinstance(context, Tensor):
             context, image, condition = context["text"], context["image"], context["latent"]
         self.check_inputs(x, timestep, context, image, condition)
