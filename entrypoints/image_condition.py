@@ -76,7 +76,11 @@ def first_frame_conditions(spec: ModelSpec, cfg, texts: torch.Tensor, shape, dev
     _, s_h, s_w = spec.vae_stride
     height, width = s_h * shape[2], s_w * shape[3]
     image = media.fit_frames(media.read_image(cfg.image), 1, height, width, "crop", source=str(cfg.image))
-    frame = load_vae(cfg.vae, device).encode(media.to_pixels(image)[None].to(device)).cpu()
+    frame = (
+        load_vae(cfg.vae, device, stride=spec.vae_stride, channels=spec.channels)
+        .encode(media.to_pixels(image)[None].to(device))
+        .cpu()
+    )
     if frame.shape != (1, shape[0], 1, *shape[2:]):
         want = [1, shape[0], 1, *shape[2:]]
         raise ValueError(f"the VAE encodes the image to {list(frame.shape)}; the net takes {want}")

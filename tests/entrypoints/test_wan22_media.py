@@ -4,6 +4,7 @@ preset's 24 fps. Tiny random weights everywhere, nothing downloaded."""
 
 import importlib.util
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,41 @@ def test_sample_writes_student_and_teacher_videos_at_24_fps(files, tmp_path):
     with av.open(str(videos[0])) as container:
         assert container.streams.video[0].average_rate == 24
     assert json.loads((tmp_path / "timings.json").read_text())["latent_shape"] == [48, 2, 4, 6]
+
+
+def test_sample_with_an_image_starts_every_video_with_that_image(files, tmp_path):
+    """TI2V's image-to-video mode: every student and teacher latent's first frame is the image's latent
+    (the net answers the image's exact velocity there, rcmfn/models/wan/ti2v.py), so the decoded first
+    frame is the image through the codec, even with random weights; the other frames differ per image."""
+    pixels = torch.randint(0, 256, (1, 64, 96, 3), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    pixels[:, :32, :, 0] = 250  # a bright red upper half, so the image is not noise
+    media.write_png(tmp_path / "image.png", pixels)
+    cfg = SampleConfig(
+        model="wan2.2-tiny",
+        checkpoint=files / "student.safetensors",
+        teacher=files / "teacher.safetensors",
+        text_encoder=files,
+        vae=files,
+        prompts=("a b c",),
+        negative_prompt="x y",
+        seeds=(0,),
+        steps=(1, 2),
+        teacher_steps=2,
+        frames=5,
+        height=64,
+        width=96,
+        dtype="float32",
+        device="cpu",
+        image=tmp_path / "image.png",
+        output=tmp_path / "with",
+    )
+    sample_model(cfg, SPEC)
+    vae = codecs.load_vae(files, "cpu", stride=SPEC.vae_stride, channels=SPEC.channels)
+    image_latent = vae.encode(media.to_pixels(pixels)[None])
+    latents = load_file(tmp_path / "with" / "latents.safetensors")
+    assert len(latents) == 3
+    for name, latent in latents.items():
+        torch.testing.assert_close(latent[:, :, :1], image_latent, rtol=0, atol=1e-4, msg=name)
+    sample_model(replace(cfg, image=None, output=tmp_path / "without"), SPEC)  # the same net, text-to-video
+    for name, latent in load_file(tmp_path / "without" / "latents.safetensors").items():
+        assert (latent[:, :, :1] - image_latent).abs().max() > 0.1, name

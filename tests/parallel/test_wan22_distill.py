@@ -1,5 +1,6 @@
-"""Wan2.2 TI2V-5B text-to-video distillation through the sharded runner, one process on the CPU: the tiny
-Wan2.2 architecture (48 latent channels) trains with finite losses and its EMA export loads strictly."""
+"""Wan2.2 TI2V-5B distillation through the sharded runner, one process on the CPU: the tiny Wan2.2
+architecture (48 latent channels) trains text- and image-to-video (the preset's --image-fraction 0.5: each
+sample conditioned on its own first latent frame or not) with finite losses; its EMA export loads strictly."""
 
 import json
 import math
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SPEC = get_spec("wan2.2-tiny")
 
 
-def test_tiny_wan22_distils_text_to_video_and_exports_a_loadable_student(tmp_path):
+def test_tiny_wan22_distils_text_and_image_to_video_and_exports_a_loadable_student(tmp_path):
     g = torch.Generator().manual_seed(0)
     text = (SPEC.text_len, SPEC.text_dim)
     with ShardWriter(tmp_path / "data", SPEC.latent_shape, text, "float32", 3) as writer:
