@@ -140,9 +140,11 @@ MODELS: dict[str, ModelPreset] = {
         sigma_max=80.0,  # official Wan inference (NVlabs/rcm rcm/inference/wan2pt1_t2v_rcm_infer.py:73)
         mid_times=BACKWARD_TIMESTEPS,  # same script :145
         fps=24,  # sample_fps, wan_ti2v_5B.py:32
-        # Ours: the release serves text-to-video and image-to-video with one network (wan/textimage2video.py
-        # t2v / i2v), so the student learns both, half of the samples each (--image-fraction).
-        image_fraction=0.5,
+        # The release serves text-to-video and image-to-video with one network (wan/textimage2video.py), so
+        # the student learns both; the share is the release's only trace of its training mix, the default
+        # p = 0.2 of masks_like (Wan-Video/Wan2.2 wan/utils/utils.py:172), which keeps the first frame clean
+        # for that share of the samples when given a generator.
+        image_fraction=0.2,
     ),
 }
 # Wan2.1 I2V 14B. The rCM paper and NVlabs/rcm release no Wan2.1 I2V recipe, so the distillation values are

@@ -25,8 +25,8 @@ def test_preset_follows_the_release_and_the_papers_p_g_rule():
     assert MODELS["wan2.2-tiny"].fps == 24 and MODELS["wan1.3b"].fps == 16
 
 
-def test_image_fraction_defaults_to_half_for_ti2v_and_is_refused_elsewhere():
-    assert image_fraction_of(DistillConfig(model="wan2.2-ti2v-5b")) == 0.5
+def test_image_fraction_defaults_to_the_releases_share_for_ti2v_and_is_refused_elsewhere():
+    assert image_fraction_of(DistillConfig(model="wan2.2-ti2v-5b")) == 0.2  # masks_like's p
     assert image_fraction_of(DistillConfig(model="wan2.2-tiny", image_fraction=0.0)) == 0.0
     assert image_fraction_of(DistillConfig(model="wan1.3b")) == 0.0
     with pytest.raises(ValueError, match="wan1.3b nets have no first-frame image-to-video mode"):
@@ -34,7 +34,7 @@ def test_image_fraction_defaults_to_half_for_ti2v_and_is_refused_elsewhere():
     with pytest.raises(ValueError, match=r"image_fraction must be in \[0, 1\]; got 1.5"):
         DistillConfig(model="wan2.2-tiny", image_fraction=1.5)
     # a checkpoint records the share it trained with, and only where there is one (older runs resume)
-    assert fingerprint(DistillConfig(model="wan2.2-tiny"))["image_fraction"] == 0.5
+    assert fingerprint(DistillConfig(model="wan2.2-tiny"))["image_fraction"] == 0.2
     assert "image_fraction" not in fingerprint(DistillConfig(model="wan1.3b"))
 
 

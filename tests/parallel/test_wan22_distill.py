@@ -1,5 +1,5 @@
 """Wan2.2 TI2V-5B distillation through the sharded runner, one process on the CPU: the tiny Wan2.2
-architecture (48 latent channels) trains text- and image-to-video (the preset's --image-fraction 0.5: each
+architecture (48 latent channels) trains text- and image-to-video (--image-fraction 0.5: each
 sample conditioned on its own first latent frame or not) with finite losses; its EMA export loads strictly."""
 
 import json
@@ -28,7 +28,7 @@ def test_tiny_wan22_distils_text_and_image_to_video_and_exports_a_loadable_stude
     command = [sys.executable, "-m", "entrypoints.distill", "--model", "wan2.2-tiny", "--distributed.random-init"]
     command += ["--distributed.dtype", "float64", "--distributed.data", str(tmp_path / "data")]
     command += ["--output", str(tmp_path / "run"), "--iterations", "4", "--student-update-freq", "2"]
-    command += ["--tangent-warmup", "1", "--log-every", "1", "--no-progress"]
+    command += ["--tangent-warmup", "1", "--log-every", "1", "--no-progress", "--image-fraction", "0.5"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     done = subprocess.run(command, cwd=ROOT, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
