@@ -1,6 +1,7 @@
 """Shared fixtures: a small random velocity network with parameters in a TensorDict; processes alive and
 gone, and a run folder's lock written as another job would (rcmfn/run_lock.py)."""
 
+import importlib.util
 import json
 import socket
 import subprocess
@@ -11,6 +12,19 @@ from tensordict import TensorDict
 from torch import nn
 
 from rcmfn.run_lock import LOCK_NAME
+
+MEDIA_MODULES = ("transformers", "diffusers", "av")
+
+
+def has_media() -> bool:
+    """Whether the media extra (pip install 'rcmfn[media]': text encoders, VAEs, MP4) is installed."""
+    return all(importlib.util.find_spec(m) is not None for m in MEDIA_MODULES)
+
+
+def require_media() -> None:
+    """Skip the calling test or fixture unless the media extra is installed."""
+    if not has_media():
+        pytest.skip("needs the media extra (transformers, diffusers, av)")
 
 
 class SmallVelocityNet(nn.Module):

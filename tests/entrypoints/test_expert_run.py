@@ -13,6 +13,7 @@ from entrypoints.expert_run import expert_teacher
 from entrypoints.presets import get_preset
 from rcmfn.models.registry import get_spec
 from rcmfn.time import Truncated
+from tests.conftest import require_media
 from tests.entrypoints.test_prepare import codec_dir  # noqa: F401, F811 (a fixture)
 
 
@@ -55,7 +56,6 @@ def test_an_expert_runs_teacher_is_its_folder_of_the_release(tmp_path):
 def test_both_expert_runs_train_from_the_release_folder_and_sample_together(tmp_path):
     """distill --expert high / low from one official two-expert teacher folder (float64, 4 iterations each:
     student with sCM + DMD, then critic), then `sample` with the two exports linked as a student pair."""
-    import importlib.util
     import os
     import subprocess
     import sys
@@ -68,8 +68,7 @@ def test_both_expert_runs_train_from_the_release_folder_and_sample_together(tmp_
     from rcmfn.models.wan import WAN_TINY, WanModel
     from rcmfn.shards import ShardWriter, write_negative_embedding
 
-    if any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")):
-        pytest.skip("needs the media extra (transformers, diffusers, av)")
+    require_media()
     g = torch.Generator().manual_seed(0)
     with ShardWriter(tmp_path / "data", (16, 1, 4, 4), (3, 24), "float32", 3) as writer:
         for i in range(4):

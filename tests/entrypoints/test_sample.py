@@ -2,7 +2,6 @@
 text encoders and VAEs (no downloads), determinism, the one-step formula, and clear errors."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import shutil
@@ -24,10 +23,10 @@ from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN_TINY, WanModel
 from rcmfn.toy.tiny_dit import TinyDiTConfig
 from rcmfn.toy.warm_start import WarmStartConfig
-from tests.conftest import cli_flags
+from tests.conftest import cli_flags, has_media, require_media
 
 needs_codecs = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")),
+    not has_media(),
     reason="text encoder / VAE / MP4 tests need the media extra (pip install 'rcmfn[media]')",
 )
 TINY_TOY = ToyConfig(
@@ -81,8 +80,7 @@ def random_weights(module: torch.nn.Module, seed: int) -> dict[str, torch.Tensor
 
 @pytest.fixture(scope="module")
 def wan_files(tmp_path_factory) -> Path:
-    if any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")):
-        pytest.skip("needs the media extra (transformers, diffusers, av)")
+    require_media()
     root = tmp_path_factory.mktemp("wan")
     for name, seed in (("student", 0), ("teacher", 1)):
         export_checkpoint(

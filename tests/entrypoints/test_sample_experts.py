@@ -2,7 +2,6 @@
 switching networks at the boundary, through tiny random codecs on the CPU, media written."""
 
 import dataclasses
-import importlib.util
 import math
 
 import pytest
@@ -16,6 +15,7 @@ from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WAN_TINY, WanModel
 from rcmfn.samplers import consistency_sample, consistency_times
 from rcmfn.switch import switched_denoiser
+from tests.conftest import require_media
 from tests.entrypoints.test_sample import random_weights
 
 TINY_WAN22 = dataclasses.replace(get_spec("wan2.2-a14b-tiny"), latent_shape=(16, 2, 4, 6), text_len=16, text_dim=24)
@@ -23,8 +23,7 @@ TINY_WAN22 = dataclasses.replace(get_spec("wan2.2-a14b-tiny"), latent_shape=(16,
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    if any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")):
-        pytest.skip("needs the media extra (transformers, diffusers, av)")
+    require_media()
     root = tmp_path_factory.mktemp("wan22")
     for name, seeds in (("student", (0, 1)), ("teacher", (2, 3))):
         weights = {e: random_weights(WanModel(WAN_TINY), s) for e, s in zip(("high", "low"), seeds, strict=True)}

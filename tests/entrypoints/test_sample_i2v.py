@@ -6,7 +6,6 @@ like the image: that needs trained weights (random tiny nets and a random VAE ma
 """
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from rcmfn.models.checkpoint import export_checkpoint
 from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WanModel
 from rcmfn.models.wan.configs import WAN_I2V_TINY
+from tests.conftest import require_media
 from tests.entrypoints.test_sample import random_weights
 
 # The registered tiny I2V net: 5 frames of 32 x 48 pixels, 16 text tokens of width 24, CLIP 5 x 20.
@@ -28,8 +28,7 @@ TINY_I2V = dataclasses.replace(get_spec("wan-i2v-tiny"), latent_shape=(16, 2, 4,
 
 @pytest.fixture(scope="module")
 def i2v_files(tmp_path_factory) -> Path:
-    if any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")):
-        pytest.skip("needs the media extra (transformers, diffusers, av)")
+    require_media()
     root = tmp_path_factory.mktemp("i2v")
     for name, seed in (("student", 0), ("teacher", 1)):
         weights = random_weights(WanModel(WAN_I2V_TINY), seed)

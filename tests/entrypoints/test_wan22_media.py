@@ -2,7 +2,6 @@
 (48 channels, 16x spatial) into shards; sample draws the student and the teacher and writes MP4s at the
 preset's 24 fps. Tiny random weights everywhere, nothing downloaded."""
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from rcmfn.models.registry import get_spec
 from rcmfn.models.wan import WanModel
 from rcmfn.shards import read_manifest
 from rcmfn.tiny_codecs import write_tiny_wan22_vae
+from tests.conftest import require_media
 from tests.entrypoints.test_prepare import clip, shard_tensors
 from tests.entrypoints.test_sample import random_weights
 
@@ -27,8 +27,7 @@ SPEC = get_spec("wan2.2-tiny")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> Path:
-    if any(importlib.util.find_spec(m) is None for m in ("transformers", "diffusers", "av")):
-        pytest.skip("needs the media extra (transformers, diffusers, av)")
+    require_media()
     root = tmp_path_factory.mktemp("wan22")
     for name, seed in (("student", 0), ("teacher", 1)):
         weights = random_weights(WanModel(SPEC.config), seed)
