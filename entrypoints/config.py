@@ -14,7 +14,7 @@ from entrypoints.expert_run import check_expert, expert_loss
 from entrypoints.image_condition import image_fraction_of
 from entrypoints.presets import get_preset
 from rcmfn.loop import LoopConfig
-from rcmfn.lora import LoraConfig
+from rcmfn.lora import LORA_LR_SCALE, LoraConfig
 from rcmfn.precond import check_guidance
 from rcmfn.stages import Stage, parse_stages
 from rcmfn.stages import total_iterations as stages_total
@@ -102,9 +102,9 @@ class DistillConfig:
     expert: Literal["high", "low"] | None = None
     """two-expert models (wan2.2-*): the expert this run distils over its own time range (entrypoints/expert_run.py)"""
     student_lr: float | None = None
-    """student AdamW learning rate; preset value if unset"""
+    """student AdamW learning rate; preset value if unset (times 10 for LoRA adapters, LORA_LR_SCALE)"""
     fake_lr: float | None = None
-    """fake-score AdamW learning rate; preset value if unset"""
+    """fake-score AdamW learning rate; preset value if unset (times 10 for LoRA adapters, LORA_LR_SCALE)"""
     tangent_warmup: int | None = None
     """tangent warm-up iterations H (also the sCM-only prefix); preset value if unset"""
     student_update_freq: int | None = None
@@ -206,10 +206,11 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
         p_D=preset.p_D,
         tangent_method=cfg.tangent_method,
     )
+    lr_scale = LORA_LR_SCALE if cfg.lora_rank > 0 else 1.0
     optim = replace(
         preset.optim,
-        student_lr=pick(cfg.student_lr, preset.optim.student_lr),
-        fake_lr=pick(cfg.fake_lr, preset.optim.fake_lr),
+        student_lr=pick(cfg.student_lr, lr_scale * preset.optim.student_lr),
+        fake_lr=pick(cfg.fake_lr, lr_scale * preset.optim.fake_lr),
     )
     warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
     freq = pick(cfg.student_update_freq, preset.student_update_freq)

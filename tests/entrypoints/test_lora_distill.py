@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from entrypoints.config import DistillConfig, fingerprint
+from entrypoints.config import DistillConfig, fingerprint, loop_config
 from entrypoints.distill import run
 from tests.entrypoints.test_distill import tiny_config
 
@@ -60,3 +60,11 @@ def test_full_fine_tuning_fingerprints_as_before_the_lora_flags():
     assert not any(k.startswith("lora") for k in fingerprint(base))
     assert not any(k.startswith("lora") for k in fingerprint(dataclasses.replace(base, lora_targets=("ffn",))))
     assert fingerprint(dataclasses.replace(base, lora_rank=4))["lora_rank"] == 4
+
+
+def test_adapters_train_at_ten_times_the_presets_rates_unless_a_rate_is_given():
+    full = loop_config(DistillConfig(model="wan1.3b")).optim
+    lora = loop_config(DistillConfig(model="wan1.3b", lora_rank=8)).optim
+    assert (lora.student_lr, lora.fake_lr) == (10 * full.student_lr, 10 * full.fake_lr)
+    given = loop_config(DistillConfig(model="wan1.3b", lora_rank=8, student_lr=3e-6)).optim
+    assert (given.student_lr, given.fake_lr) == (3e-6, 10 * full.fake_lr)
