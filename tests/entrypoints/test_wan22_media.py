@@ -37,6 +37,29 @@ def files(tmp_path_factory) -> Path:
     return root
 
 
+def sample_config(files: Path, output: Path, **overrides) -> SampleConfig:
+    """sample's settings for the tiny Wan2.2 student and teacher: 1 and 2 steps, a 2-step teacher, 5 x 64 x 96."""
+    base = dict(
+        model="wan2.2-tiny",
+        checkpoint=files / "student.safetensors",
+        teacher=files / "teacher.safetensors",
+        text_encoder=files,
+        vae=files,
+        prompts=("a b c",),
+        negative_prompt="x y",
+        seeds=(0,),
+        steps=(1, 2),
+        teacher_steps=2,
+        frames=5,
+        height=64,
+        width=96,
+        dtype="float32",
+        device="cpu",
+        output=output,
+    )
+    return SampleConfig(**(base | overrides))
+
+
 def test_the_wan22_vae_has_the_release_geometry(files):
     vae = codecs.load_vae(files, stride=SPEC.vae_stride, channels=48)
     pixels = torch.rand(1, 3, 5, 32, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -76,24 +99,7 @@ def test_prepare_writes_48_channel_latents(files, tmp_path):
 
 
 def test_sample_writes_student_and_teacher_videos_at_24_fps(files, tmp_path):
-    cfg = SampleConfig(
-        model="wan2.2-tiny",
-        checkpoint=files / "student.safetensors",
-        teacher=files / "teacher.safetensors",
-        text_encoder=files,
-        vae=files,
-        prompts=("a b c",),
-        negative_prompt="x y",
-        seeds=(0,),
-        steps=(1, 2),
-        teacher_steps=2,
-        frames=5,
-        height=64,
-        width=96,
-        dtype="float32",
-        device="cpu",
-        output=tmp_path,
-    )
+    cfg = sample_config(files, tmp_path)
     report = sample_model(cfg, SPEC)
     assert list(report["rows"]) == ["student 1-step", "student 2-step", "teacher Euler 2 (cfg 5)"]
     latents = load_file(tmp_path / "latents.safetensors")
@@ -114,25 +120,7 @@ def test_sample_with_an_image_starts_every_video_with_that_image(files, tmp_path
     pixels = torch.randint(0, 256, (1, 64, 96, 3), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
     pixels[:, :32, :, 0] = 250  # a bright red upper half, so the image is not noise
     media.write_png(tmp_path / "image.png", pixels)
-    cfg = SampleConfig(
-        model="wan2.2-tiny",
-        checkpoint=files / "student.safetensors",
-        teacher=files / "teacher.safetensors",
-        text_encoder=files,
-        vae=files,
-        prompts=("a b c",),
-        negative_prompt="x y",
-        seeds=(0,),
-        steps=(1, 2),
-        teacher_steps=2,
-        frames=5,
-        height=64,
-        width=96,
-        dtype="float32",
-        device="cpu",
-        image=tmp_path / "image.png",
-        output=tmp_path / "with",
-    )
+    cfg = sample_config(files, tmp_path / "with", image=tmp_path / "image.png")
     sample_model(cfg, SPEC)
     vae = codecs.load_vae(files, "cpu", stride=SPEC.vae_stride, channels=SPEC.channels)
     image_latent = vae.encode(media.to_pixels(pixels)[None])
