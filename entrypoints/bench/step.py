@@ -21,6 +21,7 @@ import torch
 
 from entrypoints.bench.common import device_busy_ms, provenance, wall_seconds
 from entrypoints.bench.models import FLOP_FORMULA, model_flops
+from rcmfn.condition import with_text
 from rcmfn.models.registry import get_spec, random_model
 from rcmfn.schedule import critic_iteration, effective_student_iteration, is_student_phase, rollout_steps
 
@@ -108,9 +109,12 @@ def build_trainer(
     max_bad_steps: int = 3,
     student_update_freq: int = 2,
     lora_rank: int = 0,
+    image: bool = False,
 ):
     """The sharded trainer of entrypoints.distributed at `model`'s training shape, learning rates 0;
-    `lora_rank` > 0: student and fake score as LoRA adapters on the frozen teacher (the preset's targets).
+    `lora_rank` > 0: student and fake score as LoRA adapters on the frozen teacher (the preset's targets);
+    `image`: every even sample is conditioned on its latent's first frame (Family.latent_condition, Wan2.2
+    TI2V's image-to-video mode), the odd ones on text only.
 
     Returns (state, networks, loop config, batch_fn, student module, ModelSpec of the net and shape). Needs an
     initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
@@ -152,6 +156,12 @@ def build_trainer(
     x0 = torch.randn(batch, *latent, generator=g).to(device)
     text = (batch, text_len, spec.text_dim)
     cond, uncond = (torch.randn(text, generator=g).to(device, torch.bfloat16) for _ in range(2))
+    if image:
+        if spec.family.latent_condition is None:
+            raise ValueError(f"{model} nets have no first-frame image-to-video mode")
+        even = torch.arange(batch, device=device) % 2 == 0
+        cond = spec.family.latent_condition(cond, x0[:, :, :1], even)
+        uncond = with_text(cond, uncond)
     return state, nets, lcfg, (lambda gen: (x0, cond, uncond)), student, spec
 
 
@@ -166,6 +176,7 @@ def bench_step(
     profile_dir: str | None = None,
     student_update_freq: int = 2,
     lora_rank: int = 0,
+    image: bool = False,
 ) -> dict:
     """Time `iterations` iterations of the trainer; rows per (phase, rollout) kind."""
     from rcmfn.loop import train_iteration
@@ -173,7 +184,15 @@ def bench_step(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     state, nets, lcfg, batch_fn, _, case = build_trainer(
-        model, dtype, compile_, blocks, batch, ac, student_update_freq=student_update_freq, lora_rank=lora_rank
+        model,
+        dtype,
+        compile_,
+        blocks,
+        batch,
+        ac,
+        student_update_freq=student_update_freq,
+        lora_rank=lora_rank,
+        image=image,
     )
     # what the run keeps between iterations: weights, optimizer state, EMA (the optimizer's lazily
     # created state appears after the first step of each net: read again at the end)
@@ -224,6 +243,7 @@ def bench_step(
         compile=compile_,
         batch=batch,
         lora_rank=lora_rank,
+        image=image,
         built_gib=resident_gib,
         resident_gib=torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None,
         latent=list(case.latent_shape),
@@ -240,6 +260,7 @@ def bench_step(
 def print_step_table(result: dict) -> None:
     mode = "--compile" if result["compile"] else "eager"
     lora = f", LoRA rank {result['lora_rank']}" if result["lora_rank"] else ""
+    lora += ", even samples image-conditioned" if result.get("image") else ""
     print(f"{result['model']}, batch {result['batch']} x {result['tokens']} tokens, {mode}{lora}, {result['device']}")
     if result["resident_gib"] is not None:
         print(
@@ -282,6 +303,7 @@ def run_step(args: argparse.Namespace) -> dict:
             args.profile,
             args.student_update_freq,
             args.lora_rank,
+            args.image,
         )
         print_step_table(result)
         results.append(result)
@@ -305,6 +327,9 @@ def add_step(subparsers) -> None:
     p.add_argument("--student-update-freq", type=int, default=2, help="one student iteration every F")
     p.add_argument(
         "--lora-rank", type=int, default=0, help="student and fake score as rank-R LoRA adapters (distill's)"
+    )
+    p.add_argument(
+        "--image", action="store_true", help="condition even samples on their first frame (Wan2.2 TI2V image mode)"
     )
     p.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="MFU denominator")
     p.add_argument("--profile", default=None, help="folder for Chrome traces of one iteration per kind (GPU)")

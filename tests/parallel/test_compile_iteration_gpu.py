@@ -2,10 +2,12 @@
 
 The real trainer's networks (FSDP of world size 1, float32 master weights, bf16 compute, random init),
 cut to `BLOCKS` blocks of cosmos2b and wan1.3b at their training shapes (4,096 and 31,200 tokens, 512
-text tokens). Learning rates are 0, so every variant sees the same weights at every iteration: iterations
-0 and 1 compile the blocks and their JVP graphs, 2 (student: sCM with the compiled tangent, DMD) and 3
-(critic) are compared. Tolerance, from a float32 eager run of the same: the compiled bf16 value may be no
-further from float32 than twice the eager bf16 value's distance, plus 1 %. Before inductor's mix-order
+text tokens), and wan2.2-ti2v-5b at 27,280 tokens in its image-to-video mode (batch 2: one sample
+conditioned on its first frame, one on text only). Learning rates are 0, so every variant sees the same
+weights at every iteration: iterations 0 and 1 compile the blocks and their JVP graphs, 2 (student: sCM
+with the compiled tangent, DMD) and 3 (critic) are compared. Tolerance, from a float32 eager run of the
+same: the compiled bf16 value may be no further from float32 than twice the eager bf16 value's distance,
+plus 1 %. Before inductor's mix-order
 reduction was switched off (rcmfn/compile.py) the compiled gradient norms here were inf.
 """
 
@@ -50,12 +52,20 @@ def process_group():
     dist.destroy_process_group()
 
 
+IMAGE_MODE = {"wan2.2-ti2v-5b"}  # cases run with one image-conditioned and one text-only sample
+
+
 def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
     """(state, networks, loop config, batch_fn, student module) of the sharded trainer, BLOCKS blocks."""
     from entrypoints.bench.step import build_trainer
 
-    name = {"cosmos2b": "cosmos-tiny", "wan1.3b": "wan-tiny"}[model] if tiny else model  # registry entries
-    return build_trainer(name, dtype, compile_, blocks=BLOCKS, max_bad_steps=max_bad_steps)[:5]
+    tiny_names = {"cosmos2b": "cosmos-tiny", "wan1.3b": "wan-tiny", "wan2.2-ti2v-5b": "wan2.2-tiny"}
+    name = tiny_names[model] if tiny else model  # registry entries
+    image = model in IMAGE_MODE
+    built = build_trainer(
+        name, dtype, compile_, blocks=BLOCKS, batch=2 if image else 1, max_bad_steps=max_bad_steps, image=image
+    )
+    return built[:5]
 
 
 def iterate(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False) -> list[dict]:
@@ -75,7 +85,7 @@ def close_enough(compiled: float, eager: float, reference: float) -> bool:
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", ["cosmos2b", "wan1.3b"])
+@pytest.mark.parametrize("model", ["cosmos2b", "wan1.3b", "wan2.2-ti2v-5b"])
 def test_compiled_iteration_equals_eager_at_real_width(process_group, model):
     reference = iterate(model, torch.float32, compile_=False)
     eager = iterate(model, torch.bfloat16, compile_=False)
@@ -132,7 +142,7 @@ if __name__ == "__main__" and os.environ.get("RCMFN_CPU_SMOKE"):  # the harness 
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29561", rank=0, world_size=1)
-    for m in ("cosmos2b", "wan1.3b"):
+    for m in ("cosmos2b", "wan1.3b", "wan2.2-ti2v-5b"):
         rows = iterate(m, torch.float32, False, tiny=True)
         print(m, [{k: round(r[k], 4) for k in COMPARED if k in r} for r in rows[2:]])
     divergence_check(tiny=True)
