@@ -2,17 +2,18 @@
 
 The real trainer's networks (FSDP of world size 1, float32 master weights, bf16 compute, random init),
 cut to `BLOCKS` blocks of cosmos2b and wan1.3b at their training shapes (4,096 and 31,200 tokens, 512
-text tokens), and wan2.2-ti2v-5b at 27,280 tokens in its image-to-video mode (batch 2: one sample
-conditioned on its first frame, one on text only). Learning rates are 0, so every variant sees the same
-weights at every iteration: iterations 0 and 1 compile the blocks and their JVP graphs, 2 (student: sCM
-with the compiled tangent, DMD) and 3 (critic) are compared. Tolerance, from a float32 eager run of the
-same: the compiled bf16 value may be no further from float32 than twice the eager bf16 value's distance,
-plus 1 %. Before inductor's mix-order
-reduction was switched off (rcmfn/compile.py) the compiled gradient norms here were inf.
+text tokens), and one block of wan2.2-ti2v-5b at 27,280 tokens in its image-to-video mode (batch 2: one
+sample conditioned on its first frame, one on text only; its float32 reference alone takes minutes).
+Learning rates are 0, so every variant sees the same weights at every iteration: iterations 0 and 1
+compile the blocks and their JVP graphs, 2 (student: sCM with the compiled tangent, DMD) and 3 (critic)
+are compared. Tolerance, from a float32 eager run of the same: the compiled bf16 value may be no further
+from float32 than twice the eager bf16 value's distance, plus 1 %. Before inductor's mix-order reduction
+was switched off (rcmfn/compile.py) the compiled gradient norms here were inf.
 """
 
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -56,26 +57,28 @@ IMAGE_MODE = {"wan2.2-ti2v-5b"}  # cases run with one image-conditioned and one 
 
 
 def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
-    """(state, networks, loop config, batch_fn, student module) of the sharded trainer, BLOCKS blocks."""
+    """(state, networks, loop config, batch_fn, student module) of the sharded trainer, cut (docstring)."""
     from entrypoints.bench.step import build_trainer
 
     tiny_names = {"cosmos2b": "cosmos-tiny", "wan1.3b": "wan-tiny", "wan2.2-ti2v-5b": "wan2.2-tiny"}
     name = tiny_names[model] if tiny else model  # registry entries
     image = model in IMAGE_MODE
-    built = build_trainer(
-        name, dtype, compile_, blocks=BLOCKS, batch=2 if image else 1, max_bad_steps=max_bad_steps, image=image
-    )
+    blocks, batch = (1, 2) if image else (BLOCKS, 1)
+    built = build_trainer(name, dtype, compile_, blocks=blocks, batch=batch, max_bad_steps=max_bad_steps, image=image)
     return built[:5]
 
 
 def iterate(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False) -> list[dict]:
     from rcmfn.loop import train_iteration
 
+    start = time.perf_counter()
     state, nets, lcfg, batch_fn, _ = trainer(model, dtype, compile_, tiny)
     rows = [train_iteration(state, nets, batch_fn, lcfg) for _ in range(4)]
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     shown = [{k: f"{r[k]:.6g}" for k in COMPARED if k in r} for r in rows[2:]]
-    print(f"\n{model} {dtype} compile={compile_}: {shown}", flush=True)  # seen even if a later variant times out
+    seconds = time.perf_counter() - start
+    # flushed: seen even if a later variant times out
+    print(f"\n{model} {dtype} compile={compile_} ({seconds:.0f} s): {shown}", flush=True)
     return rows
 
 
@@ -90,7 +93,7 @@ def test_compiled_iteration_equals_eager_at_real_width(process_group, model):
     reference = iterate(model, torch.float32, compile_=False)
     eager = iterate(model, torch.bfloat16, compile_=False)
     compiled = iterate(model, torch.bfloat16, compile_=True)
-    print(f"\n{model} x{BLOCKS} blocks, iterations 2 (student) and 3 (critic): float32 | bf16 eager | bf16 compiled")
+    print(f"\n{model}, iterations 2 (student) and 3 (critic): float32 | bf16 eager | bf16 compiled")
     failures = []
     for i in (2, 3):
         for key in COMPARED:
