@@ -126,6 +126,8 @@ def build_trainer(
     from parallel.sharded_training import init_sharded_state, sharded_networks
     from rcmfn.lora import LoraConfig
 
+    if image and get_spec(model).family.latent_condition is None:  # before minutes of building
+        raise ValueError(f"{model} nets have no first-frame image-to-video mode")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = DistillConfig(
         model=model,
@@ -157,8 +159,6 @@ def build_trainer(
     text = (batch, text_len, spec.text_dim)
     cond, uncond = (torch.randn(text, generator=g).to(device, torch.bfloat16) for _ in range(2))
     if image:
-        if spec.family.latent_condition is None:
-            raise ValueError(f"{model} nets have no first-frame image-to-video mode")
         even = torch.arange(batch, device=device) % 2 == 0
         cond = spec.family.latent_condition(cond, x0[:, :, :1], even)
         uncond = with_text(cond, uncond)

@@ -119,3 +119,43 @@ def test_bench_step_runs_tiny_on_the_cpu(tmp_path, lora_rank):
     assert {(r["phase"], r["rollout"]) for r in run["rows"]} >= {("student", 1), ("critic", 1)}
     for row in run["rows"]:
         assert row["first_call_s"] > 0 and row["flops"] > 0
+
+
+def test_bench_step_image_mode_runs_tiny_and_refuses_a_text_only_net(tmp_path):
+    """`--image`: the tiny TI2V trainer runs with sample 0 image-conditioned and sample 1 text-only (finite
+    rows, recorded in the JSON); a net without a first-frame mode is refused by name, before any iteration."""
+    out = tmp_path / "step.json"
+    base = [sys.executable, "-m", "entrypoints.bench", "step", "--iterations", "4", "--image", "--batch", "2"]
+    done = subprocess.run(
+        [*base, "--config", "wan2.2-tiny", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "even samples image-conditioned" in done.stdout
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["image"] is True and run["batch"] == 2
+    assert {(r["phase"], r["rollout"]) for r in run["rows"]} >= {("student", 1), ("critic", 1)}
+    refused = subprocess.run([*base, "--config", "cosmos-tiny"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0
+    assert "cosmos-tiny nets have no first-frame image-to-video mode" in refused.stderr
+    assert "| student |" not in refused.stdout
+
+
+def test_build_trainer_conditions_even_samples_on_their_first_frame():
+    """The image condition `bench step --image` and the GPU equality test use: sample 0 (even) carries its
+    own latent's first frame and uses it, sample 1 does not; the uncondition keeps the image, not the text."""
+    import torch.distributed as dist
+
+    from entrypoints.bench.step import build_trainer
+    from rcmfn.models.wan.ti2v import FIRST_FRAME, USE_IMAGE
+    from tests.parallel.parallel_harness import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        *_, batch_fn, _, _ = build_trainer("wan2.2-tiny", torch.float32, False, batch=2, image=True)
+    finally:
+        dist.destroy_process_group()
+    x0, cond, uncond = batch_fn(None)
+    assert cond[USE_IMAGE].tolist() == [True, False] and uncond[USE_IMAGE].tolist() == [True, False]
+    assert torch.equal(cond[FIRST_FRAME].float(), x0[:, :, :1].float())
+    assert torch.equal(uncond[FIRST_FRAME], cond[FIRST_FRAME])
+    assert not torch.equal(uncond["text"], cond["text"])
