@@ -53,17 +53,21 @@ def process_group():
     dist.destroy_process_group()
 
 
-IMAGE_MODE = {"wan2.2-ti2v-5b"}  # cases run with one image-conditioned and one text-only sample
+# model -> (its tiny registry entry for the CPU smoke run, blocks, batch, image mode: sample 0 conditioned
+# on its first frame, sample 1 on text only)
+CASES = {
+    "cosmos2b": ("cosmos-tiny", BLOCKS, 1, False),
+    "wan1.3b": ("wan-tiny", BLOCKS, 1, False),
+    "wan2.2-ti2v-5b": ("wan2.2-tiny", 1, 2, True),
+}
 
 
 def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
-    """(state, networks, loop config, batch_fn, student module) of the sharded trainer, cut (docstring)."""
+    """(state, networks, loop config, batch_fn, student module) of the sharded trainer, cut as CASES says."""
     from entrypoints.bench.step import build_trainer
 
-    tiny_names = {"cosmos2b": "cosmos-tiny", "wan1.3b": "wan-tiny", "wan2.2-ti2v-5b": "wan2.2-tiny"}
-    name = tiny_names[model] if tiny else model  # registry entries
-    image = model in IMAGE_MODE
-    blocks, batch = (1, 2) if image else (BLOCKS, 1)
+    tiny_name, blocks, batch, image = CASES[model]
+    name = tiny_name if tiny else model
     built = build_trainer(name, dtype, compile_, blocks=blocks, batch=batch, max_bad_steps=max_bad_steps, image=image)
     return built[:5]
 
@@ -88,7 +92,7 @@ def close_enough(compiled: float, eager: float, reference: float) -> bool:
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", ["cosmos2b", "wan1.3b", "wan2.2-ti2v-5b"])
+@pytest.mark.parametrize("model", list(CASES))
 def test_compiled_iteration_equals_eager_at_real_width(process_group, model):
     reference = iterate(model, torch.float32, compile_=False)
     eager = iterate(model, torch.bfloat16, compile_=False)
@@ -145,7 +149,7 @@ if __name__ == "__main__" and os.environ.get("RCMFN_CPU_SMOKE"):  # the harness 
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29561", rank=0, world_size=1)
-    for m in ("cosmos2b", "wan1.3b", "wan2.2-ti2v-5b"):
+    for m in CASES:
         rows = iterate(m, torch.float32, False, tiny=True)
         print(m, [{k: round(r[k], 4) for k in COMPARED if k in r} for r in rows[2:]])
     divergence_check(tiny=True)
