@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from entrypoints.bench.common import device_busy_ms, provenance, wall_seconds
+from entrypoints.bench.first_call import BREAKDOWN_HEADER, FirstCallClock, breakdown_line
 from entrypoints.bench.models import FLOP_FORMULA, model_flops
 from rcmfn.condition import with_text
 from rcmfn.models.registry import get_spec, random_model
@@ -177,8 +178,10 @@ def bench_step(
     student_update_freq: int = 2,
     lora_rank: int = 0,
     image: bool = False,
+    breakdown: bool = False,
 ) -> dict:
-    """Time `iterations` iterations of the trainer; rows per (phase, rollout) kind."""
+    """Time `iterations` iterations of the trainer; rows per (phase, rollout) kind. `breakdown`: also split
+    each iteration into compiler, JVP graphs, tangent calls and the rest (entrypoints/bench/first_call.py)."""
     from rcmfn.loop import train_iteration
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -201,13 +204,21 @@ def bench_step(
     linear, attention = (batch * f for f in model_flops(case, tokens))
     guided = lcfg.loss.guidance != 1.0
     seconds: dict[tuple, list[float]] = defaultdict(list)
+    splits: dict[tuple, list[dict]] = defaultdict(list)
     peak: dict[tuple, float] = {}
     busy: dict[tuple, float] = {}
+    clock = FirstCallClock(device)
     for i in range(iterations):
         kind = phase_and_rollout(i, lcfg)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds[kind].append(wall_seconds(lambda: train_iteration(state, nets, batch_fn, lcfg), device))
+        iteration = lambda: train_iteration(state, nets, batch_fn, lcfg)  # noqa: E731
+        if breakdown:
+            with clock.installed():
+                splits[kind].append(clock.measure(iteration))
+            seconds[kind].append(splits[kind][-1]["total_s"])
+        else:
+            seconds[kind].append(wall_seconds(iteration, device))
         if device.type == "cuda":
             peak[kind] = max(peak.get(kind, 0.0), torch.cuda.max_memory_allocated() / 2**30)
         if profile_dir and device.type == "cuda" and len(seconds[kind]) == 2 and kind not in busy:
@@ -236,6 +247,8 @@ def bench_step(
         row["mfu"] = row["tflops"] / peak_tflops if row["tflops"] and device.type == "cuda" else None
         if (phase, rollout) in busy:
             row["device_busy_s"] = busy[(phase, rollout)] / 1e3
+        if splits[(phase, rollout)]:
+            row["breakdown"] = splits[(phase, rollout)]  # per iteration, in order
         rows.append(row)
     return dict(
         **provenance("step", device),
@@ -276,6 +289,11 @@ def print_step_table(result: dict) -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |")
     backward = "2x linear (frozen weights: no weight gradients) + 3x attention" if result["lora_rank"] else "3x"
     print(f"Network calls per iteration (forward 1x, forward+backward {backward}, jvp 2x linear + 3x attention FLOPs):")
+    if any("breakdown" in r for r in result["rows"]):
+        print(BREAKDOWN_HEADER)
+        for r in result["rows"]:
+            first, *rest = r["breakdown"]
+            print(breakdown_line((r["phase"], r["rollout"]), first, rest[-1] if rest else None))
     for r in result["rows"]:
         listed = "; ".join(f"{c['count']} x {c['network']} {c['kind']} ({c['why']})" for c in r["calls"])
         print(f"  {r['phase']} rollout {r['rollout']}: {r['flops']:.3e} FLOPs = {listed}")
@@ -304,6 +322,7 @@ def run_step(args: argparse.Namespace) -> dict:
             args.student_update_freq,
             args.lora_rank,
             args.image,
+            args.breakdown,
         )
         print_step_table(result)
         results.append(result)
@@ -335,4 +354,9 @@ def add_step(subparsers) -> None:
     p.add_argument("--profile", default=None, help="folder for Chrome traces of one iteration per kind (GPU)")
     p.add_argument("--json", default=None, help="write the results to this JSON file")
     p.add_argument("--compile-times", action="store_true", help="print the compiler's time per phase at the end")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="split each iteration: compiler, JVP graphs, tangent calls, the rest (device synced per tangent call)",
+    )
     p.set_defaults(run=run_step)

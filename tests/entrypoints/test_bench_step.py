@@ -159,3 +159,24 @@ def test_build_trainer_conditions_even_samples_on_their_first_frame():
     assert torch.equal(cond[FIRST_FRAME].float(), x0[:, :, :1].float())
     assert torch.equal(uncond[FIRST_FRAME], cond[FIRST_FRAME])
     assert not torch.equal(uncond["text"], cond["text"])
+
+
+def test_bench_step_breakdown_splits_the_compiled_first_iteration(tmp_path):
+    """`--breakdown` with `--compile`: the first student iteration's wall time splits into the compiler
+    (Dynamo, AOT, inductor), the JVP graphs' tracing, the tangent calls and the rest, each part found where
+    it belongs -- compiler and JVP-graph time in that first iteration only, the tangent calls in both
+    student iterations -- and the parts add up to the total."""
+    out = tmp_path / "step.json"
+    command = [sys.executable, "-m", "entrypoints.bench", "step", "--config", "cosmos-tiny", "--compile"]
+    command += ["--iterations", "4", "--student-update-freq", "2", "--breakdown", "--json", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| total | compiler | JVP graphs | tangent calls | rest |" in done.stdout
+    rows = {(r["phase"], r["rollout"]): r["breakdown"] for r in json.loads(out.read_text())["runs"][0]["rows"]}
+    (first,), (second,) = rows[("student", 1)], rows[("student", 2)]
+    assert first["compiler_s"] > 0 and first["jvp_graph_s"] > 0 and first["tangent_call_s"] > 0
+    assert second["jvp_graph_s"] == 0 and second["tangent_call_s"] > 0
+    for split in (first, second, *rows[("critic", 1)]):
+        parts = split["compiler_s"] + split["jvp_graph_s"] + split["tangent_call_s"] + split["rest_s"]
+        assert split["rest_s"] > 0 and parts == pytest.approx(split["total_s"])
+    assert all(s["tangent_call_s"] == 0 for s in rows[("critic", 1)])  # the critic takes no tangent
