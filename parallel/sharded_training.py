@@ -90,12 +90,16 @@ def init_sharded_state(student: nn.Module, fake: nn.Module | None, cfg: LoopConf
     """`rcmfn.loop.init_state` for FSDP modules: the state holds the modules' own sharded trainable
     parameters (`trainable_parameters`; not copies: the optimiser must step what FSDP all-gathers), an
     fp32 EMA sharded like them, and a AdamW per network (the loop measures the raw gradient norm,
-    rcmfn.divergence)."""
+    rcmfn.divergence).
+
+    The AdamW is the fused one: its update is one op on the sharded parameters, where the multi-tensor one
+    is a dozen, and DTensor works out every op's sharding on its first call -- that first step took 1.6 s
+    of a restarted Cosmos 2B job's 12.1 s first iteration (H200; docs/benchmarks.md, "First-call cost")."""
 
     def adamw(params: TensorDict, lr: float) -> torch.optim.AdamW:
         o = cfg.optim
         leaves = list(params.values())
-        return torch.optim.AdamW(leaves, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        return torch.optim.AdamW(leaves, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, fused=True)
 
     student_params = TensorDict(trainable_parameters(student), batch_size=[])
     fake_params = None if fake is None else TensorDict(trainable_parameters(fake), batch_size=[])
