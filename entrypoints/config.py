@@ -1,6 +1,7 @@
 """Every setting of `python -m entrypoints.distill` (DistillConfig, with the sharded path's DistributedConfig
 in its `distributed` field), how the model preset fills the unset ones (`loop_config`, `total_iterations`),
 and what a checkpoint must share with the run that resumes it (`fingerprint`; `run_folder.check_resume_length`).
+(size budget: every distill flag and its help live in these two dataclasses, so --help is read in one place.)
 """
 
 import json
@@ -146,6 +147,9 @@ class DistillConfig:
     """adapter scale numerator: weight delta = (alpha / rank) up @ down; unset = the rank (scale 1)"""
     lora_targets: tuple[str, ...] = ("attention", "ffn")
     """adapted weights: attention (self/cross q, k, v, o), ffn, modulation (the adaLN modulation linears)"""
+    lora_full: tuple[str, ...] = ()
+    """also train in full beside the adapters, at 1/10 of their rate: biases, outside-blocks (embeddings,
+    positions, head). With both a rank-8 toy student is as good as full fine-tuning (docs/toy.md "LoRA")"""
     toy: toy_world.ToyConfig = field(default_factory=toy_world.ToyConfig)
     """toy problem settings (only with --model toy)"""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -187,7 +191,7 @@ class DistillConfig:
             raise ValueError(
                 f"toy.batch_size and toy.eval_samples must be >= 1; got {self.toy.batch_size}, {self.toy.eval_samples}"
             )
-        LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets)  # names a bad rank, alpha or target
+        lora_config(self)  # names a bad rank, alpha, target or full-training scope
         image_fraction_of(self)  # names a bad share, or one for a model without the mode
         run_stages(self)  # the preset merged with these values: its own checks run now, before any work
 
@@ -233,12 +237,18 @@ def run_stages(cfg: DistillConfig) -> tuple[tuple[Stage, ...], tuple[LoopConfig,
     return stages, tuple(loop_config(replace(cfg, method=s.method, stages=None)) for s in stages)
 
 
+def lora_config(cfg) -> LoraConfig:
+    """The run's adapters (rank 0: none)."""
+    return LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_full)
+
+
 def fingerprint(cfg: DistillConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
     the teacher is checked or the student exported: those change no trained value)."""
     skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
     skip |= {"max_bad_steps", "mid_times"}  # mid_times: evaluation only
     skip |= {"lora_rank", "lora_alpha", "lora_targets"} if cfg.lora_rank == 0 else set()  # older runs resume
+    skip |= set() if cfg.lora_full else {"lora_full"}
     skip |= {"image_fraction"}  # recorded below as the resolved share, where there is one (older runs resume)
     settings = {k: v for k, v in asdict(cfg).items() if k not in skip}
     if fraction := image_fraction_of(cfg):

@@ -18,11 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from entrypoints.config import (
-    fingerprint,
-    run_stages,
-    total_iterations,
-)
+from entrypoints.config import fingerprint, lora_config, run_stages, total_iterations
 from entrypoints.expert_run import check_expert, expert_teacher
 from entrypoints.image_condition import image_fraction_of, training_condition
 from entrypoints.run_exports import DIFFUSERS_FOLDER, write_exports
@@ -38,7 +34,6 @@ from parallel.sharded_training import init_sharded_state, sharded_networks
 from rcmfn.atomic import write_json_atomically
 from rcmfn.condition import with_text
 from rcmfn.divergence import check_finite_weights
-from rcmfn.lora import LoraConfig
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.models.registry import get_spec
 from rcmfn.run_lock import run_lock
@@ -162,13 +157,13 @@ def train_sharded(
     lcfg, critic = configs[-1], any(c.loss.uses_critic for c in configs)  # optimiser, tangent: one per run
     full_state = teacher_weights(cfg, spec) if rank == 0 else {}
     pcfg = ParallelConfig(ac=d.ac, compile=cfg.compile, allow_eager_tangent=d.allow_eager_tangent)
-    lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    lora = lora_config(cfg)
     teacher, student, fake = build_networks(
         spec, full_state, meshes, DTYPES[d.dtype], pcfg, device, critic, lora=lora, lora_seed=cfg.seed
     )
     del full_state
-    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
-    state = init_sharded_state(student, fake, lcfg)
+    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg, lora_full=lora.full)
+    state = init_sharded_state(student, fake, lcfg, lora.full)
     loader = ShardLoader(d.data, d.batch_size, meshes.dp_rank, meshes.dp_size, cfg.seed)
     if ckpt is not None:
         loader.load_state_dict(checkpoint.load_checkpoint(ckpt, state, student, fake)["loader"])

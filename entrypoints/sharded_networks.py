@@ -9,8 +9,8 @@ import torch
 from entrypoints.expert_run import expert_teacher
 from parallel.fsdp import materialize
 from parallel.parallelize import parallelize
-from rcmfn.lora import LoraConfig, adapted_keys, init_adapters
-from rcmfn.lora_linear import adapt_module, is_adapter, module_name
+from rcmfn.lora import LoraConfig, adapted_keys, fully_trained_keys, init_adapters
+from rcmfn.lora_linear import adapt_module, is_adapter, with_adapters
 from rcmfn.models.registry import build_model, cast_params, random_model, trainable_spec
 
 
@@ -40,12 +40,14 @@ def build_lora_network(spec, full_state, adapters, meshes, compute, master, pcfg
     with the adapters `adapters` (rank 0; {} elsewhere). FSDP2 requires a uniform dtype among the trainable
     parameters of a unit only (the adapters), and all-gathers every parameter in `compute`."""
     module = cast_params(build_model(spec, None, device="meta")[0], compute, keep_fp32=False)
-    adapt_module(module, spec.lora_targets, lora)
+    adapted = adapt_module(module, spec.lora_targets, lora)
+    shapes = {name: tuple(p.shape) for name, p in module.named_parameters() if not is_adapter(name)}
+    trained = set(fully_trained_keys(shapes, lora.full, adapted))  # LoRA's tensors trained in full, if any
     for name, p in module.named_parameters():
-        if is_adapter(name):
+        if is_adapter(name) or name in trained:
             p.data = p.data.to(master)
-        p.requires_grad_(is_adapter(name))
-    full = dict(full_state) | {module_name(k): v for k, v in adapters.items()}
+        p.requires_grad_(is_adapter(name) or name in trained)
+    full = dict(full_state) | with_adapters({}, adapters)
     return materialize(parallelize(module, meshes, pcfg), full, device)
 
 
@@ -54,7 +56,10 @@ def initial_adapters(spec, full_state, lora: LoraConfig, seed: int):
     module = build_model(spec, None, device="meta")[0]
     shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
     keys = adapted_keys(shapes, spec.lora_targets, lora.targets, lora.rank)
-    return init_adapters(shapes, keys, lora.rank, torch.Generator().manual_seed(seed * 1_000_003 + 1))
+    adapters = init_adapters(shapes, keys, lora.rank, torch.Generator().manual_seed(seed * 1_000_003 + 1))
+    for key in fully_trained_keys(shapes, lora.full, keys):  # from the teacher's; the build casts to master
+        adapters[key] = full_state[key].clone()
+    return adapters
 
 
 def build_networks(

@@ -17,14 +17,14 @@ from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
-from entrypoints.config import DistillConfig, fingerprint, run_stages, total_iterations
+from entrypoints.config import DistillConfig, fingerprint, lora_config, run_stages, total_iterations
 from entrypoints.presets import get_preset
 from entrypoints.run_folder import check_fresh_output, check_resume_length
 from entrypoints.stop_signal import stop_signals
 from rcmfn.compile import compiled
 from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import LoopConfig, Networks, init_state
-from rcmfn.lora import LoraConfig, init_adapters, merge
+from rcmfn.lora import LoraConfig, fully_trained_keys, init_adapters, merge
 from rcmfn.lora_linear import adapt_module, lora_denoiser
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.precond import trigflow_denoiser
@@ -60,7 +60,7 @@ def run_toy(cfg: DistillConfig) -> dict:
             shutil.rmtree(old)
     run_id = resumed.get("run_id") or uuid.uuid4().hex  # kept across resumes; pruning removes only its own
     world = toy_world.build_toy(cfg.toy, cfg.seed, cfg.progress)
-    lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    lora = lora_config(cfg)
     student, start = lora_student(world, lora, cfg.seed) if lora.enabled else (world.student, world.init_params)
     nets = Networks(
         student=student,
@@ -115,13 +115,16 @@ def lora_student(world: toy_world.ToyWorld, lora: LoraConfig, seed: int) -> tupl
     """(the student as a denoiser over adapters on the frozen warm-started weights, its fresh adapters).
 
     Student and fake score both start from these adapters (each trains its own copy), as both start from
-    the warm start in full fine-tuning; the adapters are drawn from their own generator (seed, 1).
+    the warm start in full fine-tuning; the adapters are drawn from their own generator (seed, 1). The
+    tensors `lora.full` trains in full join the set as copies of the warm start's.
     """
     module = copy.deepcopy(world.module)
     keys = adapt_module(module, LORA_TARGETS, lora)
     shapes = {k: tuple(v.shape) for k, v in world.init_params.items()}
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 1)
     adapters = init_adapters(shapes, keys, lora.rank, generator, world.init_params["patch_embed.weight"].dtype)
+    for key in fully_trained_keys(shapes, lora.full, keys):  # --lora-full: from the warm start
+        adapters[key] = world.init_params[key].detach().clone()
     frozen = {k: v.detach() for k, v in world.init_params.items()}
     return lora_denoiser(trigflow_denoiser(velocity_net(module), net_dtype=torch.float32), frozen), adapters
 

@@ -16,13 +16,14 @@ SPEC-rcm §8.7, §2.4-2.5. Two traps of torch.func over FSDP2 modules, and how t
    tests/parallel/test_fsdp_cp.py::test_sharded_net_refuses_foreign_parameters.
 """
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from tensordict import TensorDict
 from torch import nn
 
 from rcmfn.loop import LoopConfig, Networks, TrainState
+from rcmfn.lora import fully_trained_keys, optimizer_groups
 from rcmfn.lora_linear import adapter_key, is_adapter
 from rcmfn.precond import Denoiser, trigflow_denoiser
 from rcmfn.tangent import TangentMethod, dual_jvp, scm_tangent
@@ -34,16 +35,21 @@ def own_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(model.named_parameters())
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+def trainable_parameters(model: nn.Module, lora_full: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """The parameters a network trains, as the optimiser, the EMA and checkpoints hold them: a network
-    with LoRA adapters attached (rcmfn/lora_linear.py) trains only those, keyed by the adapter-set
-    convention (rcmfn/lora.py: "<weight key>.lora_down"); any other network trains every parameter."""
+    with LoRA adapters attached (rcmfn/lora_linear.py) trains those, keyed by the adapter-set convention
+    (rcmfn/lora.py: "<weight key>.lora_down"), and the tensors `lora_full` (`LoraConfig.full`) trains in
+    full beside them, under their own keys; any other network trains every parameter."""
     named = own_parameters(model)
     adapters = {adapter_key(name): p for name, p in named.items() if is_adapter(name)}
-    return adapters or named
+    if not adapters:
+        return named
+    shapes = {name: tuple(p.shape) for name, p in named.items() if not is_adapter(name)}
+    adapted = sorted({key.rsplit(".lora_", 1)[0] for key in adapters})
+    return adapters | {key: named[key] for key in fully_trained_keys(shapes, lora_full, adapted)}
 
 
-def sharded_velocity_net(model: nn.Module, timestep_scale: float) -> Callable:
+def sharded_velocity_net(model: nn.Module, timestep_scale: float, lora_full: Sequence[str] = ()) -> Callable:
     """net(params, x_in, c_noise, cond) -> v for a module whose parameters are FSDP-managed.
 
     The module is called directly (FSDP's hooks all-gather its parameters); `params` must be the
@@ -52,7 +58,7 @@ def sharded_velocity_net(model: nn.Module, timestep_scale: float) -> Callable:
     (`trainable_parameters`: the frozen weights are the module's too). c_noise = 1000 r is rescaled
     to the net's timestep (1000 r for Wan, r for Cosmos: `timestep_scale` / 1000, SPEC-models §1).
     """
-    own = tuple(trainable_parameters(model).values())
+    own = tuple(trainable_parameters(model, lora_full).values())
     scale = timestep_scale / 1000.0
 
     def net(params: Mapping[str, torch.Tensor], x_in: torch.Tensor, c_noise: torch.Tensor, cond) -> torch.Tensor:
@@ -86,7 +92,9 @@ def sharded_scm_tangent(
     return scm_tangent(denoise, params, x_t, t, cond, teacher_velocity, method, fd_step, jvp_fn=dual_jvp)
 
 
-def init_sharded_state(student: nn.Module, fake: nn.Module | None, cfg: LoopConfig) -> TrainState:
+def init_sharded_state(
+    student: nn.Module, fake: nn.Module | None, cfg: LoopConfig, lora_full: Sequence[str] = ()
+) -> TrainState:
     """`rcmfn.loop.init_state` for FSDP modules: the state holds the modules' own sharded trainable
     parameters (`trainable_parameters`; not copies: the optimiser must step what FSDP all-gathers), an
     fp32 EMA sharded like them, and a AdamW per network (the loop measures the raw gradient norm,
@@ -98,11 +106,11 @@ def init_sharded_state(student: nn.Module, fake: nn.Module | None, cfg: LoopConf
 
     def adamw(params: TensorDict, lr: float) -> torch.optim.AdamW:
         o = cfg.optim
-        leaves = list(params.values())
-        return torch.optim.AdamW(leaves, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, fused=True)
+        groups = optimizer_groups(dict(params.items()))  # LoRA's tensors trained in full at their own rate
+        return torch.optim.AdamW(groups, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, fused=True)
 
-    student_params = TensorDict(trainable_parameters(student), batch_size=[])
-    fake_params = None if fake is None else TensorDict(trainable_parameters(fake), batch_size=[])
+    student_params = TensorDict(trainable_parameters(student, lora_full), batch_size=[])
+    fake_params = None if fake is None else TensorDict(trainable_parameters(fake, lora_full), batch_size=[])
     for module, params in ((student, student_params), (fake, fake_params)):
         trained = set() if params is None else {id(p) for p in params.values()}
         for p in [] if module is None else module.parameters():  # LoRA: the frozen weights get no gradient
@@ -124,12 +132,15 @@ def sharded_networks(
     timestep_scale: float,
     cfg: LoopConfig,
     time_dtype: torch.dtype | None = None,
+    lora_full: Sequence[str] = (),
 ) -> Networks:
     """The loop's Networks over FSDP modules: denoisers that call the modules, the frozen teacher's
-    own parameters, and the dual-number tangent (trap 1). `time_dtype`: see trigflow_denoiser."""
+    own parameters, and the dual-number tangent (trap 1). `time_dtype`: see trigflow_denoiser;
+    `lora_full`: see `trainable_parameters` (what `init_sharded_state` was given)."""
     for p in teacher.parameters():
         p.requires_grad_(False)
-    wrap = lambda m: trigflow_denoiser(sharded_velocity_net(m, timestep_scale), time_dtype=time_dtype)  # noqa: E731
+    velocity = lambda m: sharded_velocity_net(m, timestep_scale, lora_full)  # noqa: E731
+    wrap = lambda m: trigflow_denoiser(velocity(m), time_dtype=time_dtype)  # noqa: E731
     student_denoiser = wrap(student)
     loss = cfg.loss
     return Networks(

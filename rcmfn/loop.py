@@ -13,6 +13,7 @@ from tensordict import TensorDict
 
 from rcmfn.divergence import GradientHealth, count_bad_step, gradient_health, health_metrics
 from rcmfn.ema import ema_beta, ema_update
+from rcmfn.lora import optimizer_groups
 from rcmfn.losses import tangent_warmup_ratio
 from rcmfn.precond import Denoiser
 from rcmfn.schedule import (
@@ -117,8 +118,9 @@ BatchFn = Callable[[torch.Generator], Batch]
 
 
 def _adamw(params: TensorDict, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
-    leaves = list(params.values(include_nested=True, leaves_only=True))
-    return torch.optim.AdamW(leaves, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    # groups: an adapter set's tensors trained in full step at their own scale of the rate (rcmfn/lora.py)
+    groups = optimizer_groups(dict(params.items(include_nested=True, leaves_only=True)))
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
 
 
 def init_state(student: TensorDict, fake: TensorDict | None, cfg: LoopConfig) -> TrainState:
@@ -142,7 +144,7 @@ def _optimizer_step(opt: torch.optim.Optimizer, base_lr: float, step: int, cfg: 
     health = gradient_health(p.grad for group in opt.param_groups for p in group["params"])
     if health.finite:
         for group in opt.param_groups:
-            group["lr"] = base_lr * lr_warmup_factor(step, cfg.lr_warmup_steps)
+            group["lr"] = base_lr * lr_warmup_factor(step, cfg.lr_warmup_steps) * group.get("lr_scale", 1.0)
         opt.step()
     opt.zero_grad(set_to_none=True)
     return health

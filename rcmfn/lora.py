@@ -7,7 +7,9 @@ The adapter-set convention (other code, e.g. LoRA export formats, reads it; keep
 adapted weight of the model's own state_dict key K (e.g. "blocks.0.self_attn.q.weight") the set holds
   K + ".lora_down"  [rank, in_features]   (A)
   K + ".lora_up"    [out_features, rank]  (B)
-and the weight delta is (alpha / rank) lora_up @ lora_down. Which weights are adapted is named by
+and the weight delta is (alpha / rank) lora_up @ lora_down. A set may also hold tensors trained in full
+(`LoraConfig.full`: biases, the layers outside the blocks) under the model's own key K, each replacing the
+frozen K. Which weights are adapted is named by
 target ("attention", "ffn", "modulation"), resolved per architecture into key patterns by the model's
 own code (`Family.lora_targets`, rcmfn.toy.tiny_dit.LORA_TARGETS). How a network computes with an
 adapter set without merging every weight at once: rcmfn/lora_linear.py.
@@ -29,6 +31,15 @@ DOWN, UP = ".lora_down", ".lora_up"
 LORA_LR_SCALE = 10.0
 TARGETS = ("attention", "ffn", "modulation")
 """Every target name; an architecture maps each it has to state-dict key patterns."""
+FULL_SCOPES = ("biases", "outside-blocks")
+"""What `LoraConfig.full` may train in full beside the adapters: every bias, and every parameter outside
+the transformer blocks (embeddings, positions, output head). Toy, rank 8, two seeds: with both, the LoRA
+student matches full fine-tuning within the seed-to-seed margin; without, it puts the mode weights ~0.045
+TV further off at one seed (docs/toy.md "LoRA")."""
+BLOCK_PREFIX = "blocks."  # every rcmfn network names its transformer blocks blocks.N
+# Tensors trained in full step at the full model's rate: 1 / LORA_LR_SCALE of the adapters' (the toy's
+# 10x rate on its embeddings was unstable at one seed, docs/toy.md "What the gap is not").
+FULL_LR_SCALE = 1.0 / LORA_LR_SCALE
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,8 @@ class LoraConfig:
     alpha: float | None = None
     """scale numerator: the delta is (alpha / rank) up @ down; None = rank (scale 1)"""
     targets: tuple[str, ...] = ("attention", "ffn")
+    full: tuple[str, ...] = ()
+    """parameters trained in full beside the adapters, from FULL_SCOPES"""
 
     def __post_init__(self):
         if self.rank < 0:
@@ -47,6 +60,10 @@ class LoraConfig:
             raise ValueError(f"lora alpha must be finite and > 0; got {self.alpha}")
         if unknown := [t for t in self.targets if t not in TARGETS]:
             raise ValueError(f"unknown lora targets {unknown}; valid: {list(TARGETS)}")
+        if unknown := [f for f in self.full if f not in FULL_SCOPES]:
+            raise ValueError(f"unknown lora full-training scopes {unknown}; valid: {list(FULL_SCOPES)}")
+        if self.full and self.rank == 0:
+            raise ValueError(f"lora full-training scopes {list(self.full)} train beside adapters: need rank > 0")
         if self.rank > 0 and not self.targets:
             raise ValueError("lora rank > 0 needs at least one target")
 
@@ -83,6 +100,34 @@ def adapted_keys(
             shape = tuple(shapes[key])
             raise ValueError(f"lora rank {rank} exceeds min(out, in) = {min(shape)} of {key} {shape}")
     return [k for k in shapes if k in keys]
+
+
+def fully_trained_keys(shapes: Mapping[str, Sequence[int]], scopes: Sequence[str], adapted: Sequence[str]) -> list[str]:
+    """The keys of `shapes` that `scopes` (FULL_SCOPES) train in full, in `shapes`' order; never an adapted
+    weight (`adapted`). ValueError for a scope that names no parameter."""
+    picks = {
+        "biases": lambda k: k.endswith(".bias"),
+        "outside-blocks": lambda k: not k.startswith(BLOCK_PREFIX),
+    }
+    for scope in scopes:
+        if not any(picks[scope](k) and k not in adapted for k in shapes):
+            raise ValueError(f"lora full-training scope {scope!r} matches no parameter of this network (none left)")
+    return [k for k in shapes if k not in adapted and any(picks[scope](k) for scope in scopes)]
+
+
+def is_low_rank(key: str) -> bool:
+    """Whether an adapter-set key is a low-rank factor (else a tensor trained in full)."""
+    return isinstance(key, str) and key.endswith((DOWN, UP))  # nested TensorDict keys are tuples
+
+
+def optimizer_groups(params: Mapping[str, torch.Tensor]) -> list[dict]:
+    """AdamW parameter groups of a trainable set: one group, or for an adapter set with tensors trained in
+    full a second group for those at `lr_scale` FULL_LR_SCALE (the loop multiplies each group's rate)."""
+    low = [v for k, v in params.items() if is_low_rank(k)]
+    full = [v for k, v in params.items() if not is_low_rank(k)]
+    if not low or not full:
+        return [{"params": low + full, "lr_scale": 1.0}]
+    return [{"params": low, "lr_scale": 1.0}, {"params": full, "lr_scale": FULL_LR_SCALE}]
 
 
 def init_adapters(
@@ -133,13 +178,22 @@ def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tens
 def merge(
     weights: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor], alpha: float | None = None
 ) -> dict[str, torch.Tensor]:
-    """`weights` with every adapted weight W replaced by W + (alpha / rank) up @ down (alpha None = rank).
+    """`weights` with every adapted weight W replaced by W + (alpha / rank) up @ down (alpha None = rank),
+    and every tensor of the set trained in full in place of its frozen one.
 
     The delta is computed in promote(W, adapter) dtype and cast to W's. Raises ValueError for an
     adapter whose weight is missing or whose shapes do not fit it.
     """
     merged = dict(weights.items())
-    for key, (down, up) in adapter_pairs(adapters).items():
+    for key, tensor in adapters.items():
+        if not is_low_rank(key):  # trained in full: replaces the frozen tensor
+            if key not in merged:
+                raise ValueError(f"fully trained {key}: no such tensor in the network's state dict")
+            if tuple(merged[key].shape) != tuple(tensor.shape):
+                shapes = f"{tuple(tensor.shape)} does not fit the network's {tuple(merged[key].shape)}"
+                raise ValueError(f"fully trained {key} {shapes}")
+            merged[key] = tensor.to(merged[key].dtype)
+    for key, (down, up) in adapter_pairs({k: v for k, v in adapters.items() if is_low_rank(k)}).items():
         if key not in merged:
             raise ValueError(f"adapter of {key}: no such weight in the network's state dict")
         weight = merged[key]

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rcmfn.lora import DOWN, UP, adapted_keys, lora_delta
+from rcmfn.lora import DOWN, UP, adapted_keys, is_low_rank, lora_delta
 
 WEIGHT = ".weight"
 
@@ -96,8 +96,9 @@ def attach_adapters(module: nn.Module, keys: Sequence[str], rank: int, scale: fl
 
 
 def with_adapters(frozen: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor]) -> dict:
-    """functional_call's parameters of an adapted module: the frozen weights and the adapters renamed."""
-    return dict(frozen.items()) | {module_name(k): v for k, v in adapters.items()}
+    """functional_call's parameters of an adapted module: the frozen weights, the adapters renamed, and the
+    set's tensors trained in full (rcmfn.lora.LoraConfig.full) in place of their frozen ones."""
+    return dict(frozen.items()) | {module_name(k) if is_low_rank(k) else k: v for k, v in adapters.items()}
 
 
 def lora_denoiser(denoise, frozen: Mapping[str, torch.Tensor]):

@@ -61,7 +61,10 @@ def parse_adapter(adapter: Mapping[str, Tensor], alpha: float | None = None) -> 
     names = set(adapter)
     unknown = sorted(n for n in names if not n.endswith((DOWN, UP, ALPHA)))
     if unknown:
-        raise ValueError(f"adapter entries must end in {DOWN}, {UP} or {ALPHA}; got {unknown[:10]}")
+        raise ValueError(
+            f"adapter entries must end in {DOWN}, {UP} or {ALPHA}; got {unknown[:10]} (tensors trained in full "
+            "by --lora-full have no place in a LoRA file: use the run's merged export, student_ema.*)"
+        )
     for name in sorted(n[: -len(DOWN)] for n in names if n.endswith(DOWN)):
         if name + UP not in names:
             raise ValueError(f"adapter has {name}{DOWN} but no {name}{UP}")

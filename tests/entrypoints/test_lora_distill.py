@@ -68,3 +68,35 @@ def test_adapters_train_at_ten_times_the_presets_rates_unless_a_rate_is_given():
     assert (lora.student_lr, lora.fake_lr) == (10 * full.student_lr, 10 * full.fake_lr)
     given = loop_config(DistillConfig(model="wan1.3b", lora_rank=8, student_lr=3e-6)).optim
     assert (given.student_lr, given.fake_lr) == (3e-6, 10 * full.fake_lr)
+
+
+def test_lora_full_trains_the_biases_and_outer_layers_beside_the_adapters_and_resumes(tmp_path):
+    """--lora-full biases outside-blocks: the checkpoints hold those tensors under their own keys, they move
+    from the warm start, resume bit for bit, and the evaluation merges them in place."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    lora = {"lora_rank": 2, "lora_targets": ("attention", "ffn"), "lora_full": ("biases", "outside-blocks")}
+    final = run(tiny_config(straight, **lora))
+    run(tiny_config(resumed, iterations=3, **lora))
+    run(tiny_config(resumed, **lora))
+    start = load_file(straight / "checkpoints" / "step-00000003" / "student.safetensors")
+    for name in ("student", "ema", "fake"):
+        a = load_file(straight / "checkpoints" / "step-00000006" / f"{name}.safetensors")
+        b = load_file(resumed / "checkpoints" / "step-00000006" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        full = [k for k in a if not k.endswith((".lora_down", ".lora_up"))]
+        assert "head.weight" in full and "pos_t" in full and "blocks.0.mlp.0.bias" in full, name
+        assert not any(k.startswith("blocks.") and k.endswith(".weight") for k in full), name  # adapters' job
+    student = load_file(straight / "checkpoints" / "step-00000006" / "student.safetensors")
+    assert any(not torch.equal(student[k], start[k]) for k in ("head.weight", "blocks.0.mlp.0.bias"))
+    assert "student 4-step" in final["rows"]
+    assert fingerprint(tiny_config(straight, **lora))["lora_full"] == ["biases", "outside-blocks"]
+    assert "lora_full" not in fingerprint(tiny_config(straight, lora_rank=2))  # older LoRA runs resume
+    with pytest.raises(ValueError, match="another configuration.*lora_full"):
+        run(tiny_config(straight, iterations=9, lora_rank=2, lora_targets=("attention", "ffn")))
+
+
+def test_bad_lora_full_flags_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown lora full-training scopes \['norms'\]"):
+        tiny_config(tmp_path, lora_rank=2, lora_full=("norms",))
+    with pytest.raises(ValueError, match="need rank > 0"):
+        tiny_config(tmp_path, lora_full=("biases",))

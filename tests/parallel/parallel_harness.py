@@ -165,6 +165,7 @@ def build(family: str, dims: ParallelDims | None, cfg: LoopConfig, pcfg: Paralle
     """(networks, fresh state, student module, fake module) -- sharded when `dims` is given."""
     student, teacher, fake = three_nets(family, lora)
     fake = fake if cfg.loss.uses_critic else None
+    full = () if lora is None else lora.full  # LoRA's tensors trained in full beside the adapters
     if dims is None:
         nets = plain_networks(student, teacher, fake, family)
     else:
@@ -172,10 +173,10 @@ def build(family: str, dims: ParallelDims | None, cfg: LoopConfig, pcfg: Paralle
         for module in (student, teacher, fake):
             if module is not None:
                 parallelize(module, meshes, pcfg)
-        nets = sharded_networks(student, teacher, fake, SHAPES[family][2], cfg)
+        nets = sharded_networks(student, teacher, fake, SHAPES[family][2], cfg, lora_full=full)
     if fake is None:
         nets = replace(nets, fake=None)
-    return nets, init_sharded_state(student, fake, cfg), student, fake
+    return nets, init_sharded_state(student, fake, cfg, full), student, fake
 
 
 def run_steps(state, nets, cfg: LoopConfig, family: str, steps: int) -> list[dict]:
