@@ -111,21 +111,22 @@ def build_trainer(
     student_update_freq: int = 2,
     lora_rank: int = 0,
     image: bool = False,
+    lora_full: tuple[str, ...] = (),
 ):
     """The sharded trainer of entrypoints.distributed at `model`'s training shape, learning rates 0;
-    `lora_rank` > 0: student and fake score as LoRA adapters on the frozen teacher (the preset's targets);
+    `lora_rank` > 0: student and fake score as LoRA adapters on the frozen teacher (the preset's targets),
+    `lora_full`: distill's --lora-full beside them;
     `image`: every even sample is conditioned on its latent's first frame (Family.latent_condition, Wan2.2
     TI2V's image-to-video mode), the odd ones on text only.
 
     Returns (state, networks, loop config, batch_fn, student module, ModelSpec of the net and shape). Needs an
     initialised default process group (world size 1 is enough). `blocks` cuts the network (GPU tests).
     """
-    from entrypoints.config import DistillConfig, DistributedConfig, loop_config
+    from entrypoints.config import DistillConfig, DistributedConfig, loop_config, lora_config
     from entrypoints.distributed import build_networks
     from parallel.mesh import ParallelDims
     from parallel.parallelize import ParallelConfig
     from parallel.sharded_training import init_sharded_state, sharded_networks
-    from rcmfn.lora import LoraConfig
 
     if image and get_spec(model).family.latent_condition is None:  # before minutes of building
         raise ValueError(f"{model} nets have no first-frame image-to-video mode")
@@ -138,6 +139,7 @@ def build_trainer(
         student_update_freq=student_update_freq,
         max_bad_steps=max_bad_steps,
         lora_rank=lora_rank,
+        lora_full=lora_full,
         distributed=DistributedConfig(random_init=True, batch_size=batch, ac=ac),
     )
     spec = get_spec(model) if blocks is None else get_spec(model).with_blocks(blocks)
@@ -147,13 +149,13 @@ def build_trainer(
     meshes = ParallelDims(1).build_meshes(device.type)
     lcfg = loop_config(cfg)
     # As the runner builds them: float32 master weights all-gathered in `dtype`, the float32 time path
-    lora = LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+    lora = lora_config(cfg)
     teacher, student, fake = build_networks(
         spec, full, meshes, dtype, ParallelConfig(ac=ac, compile=compile_), device, True, lora=lora, lora_seed=cfg.seed
     )
     del full  # rank 0's host copy: the networks hold their own
-    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg)
-    state = init_sharded_state(student, fake, lcfg)
+    nets = sharded_networks(student, teacher, fake, spec.timestep_scale, lcfg, lora_full=lora.full)
+    state = init_sharded_state(student, fake, lcfg, lora.full)
     latent, text_len = spec.latent_shape, spec.text_len
     g = torch.Generator().manual_seed(11)
     x0 = torch.randn(batch, *latent, generator=g).to(device)
@@ -179,6 +181,7 @@ def bench_step(
     lora_rank: int = 0,
     image: bool = False,
     breakdown: bool = False,
+    lora_full: tuple[str, ...] = (),
 ) -> dict:
     """Time `iterations` iterations of the trainer; rows per (phase, rollout) kind. `breakdown`: also split
     each iteration into compiler, JVP graphs, tangent calls and the rest (entrypoints/bench/first_call.py)."""
@@ -196,6 +199,7 @@ def bench_step(
         student_update_freq=student_update_freq,
         lora_rank=lora_rank,
         image=image,
+        lora_full=lora_full,
     )
     # what the run keeps between iterations: weights, optimizer state, EMA (the optimizer's lazily
     # created state appears after the first step of each net: read again at the end)
@@ -256,6 +260,7 @@ def bench_step(
         compile=compile_,
         batch=batch,
         lora_rank=lora_rank,
+        lora_full=list(lora_full),
         image=image,
         built_gib=resident_gib,
         resident_gib=torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None,
@@ -273,6 +278,7 @@ def bench_step(
 def print_step_table(result: dict) -> None:
     mode = "--compile" if result["compile"] else "eager"
     lora = f", LoRA rank {result['lora_rank']}" if result["lora_rank"] else ""
+    lora += f", in full: {' '.join(result['lora_full'])}" if result.get("lora_full") else ""
     lora += ", even samples image-conditioned" if result.get("image") else ""
     print(f"{result['model']}, batch {result['batch']} x {result['tokens']} tokens, {mode}{lora}, {result['device']}")
     if result["resident_gib"] is not None:
@@ -323,6 +329,7 @@ def run_step(args: argparse.Namespace) -> dict:
             args.lora_rank,
             args.image,
             args.breakdown,
+            tuple(args.lora_full),
         )
         print_step_table(result)
         results.append(result)
@@ -347,6 +354,7 @@ def add_step(subparsers) -> None:
     p.add_argument(
         "--lora-rank", type=int, default=0, help="student and fake score as rank-R LoRA adapters (distill's)"
     )
+    p.add_argument("--lora-full", nargs="*", default=[], help="distill's --lora-full (biases, outside-blocks)")
     p.add_argument(
         "--image", action="store_true", help="condition even samples on their first frame (Wan2.2 TI2V image mode)"
     )

@@ -93,8 +93,8 @@ def test_iteration_flops_weights_each_kind_of_call():
     assert iteration_flops(calls, linear=0.0, attention=1.0, lora=True) == 4 + 3 + 6 + 1 + 1
 
 
-@pytest.mark.parametrize("lora_rank", [0, 4])
-def test_bench_step_runs_tiny_on_the_cpu(tmp_path, lora_rank):
+@pytest.mark.parametrize("lora_rank, lora_full", [(0, []), (4, []), (4, ["outside-blocks"])])
+def test_bench_step_runs_tiny_on_the_cpu(tmp_path, lora_rank, lora_full):
     out = tmp_path / "step.json"
     command = [
         sys.executable,
@@ -109,13 +109,15 @@ def test_bench_step_runs_tiny_on_the_cpu(tmp_path, lora_rank):
         str(out),
         "--lora-rank",
         str(lora_rank),
+        *(["--lora-full", *lora_full] if lora_full else []),
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert ("LoRA rank 4" in done.stdout) == (lora_rank == 4)
     assert "| student | 1 |" in done.stdout and "2 x teacher forward" in done.stdout
     (run,) = json.loads(out.read_text())["runs"]
-    assert run["lora_rank"] == lora_rank
+    assert run["lora_rank"] == lora_rank and run["lora_full"] == lora_full
+    assert ("in full: outside-blocks" in done.stdout) == bool(lora_full)
     assert {(r["phase"], r["rollout"]) for r in run["rows"]} >= {("student", 1), ("critic", 1)}
     for row in run["rows"]:
         assert row["first_call_s"] > 0 and row["flops"] > 0
