@@ -9,7 +9,7 @@ import torch
 from entrypoints.expert_run import expert_teacher
 from parallel.fsdp import materialize
 from parallel.parallelize import parallelize
-from rcmfn.lora import LoraConfig, adapted_keys, fully_trained_keys, init_adapters
+from rcmfn.lora import LoraConfig, adapted_keys, add_fully_trained, fully_trained_keys, init_adapters
 from rcmfn.lora_linear import adapt_module, is_adapter, with_adapters
 from rcmfn.models.registry import build_model, cast_params, random_model, trainable_spec
 
@@ -57,9 +57,7 @@ def initial_adapters(spec, full_state, lora: LoraConfig, seed: int):
     shapes = {name: tuple(p.shape) for name, p in module.named_parameters()}
     keys = adapted_keys(shapes, spec.lora_targets, lora.targets, lora.rank)
     adapters = init_adapters(shapes, keys, lora.rank, torch.Generator().manual_seed(seed * 1_000_003 + 1))
-    for key in fully_trained_keys(shapes, lora.full, keys):  # from the teacher's; the build casts to master
-        adapters[key] = full_state[key].clone()
-    return adapters
+    return add_fully_trained(adapters, shapes, full_state, lora)  # the build casts them to master
 
 
 def build_networks(

@@ -24,7 +24,7 @@ from entrypoints.stop_signal import stop_signals
 from rcmfn.compile import compiled
 from rcmfn.divergence import check_finite_weights
 from rcmfn.loop import LoopConfig, Networks, init_state
-from rcmfn.lora import LoraConfig, fully_trained_keys, init_adapters, merge
+from rcmfn.lora import LoraConfig, add_fully_trained, init_adapters, merge
 from rcmfn.lora_linear import adapt_module, lora_denoiser
 from rcmfn.metrics_log import MetricsLog
 from rcmfn.precond import trigflow_denoiser
@@ -123,8 +123,7 @@ def lora_student(world: toy_world.ToyWorld, lora: LoraConfig, seed: int) -> tupl
     shapes = {k: tuple(v.shape) for k, v in world.init_params.items()}
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 1)
     adapters = init_adapters(shapes, keys, lora.rank, generator, world.init_params["patch_embed.weight"].dtype)
-    for key in fully_trained_keys(shapes, lora.full, keys):  # --lora-full: from the warm start
-        adapters[key] = world.init_params[key].detach().clone()
+    adapters = add_fully_trained(adapters, shapes, world.init_params, lora)  # --lora-full: from the warm start
     frozen = {k: v.detach() for k, v in world.init_params.items()}
     return lora_denoiser(trigflow_denoiser(velocity_net(module), net_dtype=torch.float32), frozen), adapters
 

@@ -23,7 +23,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from rcmfn.loop import LoopConfig, Networks, TrainState
-from rcmfn.lora import fully_trained_keys, optimizer_groups
+from rcmfn.lora import adapter_pairs, fully_trained_keys, optimizer_groups
 from rcmfn.lora_linear import adapter_key, is_adapter
 from rcmfn.precond import Denoiser, trigflow_denoiser
 from rcmfn.tangent import TangentMethod, dual_jvp, scm_tangent
@@ -45,8 +45,8 @@ def trainable_parameters(model: nn.Module, lora_full: Sequence[str] = ()) -> dic
     if not adapters:
         return named
     shapes = {name: tuple(p.shape) for name, p in named.items() if not is_adapter(name)}
-    adapted = sorted({key.rsplit(".lora_", 1)[0] for key in adapters})
-    return adapters | {key: named[key] for key in fully_trained_keys(shapes, lora_full, adapted)}
+    full = fully_trained_keys(shapes, lora_full, list(adapter_pairs(adapters)))
+    return adapters | {key: named[key] for key in full}
 
 
 def sharded_velocity_net(model: nn.Module, timestep_scale: float, lora_full: Sequence[str] = ()) -> Callable:

@@ -111,8 +111,19 @@ def fully_trained_keys(shapes: Mapping[str, Sequence[int]], scopes: Sequence[str
     }
     for scope in scopes:
         if not any(picks[scope](k) and k not in adapted for k in shapes):
-            raise ValueError(f"lora full-training scope {scope!r} matches no parameter of this network (none left)")
+            raise ValueError(f"lora full-training scope {scope!r} matches no parameter of this network")
     return [k for k in shapes if k not in adapted and any(picks[scope](k) for scope in scopes)]
+
+
+def add_fully_trained(
+    adapters: TensorDict, shapes: Mapping[str, Sequence[int]], weights: Mapping[str, torch.Tensor], cfg: LoraConfig
+) -> TensorDict:
+    """`adapters` (in place; returned) with a copy of each of `weights`' tensors that `cfg.full` trains in full:
+    they start from the frozen network's values. `shapes`: the network's keys -> shapes."""
+    adapted = list(adapter_pairs(adapters))
+    for key in fully_trained_keys(shapes, cfg.full, adapted):
+        adapters[key] = weights[key].detach().clone()
+    return adapters
 
 
 def is_low_rank(key: str) -> bool:

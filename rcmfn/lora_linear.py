@@ -72,9 +72,8 @@ def adapter_key(name: str) -> str:
     raise ValueError(f"{name!r} is not an adapter parameter (ends in neither {DOWN!r} nor {UP!r})")
 
 
-def is_adapter(name: str) -> bool:
-    """Whether a module's parameter name is an adapter's."""
-    return name.endswith((DOWN, UP))
+is_adapter = is_low_rank
+"""Whether a module's parameter name is an adapter's (it ends like the convention's keys)."""
 
 
 def attach_adapters(module: nn.Module, keys: Sequence[str], rank: int, scale: float) -> nn.Module:
