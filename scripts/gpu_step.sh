@@ -2,7 +2,7 @@
 # GPU check of the training iteration: the --compile / eager equality and divergence tests at real width,
 # then `bench step` for cosmos2b and wan1.3b (eager and --compile in one process each).
 # Usage: scripts/gpu_step.sh OUTDIR [tests|cosmos|wan ...]   (default: all three; about 15 minutes; the
-# tests stage alone takes about 11: on a device with a 10-minute limit run it with -k per case)
+# tests stage alone takes about 13: on a device with a 10-minute limit run it with -k per case)
 set -uo pipefail
 out=${1:?usage: scripts/gpu_step.sh OUTDIR [tests|cosmos|wan ...]}
 shift

@@ -2,8 +2,10 @@
 
 The real trainer's networks (FSDP of world size 1, float32 master weights, bf16 compute, random init),
 cut to `BLOCKS` blocks of cosmos2b and wan1.3b at their training shapes (4,096 and 31,200 tokens, 512
-text tokens), and one block of wan2.2-ti2v-5b at 27,280 tokens in its image-to-video mode (batch 2: one
-sample conditioned on its first frame, one on text only; its float32 reference alone takes minutes).
+text tokens), one block of wan2.2-ti2v-5b at 27,280 tokens in its image-to-video mode (batch 2: one
+sample conditioned on its first frame, one on text only; its float32 reference alone takes minutes), and
+wan1.3b as rank-64 LoRA adapters with `--lora-full biases outside-blocks` (the gradient norm is then that of
+the adapters and the fully trained tensors).
 Learning rates are 0, so every variant sees the same weights at every iteration: iterations 0 and 1
 compile the blocks and their JVP graphs, 2 (student: sCM with the compiled tangent, DMD) and 3 (critic)
 are compared. Tolerance, from a float32 eager run of the same: the compiled bf16 value may be no further
@@ -53,36 +55,46 @@ def process_group():
     dist.destroy_process_group()
 
 
-# model -> (its tiny registry entry for the CPU smoke run, blocks, batch, image mode: sample 0 conditioned
-# on its first frame, sample 1 on text only)
+# case -> (model, its tiny registry entry for the CPU smoke run, blocks, batch, image mode: sample 0
+# conditioned on its first frame, sample 1 on text only; LoRA rank, --lora-full scopes)
 CASES = {
-    "cosmos2b": ("cosmos-tiny", BLOCKS, 1, False),
-    "wan1.3b": ("wan-tiny", BLOCKS, 1, False),
-    "wan2.2-ti2v-5b": ("wan2.2-tiny", 1, 2, True),
+    "cosmos2b": ("cosmos2b", "cosmos-tiny", BLOCKS, 1, False, 0, ()),
+    "wan1.3b": ("wan1.3b", "wan-tiny", BLOCKS, 1, False, 0, ()),
+    "wan2.2-ti2v-5b": ("wan2.2-ti2v-5b", "wan2.2-tiny", 1, 2, True, 0, ()),
+    "wan1.3b-lora64-full": ("wan1.3b", "wan-tiny", BLOCKS, 1, False, 64, ("biases", "outside-blocks")),
 }
 
 
-def trainer(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
+def trainer(case: str, dtype: torch.dtype, compile_: bool, tiny: bool = False, max_bad_steps: int = 3):
     """(state, networks, loop config, batch_fn, student module) of the sharded trainer, cut as CASES says."""
     from entrypoints.bench.step import build_trainer
 
-    tiny_name, blocks, batch, image = CASES[model]
-    name = tiny_name if tiny else model
-    built = build_trainer(name, dtype, compile_, blocks=blocks, batch=batch, max_bad_steps=max_bad_steps, image=image)
+    model, tiny_name, blocks, batch, image, rank, full = CASES[case]
+    built = build_trainer(
+        tiny_name if tiny else model,
+        dtype,
+        compile_,
+        blocks=blocks,
+        batch=batch,
+        max_bad_steps=max_bad_steps,
+        image=image,
+        lora_rank=min(rank, 8) if tiny else rank,  # the tiny nets are 32 wide
+        lora_full=full,
+    )
     return built[:5]
 
 
-def iterate(model: str, dtype: torch.dtype, compile_: bool, tiny: bool = False) -> list[dict]:
+def iterate(case: str, dtype: torch.dtype, compile_: bool, tiny: bool = False) -> list[dict]:
     from rcmfn.loop import train_iteration
 
     start = time.perf_counter()
-    state, nets, lcfg, batch_fn, _ = trainer(model, dtype, compile_, tiny)
+    state, nets, lcfg, batch_fn, _ = trainer(case, dtype, compile_, tiny)
     rows = [train_iteration(state, nets, batch_fn, lcfg) for _ in range(4)]
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     shown = [{k: f"{r[k]:.6g}" for k in COMPARED if k in r} for r in rows[2:]]
     seconds = time.perf_counter() - start
     # flushed: seen even if a later variant times out
-    print(f"\n{model} {dtype} compile={compile_} ({seconds:.0f} s): {shown}", flush=True)
+    print(f"\n{case} {dtype} compile={compile_} ({seconds:.0f} s): {shown}", flush=True)
     return rows
 
 
@@ -92,12 +104,12 @@ def close_enough(compiled: float, eager: float, reference: float) -> bool:
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("model", list(CASES))
-def test_compiled_iteration_equals_eager_at_real_width(process_group, model):
-    reference = iterate(model, torch.float32, compile_=False)
-    eager = iterate(model, torch.bfloat16, compile_=False)
-    compiled = iterate(model, torch.bfloat16, compile_=True)
-    print(f"\n{model}, iterations 2 (student) and 3 (critic): float32 | bf16 eager | bf16 compiled")
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_iteration_equals_eager_at_real_width(process_group, case):
+    reference = iterate(case, torch.float32, compile_=False)
+    eager = iterate(case, torch.bfloat16, compile_=False)
+    compiled = iterate(case, torch.bfloat16, compile_=True)
+    print(f"\n{case}, iterations 2 (student) and 3 (critic): float32 | bf16 eager | bf16 compiled")
     failures = []
     for i in (2, 3):
         for key in COMPARED:
