@@ -13,7 +13,7 @@ from typing import Literal
 from entrypoints import toy as toy_world
 from entrypoints.expert_run import check_expert, expert_loss
 from entrypoints.image_condition import image_fraction_of
-from entrypoints.presets import get_preset
+from entrypoints.presets import RolloutTimes, get_preset
 from rcmfn.loop import LoopConfig
 from rcmfn.lora import LORA_LR_SCALE, LoraConfig
 from rcmfn.precond import check_guidance
@@ -114,7 +114,16 @@ class DistillConfig:
     """mean of log sigma for the sCM time distribution p_G (LogNormal); preset value if unset"""
     mid_times: tuple[float, ...] | None = None
     """trig times t = atan(sigma) between atan(sigma_max) and 0 of the toy evaluation's few-step sampler
-    (k steps use the first k - 1; the evaluation samples 1, 2 and 4 steps); preset value if unset"""
+    (k steps use the first k - 1; the evaluation samples 1, 2 and 4 steps) and, with --rollout-times
+    mid-times, of the training rollouts; preset value if unset"""
+    rollout_times: RolloutTimes | None = None
+    """mid times of the student's rollouts that DMD and the fake score learn from: drawn = t_n ~ p_D as a running
+    minimum (the official default); mid-times = the sampler's own --mid-times (or the preset's), so DMD
+    corrects the very path the few-step sampler takes (the official dmd_fix_timesteps, whose fixed times are
+    its sampler's 1.5, 1.4, 1.0; SPEC-rcm §3). Preset value if unset (drawn but for the toy; docs/toy.md)"""
+    max_rollout_steps: int | None = None
+    """rollouts cycle through 1..N steps, one more each student / critic step (the official
+    max_simulation_steps_fake, 4); preset value if unset (4 but for the toy)"""
     tangent_method: Literal["jvp", "semi_fd", "fd"] = "jvp"
     """sCM tangent: full torch.func.jvp, jvp in x plus finite difference in t, or finite differences"""
     seed: int = 0
@@ -178,13 +187,17 @@ class DistillConfig:
         total = None if self.stages is None else stages_total(parse_stages(self.stages))  # names a bad stage
         if total is not None and self.iterations not in (None, total):
             raise ValueError(f"--iterations {self.iterations} differs from the {total} that --stages adds up to")
-        for name in ("save_every", "log_every", "max_bad_steps", "student_update_freq"):
+        for name in ("save_every", "log_every", "max_bad_steps", "student_update_freq", "max_rollout_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         for name in ("student_lr", "fake_lr", "tangent_warmup", "cpu_threads", "seed"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0; got {value}")
+        steps, mids = self.max_rollout_steps or get_preset(self.model).max_rollout_steps, self.mid_times
+        mids = mids or get_preset(self.model).mid_times
+        if rollout_times(self) == "mid-times" and steps - 1 > len(mids):
+            raise ValueError(f"--rollout-times mid-times: {steps}-step rollouts need {steps - 1} mid times; got {mids}")
         if self.p_g_mean is not None and not math.isfinite(self.p_g_mean):
             raise ValueError(f"p_g_mean must be finite; got {self.p_g_mean}")
         if self.toy.batch_size < 1 or self.toy.eval_samples < 1:  # checked here, before the warm start
@@ -209,6 +222,9 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
         p_G=preset.p_G if cfg.p_g_mean is None else LogNormal(cfg.p_g_mean, 1.6),
         p_D=preset.p_D,
         tangent_method=cfg.tangent_method,
+        max_rollout_steps=pick(cfg.max_rollout_steps, preset.max_rollout_steps),
+        dmd_fix_timesteps=rollout_times(cfg) == "mid-times",
+        backward_timesteps=cfg.mid_times or preset.mid_times,
     )
     lr_scale = LORA_LR_SCALE if cfg.lora_rank > 0 else 1.0
     optim = replace(
@@ -237,6 +253,11 @@ def run_stages(cfg: DistillConfig) -> tuple[tuple[Stage, ...], tuple[LoopConfig,
     return stages, tuple(loop_config(replace(cfg, method=s.method, stages=None)) for s in stages)
 
 
+def rollout_times(cfg: DistillConfig) -> RolloutTimes:
+    """The run's rollout times: --rollout-times, or the preset's."""
+    return cfg.rollout_times or get_preset(cfg.model).rollout_times
+
+
 def lora_config(cfg) -> LoraConfig:
     """The run's adapters (rank 0: none)."""
     return LoraConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_full)
@@ -246,7 +267,9 @@ def fingerprint(cfg: DistillConfig) -> dict:
     """The settings a checkpoint must share with the run that resumes it (not the run length, nor how
     the teacher is checked or the student exported: those change no trained value)."""
     skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
-    skip |= {"max_bad_steps", "mid_times"}  # mid_times: evaluation only
+    skip |= {"max_bad_steps"}
+    skip |= {"mid_times"} if rollout_times(cfg) == "drawn" else set()  # else the rollouts step through them
+    skip |= {name for name in ("rollout_times", "max_rollout_steps") if getattr(cfg, name) is None}  # older runs resume
     skip |= {"lora_rank", "lora_alpha", "lora_targets"} if cfg.lora_rank == 0 else set()  # older runs resume
     skip |= set() if cfg.lora_full else {"lora_full"}
     skip |= {"image_fraction"}  # recorded below as the resolved share, where there is one (older runs resume)

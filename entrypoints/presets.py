@@ -1,12 +1,15 @@
 """Model presets: a flat table of typed instances, looked up exactly (`--model` choices are its keys)."""
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from rcmfn.loop import OptimConfig
 from rcmfn.losses import WAN_480P_ELEMENTS
 from rcmfn.rollout import BACKWARD_TIMESTEPS
 from rcmfn.samplers import PAPER_MID_TIMES
 from rcmfn.time import LogNormal, TimeDistribution, UniformShift
+
+RolloutTimes = Literal["drawn", "mid-times"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,10 @@ class ModelPreset:
     """N_ref of rcmfn.losses.dmd_size_factor (lambda times sqrt(N_ref / N)); 0 = the official per-element DMD"""
     mid_times: tuple[float, ...] = PAPER_MID_TIMES
     """intermediate trig times of the multi-step student sampler (--mid-times default): the model's own"""
+    rollout_times: RolloutTimes = "drawn"
+    """mid times of the DMD / critic rollouts (--rollout-times): the official running-minimum draws from p_D"""
+    max_rollout_steps: int = 4
+    """rollouts cycle through 1..N steps (--max-rollout-steps; the official max_simulation_steps_fake)"""
     fps: int = 16
     """frame rate of sampled videos (sample --fps default): Wan2.1's 16 (Wan-Video/Wan2.1
     wan/configs/shared_config.py sample_fps)"""

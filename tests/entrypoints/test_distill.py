@@ -326,8 +326,8 @@ def test_dmd_reference_elements_reach_the_loss_from_the_preset_or_the_flag():
 def test_mid_times_set_the_evaluation_sampler_and_do_not_block_a_resume(tmp_path):
     """--mid-times changes the 2- and 4-step rows, not the 1-step one, and is not part of the checkpoint's
     fingerprint: re-running a finished run with other mid times only re-evaluates it."""
-    first = run(tiny_config(tmp_path, mid_times=(1.5, 1.4, 1.0)))["rows"]
-    again = run(tiny_config(tmp_path, mid_times=(1.2, 1.0, 0.7)))["rows"]
+    first = run(tiny_config(tmp_path, rollout_times="drawn", mid_times=(1.5, 1.4, 1.0)))["rows"]
+    again = run(tiny_config(tmp_path, rollout_times="drawn", mid_times=(1.2, 1.0, 0.7)))["rows"]
     assert first["student 1-step"]["sliced_w2"] == again["student 1-step"]["sliced_w2"]
     assert first["student 2-step"]["sliced_w2"] != again["student 2-step"]["sliced_w2"]
     for bad in [(1.2, 1.0), (1.0, 1.2, 0.7), (1.6, 1.0, 0.7), (1.2, 1.0, 0.0)]:
@@ -350,3 +350,59 @@ def test_toy_preset_asks_for_a_third_of_the_papers_dmd_balance_and_the_big_prese
         loss = loop_config(DistillConfig(model=name)).loss
         assert (loss.loss_scale_dmd, loss.dmd_reference_elements) == (1.0, 0), name
     assert loop_config(DistillConfig(dmd_weight=0.01)).loss.loss_scale_dmd == 1.0
+
+
+def test_rollout_times_and_length_reach_the_loss_from_the_preset_or_the_flags():
+    """--rollout-times mid-times is the official dmd_fix_timesteps with the run's own sampler times (the
+    flag's, else the preset's); --max-rollout-steps is the official max_simulation_steps_fake."""
+    from entrypoints.config import loop_config
+    from entrypoints.presets import MODELS
+
+    for name, preset in MODELS.items():
+        loss = loop_config(DistillConfig(model=name)).loss
+        assert loss.dmd_fix_timesteps == (preset.rollout_times == "mid-times"), name
+        assert (loss.max_rollout_steps, loss.backward_timesteps) == (preset.max_rollout_steps, preset.mid_times), name
+    wan = loop_config(DistillConfig(model="wan1.3b", rollout_times="mid-times", max_rollout_steps=3)).loss
+    assert (wan.dmd_fix_timesteps, wan.max_rollout_steps, wan.backward_timesteps) == (True, 3, (1.5, 1.4, 1.0))
+    toy = loop_config(DistillConfig(rollout_times="drawn", mid_times=(1.2, 1.0, 0.7), max_rollout_steps=1)).loss
+    assert (toy.dmd_fix_timesteps, toy.max_rollout_steps, toy.backward_timesteps) == (False, 1, (1.2, 1.0, 0.7))
+
+
+def test_rollouts_at_mid_times_step_through_them_and_tie_the_checkpoint_to_them(tmp_path):
+    """With mid-times every rollout of N steps starts at pi/2 and steps through the first N - 1 mid times
+    for every sample; the mid times then train the student, so a resume with others is refused (with drawn
+    times they stay evaluation-only: test_mid_times_set_the_evaluation_sampler_and_do_not_block_a_resume)."""
+    import math
+
+    from entrypoints.config import loop_config
+    from rcmfn.step import draw_rollout
+
+    mids = (1.2, 1.0, 0.7)
+    loss = loop_config(tiny_config(tmp_path, rollout_times="mid-times", mid_times=mids)).loss
+    gen = torch.Generator().manual_seed(3)
+    for steps in (1, 2, 3, 4):
+        _, times, t_d, _ = draw_rollout(steps, (5, 4, 1, 8, 8), loss, gen, "cpu")
+        expected = torch.tensor([math.pi / 2, *mids[: steps - 1], 0.0], dtype=torch.float64)
+        assert torch.equal(times, expected[:, None].expand(-1, 5)), steps
+        assert t_d.unique().numel() == 5  # the D-time is still drawn from p_D
+    drawn = draw_rollout(3, (5, 4, 1, 8, 8), loop_config(tiny_config(tmp_path, rollout_times="drawn")).loss, gen, "cpu")
+    assert drawn[1][1].unique().numel() == 5
+
+    trained = run(tiny_config(tmp_path, rollout_times="mid-times", max_rollout_steps=2, mid_times=mids))
+    assert all(math.isfinite(v["sliced_w2"]) for v in trained["rows"].values())
+    with pytest.raises(ValueError, match="another configuration.*mid_times"):
+        run(tiny_config(tmp_path, rollout_times="mid-times", max_rollout_steps=2, mid_times=(1.1, 0.9, 0.6)))
+    with pytest.raises(ValueError, match="another configuration.*max_rollout_steps"):
+        run(tiny_config(tmp_path, rollout_times="mid-times", max_rollout_steps=3, mid_times=mids))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"max_rollout_steps": 0}, "max_rollout_steps must be >= 1"),
+        ({"rollout_times": "mid-times", "max_rollout_steps": 5}, "5-step rollouts need 4 mid times"),
+    ],
+)
+def test_bad_rollout_flags_fail_at_config_time(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **flags)
