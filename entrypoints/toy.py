@@ -29,7 +29,7 @@ class ToyConfig:
 
     mixture: gmm.MixtureConfig = field(default_factory=lambda: gmm.MixtureConfig(std_range=(0.6, 1.0)))
     """the analytic teacher (class-conditional Gaussian mixture)"""
-    net: TinyDiTConfig = field(default_factory=lambda: TinyDiTConfig(width=128, depth=2, mlp_ratio=4))
+    net: TinyDiTConfig = field(default_factory=lambda: TinyDiTConfig(width=128, depth=3, mlp_ratio=4))
     """student and fake-score architecture"""
     warm_start: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(steps=2500))
     """flow-matching fit of the student / fake score to the teacher before distillation"""
