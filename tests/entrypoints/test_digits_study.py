@@ -77,3 +77,11 @@ def test_cli_flags_match_snapshot():
     flags = cli_flags("entrypoints.digits_study")
     snapshot = Path(__file__).with_name("digits_study_flags.txt")
     assert flags == snapshot.read_text().split(), "\n".join(flags)
+
+
+def test_the_digits_study_keeps_the_official_rollouts_it_was_measured_with():
+    """The mixture toy's preset steps its DMD rollouts through its mid times; the digits study pins the
+    official drawn times and 4-step cycle that docs/digits.md was measured with."""
+    for method in ("rcm", "dmd"):
+        loss = world_lib.loop_settings(TINY, method, 0).loss
+        assert (loss.dmd_fix_timesteps, loss.max_rollout_steps) == (False, 4)
