@@ -194,8 +194,7 @@ class DistillConfig:
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0; got {value}")
-        steps, mids = self.max_rollout_steps or get_preset(self.model).max_rollout_steps, self.mid_times
-        mids = mids or get_preset(self.model).mid_times
+        steps, mids = self.max_rollout_steps or get_preset(self.model).max_rollout_steps, mid_times(self)
         if rollout_times(self) == "mid-times" and steps - 1 > len(mids):
             raise ValueError(f"--rollout-times mid-times: {steps}-step rollouts need {steps - 1} mid times; got {mids}")
         if self.p_g_mean is not None and not math.isfinite(self.p_g_mean):
@@ -224,7 +223,7 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
         tangent_method=cfg.tangent_method,
         max_rollout_steps=pick(cfg.max_rollout_steps, preset.max_rollout_steps),
         dmd_fix_timesteps=rollout_times(cfg) == "mid-times",
-        backward_timesteps=cfg.mid_times or preset.mid_times,
+        backward_timesteps=mid_times(cfg),
     )
     lr_scale = LORA_LR_SCALE if cfg.lora_rank > 0 else 1.0
     optim = replace(
@@ -251,6 +250,11 @@ def run_stages(cfg: DistillConfig) -> tuple[tuple[Stage, ...], tuple[LoopConfig,
         return (Stage(cfg.method, total_iterations(cfg)),), (loop_config(cfg),)
     stages = parse_stages(cfg.stages)
     return stages, tuple(loop_config(replace(cfg, method=s.method, stages=None)) for s in stages)
+
+
+def mid_times(cfg: DistillConfig) -> tuple[float, ...]:
+    """The run's sampler mid times: --mid-times, or the preset's."""
+    return cfg.mid_times or get_preset(cfg.model).mid_times
 
 
 def rollout_times(cfg: DistillConfig) -> RolloutTimes:

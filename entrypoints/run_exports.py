@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from entrypoints.config import loop_config
+from entrypoints.config import loop_config, mid_times
 from entrypoints.presets import get_preset
 from entrypoints.sharded_networks import teacher_weights
 from rcmfn.atomic import write_atomically
@@ -41,7 +41,7 @@ def write_exports(cfg, spec: ModelSpec, ema: dict, lora: LoraConfig, layouts: tu
         if layout == DIFFUSERS_FOLDER:
             # The card names the preset's sampler (--mid-times if given) and the guidance distilled.
             preset = get_preset(cfg.model)
-            few_step = FewStepSettings(preset.sigma_max, cfg.mid_times or preset.mid_times)
+            few_step = FewStepSettings(preset.sigma_max, mid_times(cfg))
             write_diffusers_folder(
                 spec, ema, path, model_card(cfg.model, spec, few_step, loop_config(cfg).loss.guidance)
             )

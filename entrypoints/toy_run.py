@@ -17,7 +17,7 @@ from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 from entrypoints import toy as toy_world
-from entrypoints.config import DistillConfig, fingerprint, lora_config, run_stages, total_iterations
+from entrypoints.config import DistillConfig, fingerprint, lora_config, mid_times, run_stages, total_iterations
 from entrypoints.presets import get_preset
 from entrypoints.run_folder import check_fresh_output, check_resume_length
 from entrypoints.stop_signal import stop_signals
@@ -102,9 +102,8 @@ def run_toy(cfg: DistillConfig) -> dict:
         print(f"stopped at iteration {state.iteration}, checkpoint saved; the same command resumes", file=sys.stderr)
         return {"iteration": state.iteration, "stopped_by_signal": True}
     preset = get_preset(cfg.model)
-    mid_times = cfg.mid_times or preset.mid_times
     ema = TensorDict(merge(world.init_params, state.ema, lora.alpha), batch_size=[]) if lora.enabled else state.ema
-    final, figure = toy_world.final_report(world, ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max, mid_times)
+    final, figure = toy_world.final_report(world, ema, cfg.seed, lcfg.loss.guidance, preset.sigma_max, mid_times(cfg))
     final |= world.warm_start_report | {"train_seconds": time.perf_counter() - start, "iterations": total}
     (cfg.output / "metrics.json").write_text(json.dumps(final, indent=2))
     toy_world.save_sets_figure(world, figure, cfg.output / "samples.png")

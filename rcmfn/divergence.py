@@ -42,8 +42,9 @@ def gradient_health(grads: Iterable[torch.Tensor]) -> GradientHealth:
     grads = [g for g in grads if g is not None]
     if not grads:
         return GradientHealth(0.0, 0)
-    squares = [_full(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads]
-    norm = float(torch.stack([s.reshape(()).to(squares[0].device) for s in squares]).sum().sqrt())
+    # one multi-tensor norm (plain tensors and DTensors alike), then the norm of the per-tensor norms
+    norms = [_full(n) for n in torch._foreach_norm(grads, 2, dtype=torch.float64)]
+    norm = float(torch.linalg.vector_norm(torch.stack([n.reshape(()).to(norms[0].device) for n in norms])))
     if norm == norm and norm != float("inf"):
         return GradientHealth(norm, 0)
     nonfinite = sum(int(_full((~torch.isfinite(g)).sum())) for g in grads)

@@ -32,6 +32,8 @@ def ema_update(ema: TensorDict, params: TensorDict, beta: float) -> TensorDict:
 
     The contract is inputs -> output; the in-place lerp avoids a second copy of the weights.
     """
-    for key, value in ema.items(include_nested=True, leaves_only=True):
-        value.lerp_(params.get(key).detach().to(value.dtype), 1.0 - beta)
+    targets = dict(ema.items(include_nested=True, leaves_only=True))
+    sources = [params.get(key).detach().to(value.dtype) for key, value in targets.items()]
+    # one multi-tensor op, not one lerp per tensor (per-op overhead dominates small nets on the CPU)
+    torch._foreach_lerp_(list(targets.values()), sources, 1.0 - beta)
     return ema

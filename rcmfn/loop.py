@@ -119,8 +119,10 @@ BatchFn = Callable[[torch.Generator], Batch]
 
 def _adamw(params: TensorDict, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
     # groups: an adapter set's tensors trained in full step at their own scale of the rate (rcmfn/lora.py)
+    # fused: one kernel over every tensor instead of a Python loop of a dozen ops per tensor (the toy's
+    # ~110 tensors on the CPU: a fifth of a distillation iteration's op count); the sharded trainer's too
     groups = optimizer_groups(dict(params.items(include_nested=True, leaves_only=True)))
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, fused=True)
 
 
 def init_state(student: TensorDict, fake: TensorDict | None, cfg: LoopConfig) -> TrainState:

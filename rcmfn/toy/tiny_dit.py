@@ -1,9 +1,10 @@
 """Tiny DiT velocity net for the CPU toy: the student and fake score of the toy distillation.
 
-SPEC-rcm §8.1 in miniature (Wan2.1 layout): patch (1, 2, 2) embedding, sinusoidal time embedding of
+SPEC-rcm §8.1 in miniature (Wan2.1 layout): patch (1, p, p) embedding (p = 2 as Wan's by default; the
+toy's 8 x 8 latent uses p = 4, docs/toy.md "Default run"), sinusoidal time embedding of
 c_noise with adaLN shift/scale/gate, self-attention with q/k RMSNorm, cross-attention to the text
 tokens, GELU(tanh) MLP, adaLN head and unpatchify. Positions are learned per axis (t, h, w) and summed,
-so any T <= max_frames, H/2, W/2 <= max_patches works. Attention is `ops.attention` on (B, S, heads, d).
+so any T <= max_frames, H/p, W/p <= max_patches works. Attention is `ops.attention` on (B, S, heads, d).
 
 Use: `module = TinyDiT(cfg)`, `params = init_params(module, generator)` (a flat TensorDict keyed by
 parameter name), `net = velocity_net(module)`, then `net(params, x_in, c_noise, cond) -> v`. The module's
@@ -49,19 +50,18 @@ class TinyDiTConfig:
     max_frames: int = 16
     """largest latent T the learned positions cover"""
     max_patches: int = 32
-    """largest H/2 and W/2 the learned positions cover"""
+    """largest H/patch and W/patch the learned positions cover"""
+    patch: int = 2
+    """spatial patch size (time is not patched): 2 is Wan's (1, 2, 2); H and W must divide by it"""
 
     def __post_init__(self):
         if self.width % self.heads:
             raise ValueError(f"TinyDiTConfig.width={self.width} must be divisible by heads={self.heads}")
         if self.freq_dim % 2:
             raise ValueError(f"TinyDiTConfig.freq_dim must be even; got {self.freq_dim}")
-        for name in ("channels", "width", "depth", "heads", "mlp_ratio", "text_dim", "max_frames"):
+        for name in ("channels", "width", "depth", "heads", "mlp_ratio", "text_dim", "max_frames", "patch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TinyDiTConfig.{name} must be >= 1; got {getattr(self, name)}")
-
-
-PATCH = 2  # spatial patch size; time is not patched (Wan's (1, 2, 2))
 
 
 def timestep_embedding(c_noise: torch.Tensor, dim: int) -> torch.Tensor:
@@ -153,7 +153,7 @@ class TinyDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         w = cfg.width
-        self.patch_embed = nn.Linear(cfg.channels * PATCH * PATCH, w)
+        self.patch_embed = nn.Linear(cfg.channels * cfg.patch * cfg.patch, w)
         self.pos_t = nn.Parameter(torch.empty(cfg.max_frames, w))
         self.pos_h = nn.Parameter(torch.empty(cfg.max_patches, w))
         self.pos_w = nn.Parameter(torch.empty(cfg.max_patches, w))
@@ -162,16 +162,18 @@ class TinyDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm_out = Norm(w, "layer", affine=False)
         self.head_modulation = nn.Linear(w, 2 * w)
-        self.head = nn.Linear(w, PATCH * PATCH * cfg.channels)
+        self.head = nn.Linear(w, cfg.patch * cfg.patch * cfg.channels)
 
     def check_shapes(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor) -> None:
-        cfg = self.cfg
-        if x.dim() != 5 or x.shape[1] != cfg.channels or x.shape[3] % PATCH or x.shape[4] % PATCH:
-            raise ValueError(f"x must be [B, {cfg.channels}, T, H, W] with even H, W; got {tuple(x.shape)}")
-        if x.shape[2] > cfg.max_frames or max(x.shape[3], x.shape[4]) // PATCH > cfg.max_patches:
+        cfg, patch = self.cfg, self.cfg.patch
+        if x.dim() != 5 or x.shape[1] != cfg.channels or x.shape[3] % patch or x.shape[4] % patch:
+            raise ValueError(
+                f"x must be [B, {cfg.channels}, T, H, W] with H, W divisible by {patch}; got {tuple(x.shape)}"
+            )
+        if x.shape[2] > cfg.max_frames or max(x.shape[3], x.shape[4]) // patch > cfg.max_patches:
             raise ValueError(
                 f"x shape {tuple(x.shape)} exceeds max_frames={cfg.max_frames} or "
-                f"max_patches={cfg.max_patches} (H/2, W/2)"
+                f"max_patches={cfg.max_patches} (H/{patch}, W/{patch})"
             )
         if c_noise.shape != (x.shape[0],):
             raise ValueError(f"c_noise must have shape [B] = [{x.shape[0]}]; got {tuple(c_noise.shape)}")
@@ -181,10 +183,11 @@ class TinyDiT(nn.Module):
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         self.check_shapes(x, c_noise, text)
         b, c, t, h, w = x.shape
-        hp, wp = h // PATCH, w // PATCH
-        # patchify: tokens in (t, h/2, w/2) order, features flattened in (c, kh, kw) order (SPEC-rcm §8.1)
-        tokens = x.reshape(b, c, t, hp, PATCH, wp, PATCH).permute(0, 2, 3, 5, 1, 4, 6)
-        tokens = self.patch_embed(tokens.reshape(b, t, hp, wp, c * PATCH * PATCH))
+        patch = self.cfg.patch
+        hp, wp = h // patch, w // patch
+        # patchify: tokens in (t, h/p, w/p) order, features flattened in (c, kh, kw) order (SPEC-rcm §8.1)
+        tokens = x.reshape(b, c, t, hp, patch, wp, patch).permute(0, 2, 3, 5, 1, 4, 6)
+        tokens = self.patch_embed(tokens.reshape(b, t, hp, wp, c * patch * patch))
         pos = self.pos_t[:t, None, None] + self.pos_h[None, :hp, None] + self.pos_w[None, None, :wp]
         tokens = (tokens + pos).reshape(b, t * hp * wp, -1)
         dtype = tokens.dtype
@@ -195,7 +198,7 @@ class TinyDiT(nn.Module):
         shift, scale = self.head_modulation(nnf.silu(e))[:, None].chunk(2, dim=-1)
         out = self.head(modulate(self.norm_out(tokens), shift, scale))
         # unpatchify: [B, t*hp*wp, (kh, kw, c)] -> [B, C, T, H, W]
-        out = out.reshape(b, t, hp, wp, PATCH, PATCH, c).permute(0, 6, 1, 2, 4, 3, 5)
+        out = out.reshape(b, t, hp, wp, patch, patch, c).permute(0, 6, 1, 2, 4, 3, 5)
         return out.reshape(b, c, t, h, w)
 
 

@@ -1,5 +1,7 @@
 """Tests for rcmfn/toy/tiny_dit.py: shapes, jvp exactness, compile parity, input checks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -50,6 +52,28 @@ def test_output_has_input_shape_and_is_finite_for_odd_sizes(batch, frames, heigh
     x, c_noise, cond = inputs((batch, 4, frames, height, width), text_tokens, 6, seed=batch)
     v = tiny_dit.velocity_net(module)(params, x, c_noise, cond)
     assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+@settings(deadline=None, max_examples=10)
+@given(patch=st.sampled_from([1, 2, 4]), frames=st.integers(1, 2), height=st.sampled_from([1, 2, 3]))
+def test_patch_sizes_tokenise_whole_patches(patch, frames, height):
+    """Each token is one patch x patch square: a change inside one square reaches the other squares only
+    through attention, so with every attention output zeroed the other squares' outputs stay put."""
+    module = tiny_dit.TinyDiT(replace(SMALL, patch=patch))
+    net = tiny_dit.velocity_net(module)
+    params = random_params(module, seed=patch)
+    x, c_noise, cond = inputs((2, 4, frames, height * patch, 2 * patch), 3, 6, seed=height)
+    v = net(params, x, c_noise, cond)
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    local = params.clone()
+    for key in [k for k in local.keys() if "_attn.out." in k]:
+        local[key] = torch.zeros_like(local[key])
+    moved = x.clone()
+    moved[:, :, 0, :patch, :patch] += 1.0  # the first token's square only
+    delta = (net(local, moved, c_noise, cond) - net(local, x, c_noise, cond)).abs()
+    assert delta[:, :, 0, :patch, :patch].max() > 1e-3
+    delta[:, :, 0, :patch, :patch] = 0.0
+    assert delta.max() == 0.0
 
 
 def test_batch_rows_are_independent_and_order_free():
@@ -123,10 +147,15 @@ def test_bad_inputs_raise():
     module = tiny_dit.TinyDiT(SMALL)
     net, params = tiny_dit.velocity_net(module), random_params(module, seed=9)
     x, c_noise, cond = inputs((2, 4, 1, 4, 4), 2, 6, seed=10)
-    with pytest.raises(ValueError, match="even H, W"):
+    with pytest.raises(ValueError, match="H, W divisible by 2"):
         net(params, x[..., :3], c_noise, cond)
-    with pytest.raises(ValueError, match="even H, W"):
+    with pytest.raises(ValueError, match="H, W divisible by 2"):
         net(params, x[:, :3], c_noise, cond)
+    coarse = tiny_dit.TinyDiT(replace(SMALL, patch=4))
+    with pytest.raises(ValueError, match="H, W divisible by 4"):
+        tiny_dit.velocity_net(coarse)(random_params(coarse, seed=9), x[..., :2], c_noise, cond)
+    with pytest.raises(ValueError, match="patch must be >= 1"):
+        tiny_dit.TinyDiTConfig(patch=0)
     with pytest.raises(ValueError, match="c_noise must have shape"):
         net(params, x, c_noise[:1], cond)
     with pytest.raises(ValueError, match="cond must be"):
