@@ -59,10 +59,10 @@ MODELS: dict[str, ModelPreset] = {
     # band rows put the students' between-mode samples at sigma >= 2 (TV 0.06 -> 0.04 at 2 steps); mid
     # times below the official 1.5 / 1.4 (sigma 14, 5.8), where the student's one-step map from the exact
     # marginal still leaves 11-13 % of samples between modes; lambda with N_ref = Wan 480p (paper units)
-    # at a third of the paper's balance, 0.3 per element on 256 elements; DMD's rollouts of 1 and 2 steps
-    # along the sampler's own mid times, so the score term corrects the 2-step samples the evaluation draws
-    # (depth-2 net: 2-step off-mode 0.072 / 0.067 -> 0.056 / 0.050 at seeds 0 / 1; with the depth-3 net of
-    # entrypoints/toy.py 0.042 / 0.048; docs/toy.md "DMD along the sampler's path").
+    # at a third of the paper's balance, 0.3 per element on 256 elements; DMD's rollouts the official ones
+    # (drawn mid times, 1-4 steps): with the patch-4 net of entrypoints/toy.py, rollouts along the sampler's
+    # own mid times (`--rollout-times mid-times --max-rollout-steps 2`, which the patch-2 net needed) contract
+    # the 2-step samples (spread 0.83) or drop a mode (seed 0); docs/toy.md "Default run".
     "toy": ModelPreset(
         description="analytic Gaussian-mixture teacher, tiny DiT student (CPU, minutes)",
         iterations=2500,
@@ -75,8 +75,6 @@ MODELS: dict[str, ModelPreset] = {
             student_lr=1e-4, fake_lr=2e-4, betas=(0.0, 0.999), weight_decay=0.0, lr_warmup_steps=50, ema_rate=0.05
         ),
         mid_times=(1.1, 0.9, 0.6),  # chosen on the toy by its band diagnostic (docs/toy.md)
-        rollout_times="mid-times",
-        max_rollout_steps=2,
         dmd_weight=0.0033,
         dmd_reference_elements=WAN_480P_ELEMENTS,
     ),

@@ -29,9 +29,9 @@ class ToyConfig:
 
     mixture: gmm.MixtureConfig = field(default_factory=lambda: gmm.MixtureConfig(std_range=(0.6, 1.0)))
     """the analytic teacher (class-conditional Gaussian mixture)"""
-    net: TinyDiTConfig = field(default_factory=lambda: TinyDiTConfig(width=128, depth=3, mlp_ratio=4))
-    """student and fake-score architecture"""
-    warm_start: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(steps=2500))
+    net: TinyDiTConfig = field(default_factory=lambda: TinyDiTConfig(width=128, depth=3, mlp_ratio=4, patch=4))
+    """student and fake-score architecture (4 x 4 patches: 4 tokens per 8 x 8 latent; docs/toy.md "Default run")"""
+    warm_start: WarmStartConfig = field(default_factory=lambda: WarmStartConfig(steps=4000))
     """flow-matching fit of the student / fake score to the teacher before distillation"""
     batch_size: int = 32
     """training batch (exact mixture samples, uniform classes)"""
