@@ -22,8 +22,8 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from rcmfn.loop import LoopConfig, Networks, TrainState
-from rcmfn.lora import adapter_pairs, fully_trained_keys, optimizer_groups
+from rcmfn.loop import LoopConfig, Networks, TrainState, adamw
+from rcmfn.lora import adapter_pairs, fully_trained_keys
 from rcmfn.lora_linear import adapter_key, is_adapter
 from rcmfn.precond import Denoiser, trigflow_denoiser
 from rcmfn.tangent import TangentMethod, dual_jvp, scm_tangent
@@ -98,17 +98,7 @@ def init_sharded_state(
     """`rcmfn.loop.init_state` for FSDP modules: the state holds the modules' own sharded trainable
     parameters (`trainable_parameters`; not copies: the optimiser must step what FSDP all-gathers), an
     fp32 EMA sharded like them, and a AdamW per network (the loop measures the raw gradient norm,
-    rcmfn.divergence).
-
-    The AdamW is the fused one: its update is one op on the sharded parameters, where the multi-tensor one
-    is a dozen, and DTensor works out every op's sharding on its first call -- that first step took 1.6 s
-    of a restarted Cosmos 2B job's 12.1 s first iteration (H200; docs/benchmarks.md, "First-call cost")."""
-
-    def adamw(params: TensorDict, lr: float) -> torch.optim.AdamW:
-        o = cfg.optim
-        groups = optimizer_groups(dict(params.items()))  # LoRA's tensors trained in full at their own rate
-        return torch.optim.AdamW(groups, lr=lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps, fused=True)
-
+    rcmfn.divergence); the AdamW is the loop's own (`rcmfn.loop.adamw`, fused)."""
     student_params = TensorDict(trainable_parameters(student, lora_full), batch_size=[])
     fake_params = None if fake is None else TensorDict(trainable_parameters(fake, lora_full), batch_size=[])
     for module, params in ((student, student_params), (fake, fake_params)):
@@ -119,9 +109,9 @@ def init_sharded_state(
         iteration=0,
         student=student_params,
         ema=student_params.apply(lambda p: p.detach().float().clone()),
-        student_opt=adamw(student_params, cfg.optim.student_lr),
+        student_opt=adamw(student_params, cfg.optim.student_lr, cfg.optim),
         fake=fake_params,
-        fake_opt=None if fake is None else adamw(fake_params, cfg.optim.fake_lr),
+        fake_opt=None if fake is None else adamw(fake_params, cfg.optim.fake_lr, cfg.optim),
     )
 
 

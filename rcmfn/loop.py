@@ -117,10 +117,14 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # x0, cond, unco
 BatchFn = Callable[[torch.Generator], Batch]
 
 
-def _adamw(params: TensorDict, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # groups: an adapter set's tensors trained in full step at their own scale of the rate (rcmfn/lora.py)
-    # fused: one kernel over every tensor instead of a Python loop of a dozen ops per tensor (the toy's
-    # ~110 tensors on the CPU: a fifth of a distillation iteration's op count); the sharded trainer's too
+def adamw(params: TensorDict, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The AdamW of one network (plain tensors or FSDP2's sharded DTensors alike).
+
+    Parameter groups: an adapter set's tensors trained in full step at their own scale of the rate
+    (rcmfn/lora.py). Fused: one op over every tensor, where the default CPU path loops a dozen ops per
+    tensor in Python (the toy's ~100 tensors per network) and the multi-tensor one is a dozen ops, each of
+    which DTensor shards on first call (1.6 s of a restarted Cosmos 2B job's first iteration; H200,
+    docs/benchmarks.md "First-call cost")."""
     groups = optimizer_groups(dict(params.items(include_nested=True, leaves_only=True)))
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, fused=True)
 
@@ -133,9 +137,9 @@ def init_state(student: TensorDict, fake: TensorDict | None, cfg: LoopConfig) ->
         iteration=0,
         student=student,
         ema=student.apply(lambda p: p.detach().float().clone()),
-        student_opt=_adamw(student, cfg.optim.student_lr, cfg.optim),
+        student_opt=adamw(student, cfg.optim.student_lr, cfg.optim),
         fake=fake,
-        fake_opt=None if fake is None else _adamw(fake, cfg.optim.fake_lr, cfg.optim),
+        fake_opt=None if fake is None else adamw(fake, cfg.optim.fake_lr, cfg.optim),
     )
 
 
