@@ -118,13 +118,8 @@ BatchFn = Callable[[torch.Generator], Batch]
 
 
 def adamw(params: TensorDict, lr: float, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The AdamW of one network (plain tensors or FSDP2's sharded DTensors alike).
-
-    Parameter groups: an adapter set's tensors trained in full step at their own scale of the rate
-    (rcmfn/lora.py). Fused: one op over every tensor, where the default CPU path loops a dozen ops per
-    tensor in Python (the toy's ~100 tensors per network) and the multi-tensor one is a dozen ops, each of
-    which DTensor shards on first call (1.6 s of a restarted Cosmos 2B job's first iteration; H200,
-    docs/benchmarks.md "First-call cost")."""
+    """One network's AdamW, plain or FSDP2 tensors; groups: rcmfn/lora.py. Fused: one op, not a dozen per
+    tensor on the CPU or a dozen DTensor shards on first call (docs/benchmarks.md "First-call cost")."""
     groups = optimizer_groups(dict(params.items(include_nested=True, leaves_only=True)))
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay, eps=cfg.eps, fused=True)
 
