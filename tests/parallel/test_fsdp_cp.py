@@ -8,16 +8,15 @@ import contextlib
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from parallel.sharded_training import sharded_velocity_net
 from tests.parallel.parallel_harness import (
     assert_same_run,
-    free_port,
     init_gloo,
     shutdown_gloo,
+    spawn_group,
     tiny_batch,
     tiny_model,
     train,
@@ -86,7 +85,7 @@ def sharded(tmp_path_factory):
     results = {}
     for world in (2, 4):
         out = tmp_path_factory.mktemp("sharded") / f"world{world}.pt"
-        mp.spawn(_worker, args=(world, free_port(), out), nprocs=world)
+        spawn_group(_worker, world, lambda port, world=world, out=out: (world, port, out))
         results |= torch.load(out, weights_only=False)
     return results
 

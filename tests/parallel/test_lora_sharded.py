@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from entrypoints.config import DistillConfig, DistributedConfig
@@ -18,7 +17,14 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelConfig
 from rcmfn.lora import LoraConfig, merge
 from rcmfn.models.registry import get_spec
-from tests.parallel.parallel_harness import assert_same_run, free_port, init_gloo, shutdown_gloo, three_nets, train
+from tests.parallel.parallel_harness import (
+    assert_same_run,
+    init_gloo,
+    shutdown_gloo,
+    spawn_group,
+    three_nets,
+    train,
+)
 from tests.parallel.test_distributed import ROOT, _lines, _shards, one_rank_group  # noqa: F401 (fixture)
 
 STEPS = 5  # sCM-only student, student with DMD, critic, student, critic
@@ -47,7 +53,7 @@ def _worker(rank, port, out):
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "world2.pt"
-    mp.spawn(_worker, args=(free_port(), out), nprocs=2)
+    spawn_group(_worker, 2, lambda port: (port, out))
     return torch.load(out, weights_only=False)
 
 
