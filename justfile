@@ -26,6 +26,10 @@ lint:
 study *args:
     python -m entrypoints.toy_study {{args}}
 
+# The toy default (or any distill flags after --) over several seeds, each against the quality bar.
+seeds *args:
+    python -m entrypoints.toy_seeds {{args}}
+
 # The learned-teacher study in docs/digits.md (real 8x8 digits; about 25 CPU minutes on one thread).
 digits *args:
     python -m entrypoints.digits_study {{args}}
