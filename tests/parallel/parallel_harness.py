@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -73,8 +74,11 @@ def spawn_group(worker: Callable, nprocs: int, args: Callable[[int], tuple], att
     thirty local repeats (glibc's malloc checks on, and the eager cases under valgrind) found nothing.
     """
     for attempt in range(1, attempts + 1):
-        with tempfile.TemporaryDirectory() as crash_dir:
-            os.environ[CRASH_DIR_ENV] = crash_dir
+        # PYTHONFAULTHANDLER: a crash before init_gloo (while importing) prints its stack to stderr too
+        with (
+            tempfile.TemporaryDirectory() as crash_dir,
+            mock.patch.dict(os.environ, {CRASH_DIR_ENV: crash_dir, "PYTHONFAULTHANDLER": "1"}),
+        ):
             try:
                 mp.spawn(worker, args=args(free_port()), nprocs=nprocs)
                 return
@@ -84,8 +88,6 @@ def spawn_group(worker: Callable, nprocs: int, args: Callable[[int], tuple], att
                 stacks = "".join(open(os.path.join(crash_dir, f)).read() for f in sorted(os.listdir(crash_dir)))
                 message = f"gloo worker {error.error_index} died by {error.signal_name}; retrying.\n{stacks}"
                 warnings.warn(message, stacklevel=2)
-            finally:
-                os.environ.pop(CRASH_DIR_ENV, None)
 
 
 def init_gloo(rank: int, world: int, port: int) -> None:
