@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import IO
 
 import tyro
 
@@ -54,25 +55,35 @@ def _available_cores() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
-def _start(seed: int, cores: list[int], cfg: SeedsConfig, distill_flags: list[str]) -> subprocess.Popen:
+@dataclass
+class SeedRun:
+    """One seed's distill process, its log and when it started."""
+
+    seed: int
+    proc: subprocess.Popen
+    log: IO[str]
+    started: float
+
+
+def _start(seed: int, cores: list[int], cfg: SeedsConfig, distill_flags: list[str]) -> SeedRun:
     folder = cfg.output / f"seed-{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "entrypoints.distill", "--seed", str(seed), "--cpu-threads"]
     command += [str(cfg.cores_per_run), "--output", str(folder), "--no-progress", *distill_flags]
     pin = (lambda: os.sched_setaffinity(0, cores)) if hasattr(os, "sched_setaffinity") else None
     log = open(folder / "distill.log", "w")
+    started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=pin)
-    proc.started, proc.log = time.perf_counter(), log  # type: ignore[attr-defined]
-    return proc
+    return SeedRun(seed, proc, log, started)
 
 
-def _result(seed: int, proc: subprocess.Popen, cfg: SeedsConfig) -> dict:
-    folder = cfg.output / f"seed-{seed}"
-    proc.log.close()  # type: ignore[attr-defined]
-    result = {"seed": seed, "seconds": time.perf_counter() - proc.started}  # type: ignore[attr-defined]
-    if proc.returncode != 0 or not (folder / "metrics.json").exists():
+def _result(run: SeedRun, cfg: SeedsConfig) -> dict:
+    seed, folder = run.seed, cfg.output / f"seed-{run.seed}"
+    run.log.close()
+    result = {"seed": seed, "seconds": time.perf_counter() - run.started}
+    if run.proc.returncode != 0 or not (folder / "metrics.json").exists():
         tail = (folder / "distill.log").read_text().splitlines()[-5:]
-        return result | {"failed": f"exit status {proc.returncode}: " + " | ".join(tail)}
+        return result | {"failed": f"exit status {run.proc.returncode}: " + " | ".join(tail)}
     rows = json.loads((folder / "metrics.json").read_text())["rows"]
     students = {name: {k: rows[name][k] for k in METRICS} for name in cfg.targets.students}
     return result | {"students": students, "misses": target_misses(rows, cfg.targets)}
@@ -89,10 +100,10 @@ def run_seeds(cfg: SeedsConfig, distill_flags: list[str]) -> list[dict]:
             seed = pending.pop(0)
             running[seed] = (slot, _start(seed, groups[slot], cfg, distill_flags))
         time.sleep(0.2)
-        for seed, (_, proc) in list(running.items()):
-            if proc.poll() is not None:
+        for seed, (_, run) in list(running.items()):
+            if run.proc.poll() is not None:
                 del running[seed]
-                results[seed] = _result(seed, proc, cfg)
+                results[seed] = _result(run, cfg)
                 print(format_row(results[seed]), flush=True)
     return [results[s] for s in cfg.seeds]
 
