@@ -16,7 +16,7 @@ from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 from entrypoints.config import DistillConfig, loop_config
-from entrypoints.presets import get_preset
+from entrypoints.presets import TOY_STUDIES_EMA_RATE, get_preset
 from rcmfn.loop import Networks, init_state, train_iteration
 from rcmfn.precond import Denoiser, trigflow_denoiser
 from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
@@ -115,7 +115,7 @@ def train_teacher(world: DigitsWorld, seed: int, progress: bool) -> tuple[Tensor
 def loop_settings(cfg: DigitsConfig, method: str, seed: int, dmd_weight: float | None = None):
     """The toy preset merged with the digits overrides (entrypoints.config.loop_config); `dmd_weight`
     overrides cfg.dmd_weight."""
-    return loop_config(
+    settings = loop_config(
         DistillConfig(
             model="toy",
             method=method,
@@ -132,6 +132,7 @@ def loop_settings(cfg: DigitsConfig, method: str, seed: int, dmd_weight: float |
             max_rollout_steps=4,
         )
     )
+    return replace(settings, optim=replace(settings.optim, ema_rate=TOY_STUDIES_EMA_RATE))
 
 
 def batch_fn(world: DigitsWorld):

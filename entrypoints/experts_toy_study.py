@@ -22,7 +22,7 @@ import torch
 import tyro
 from tensordict import TensorDict
 
-from entrypoints.presets import get_preset
+from entrypoints.presets import TOY_STUDIES_EMA_RATE, get_preset
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.losses import WAN_480P_ELEMENTS
 from rcmfn.precond import trigflow_denoiser
@@ -70,7 +70,8 @@ def loop_config(cfg: ExpertsStudyConfig, seed: int) -> LoopConfig:
         p_G=preset.p_G,
         p_D=preset.p_D,
     )
-    return LoopConfig(loss, preset.optim, preset.tangent_warmup, preset.student_update_freq, seed)
+    optim = replace(preset.optim, ema_rate=TOY_STUDIES_EMA_RATE)
+    return LoopConfig(loss, optim, preset.tangent_warmup, preset.student_update_freq, seed)
 
 
 def evaluate(samples, reference, mixture, labels, seed) -> dict:

@@ -52,6 +52,10 @@ class ModelPreset:
     families with an image-to-video mode on the latent itself: Wan2.2 TI2V, rcmfn/models/wan/ti2v.py)"""
 
 
+# The EMA length the toy's studies were measured with (docs/digits.md, entrypoints/experts_toy_study.py); they
+# keep it where the mixture toy's preset moved to the official 0.1.
+TOY_STUDIES_EMA_RATE = 0.05
+
 MODELS: dict[str, ModelPreset] = {
     # The CPU toy: learning rates are those of a 100k-parameter net, not a 1B one; a short tangent
     # warm-up because the run is short; p_G centred at sigma 1, lower than Wan's (the toy's modes are
@@ -62,17 +66,20 @@ MODELS: dict[str, ModelPreset] = {
     # at a third of the paper's balance, 0.3 per element on 256 elements; DMD's rollouts the official ones
     # (drawn mid times, 1-4 steps): with the patch-4 net of entrypoints/toy.py, rollouts along the sampler's
     # own mid times (`--rollout-times mid-times --max-rollout-steps 2`, which the patch-2 net needed) contract
-    # the 2-step samples (spread 0.83) or drop a mode (seed 0); docs/toy.md "Default run".
+    # the 2-step samples (spread 0.83) or drop a mode (seed 0); 3500 iterations and the official EMA length
+    # 0.1 because 2500 and 0.05 met the bar at 6 of 8 seeds (a contracted 2-step sampler, a mode weight off;
+    # the raw student's mode weights swing from step to step) and 3500 with 0.1 at 8 of 8; docs/toy.md
+    # "Default run".
     "toy": ModelPreset(
         description="analytic Gaussian-mixture teacher, tiny DiT student (CPU, minutes)",
-        iterations=2500,
+        iterations=3500,
         guidance=2.0,
         p_G=LogNormal(0.0, 1.6),
         p_D=LogNormal(0.0, 1.6),
         tangent_warmup=100,
         student_update_freq=3,
         optim=OptimConfig(
-            student_lr=1e-4, fake_lr=2e-4, betas=(0.0, 0.999), weight_decay=0.0, lr_warmup_steps=50, ema_rate=0.05
+            student_lr=1e-4, fake_lr=2e-4, betas=(0.0, 0.999), weight_decay=0.0, lr_warmup_steps=50, ema_rate=0.1
         ),
         mid_times=(1.1, 0.9, 0.6),  # chosen on the toy by its band diagnostic (docs/toy.md)
         dmd_weight=0.0033,

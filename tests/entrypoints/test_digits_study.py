@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from entrypoints import digits as world_lib
+from entrypoints import experts_toy_study
 from entrypoints.digits_study import DigitsStudyConfig, main
+from entrypoints.presets import get_preset
 from rcmfn.toy.digits import ClassifierConfig
 from rcmfn.toy.tiny_dit import TinyDiTConfig
 from rcmfn.toy.warm_start import WarmStartConfig
@@ -85,3 +87,11 @@ def test_the_digits_study_keeps_the_official_rollouts_it_was_measured_with():
     for method in ("rcm", "dmd"):
         loss = world_lib.loop_settings(TINY, method, 0).loss
         assert (loss.dmd_fix_timesteps, loss.max_rollout_steps) == (False, 4)
+
+
+def test_the_toy_studies_keep_the_ema_length_they_were_measured_with():
+    """The mixture toy's preset moved to the official EMA length 0.1; the digits and experts studies keep 0.05."""
+    assert get_preset("toy").optim.ema_rate == 0.1
+    for method in ("rcm", "dmd", "scm"):
+        assert world_lib.loop_settings(TINY, method, 0).optim.ema_rate == 0.05
+    assert experts_toy_study.loop_config(experts_toy_study.ExpertsStudyConfig(), 0).optim.ema_rate == 0.05
