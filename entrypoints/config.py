@@ -106,6 +106,9 @@ class DistillConfig:
     """student AdamW learning rate; preset value if unset (times 10 for LoRA adapters, LORA_LR_SCALE)"""
     fake_lr: float | None = None
     """fake-score AdamW learning rate; preset value if unset (times 10 for LoRA adapters, LORA_LR_SCALE)"""
+    ema_rate: float | None = None
+    """relative std of the student's power EMA (EDM2; SPEC-rcm §7: 0.1 in the official code, 0.05 in the
+    paper's Table 4), in (0, 0.2887); preset value if unset"""
     tangent_warmup: int | None = None
     """tangent warm-up iterations H (also the sCM-only prefix); preset value if unset"""
     student_update_freq: int | None = None
@@ -230,6 +233,7 @@ def loop_config(cfg: DistillConfig) -> LoopConfig:
         preset.optim,
         student_lr=pick(cfg.student_lr, lr_scale * preset.optim.student_lr),
         fake_lr=pick(cfg.fake_lr, lr_scale * preset.optim.fake_lr),
+        ema_rate=pick(cfg.ema_rate, preset.optim.ema_rate),
     )
     warmup = 0 if cfg.method == "dmd" else pick(cfg.tangent_warmup, preset.tangent_warmup)
     freq = pick(cfg.student_update_freq, preset.student_update_freq)
@@ -273,7 +277,8 @@ def fingerprint(cfg: DistillConfig) -> dict:
     skip = {"output", "iterations", "save_every", "log_every", "resume", "overwrite", "progress", "compile"}
     skip |= {"max_bad_steps"}
     skip |= {"mid_times"} if rollout_times(cfg) == "drawn" else set()  # else the rollouts step through them
-    skip |= {name for name in ("rollout_times", "max_rollout_steps") if getattr(cfg, name) is None}  # older runs resume
+    unset = ("rollout_times", "max_rollout_steps", "ema_rate")
+    skip |= {name for name in unset if getattr(cfg, name) is None}  # older runs resume
     skip |= {"lora_rank", "lora_alpha", "lora_targets"} if cfg.lora_rank == 0 else set()  # older runs resume
     skip |= set() if cfg.lora_full else {"lora_full"}
     skip |= {"image_fraction"}  # recorded below as the resolved share, where there is one (older runs resume)

@@ -11,7 +11,7 @@ from tensordict import TensorDict
 
 def ema_exponent(rate: float) -> float:
     """gamma(s): largest real root of the EDM2 cubic. SPEC-rcm §7 (s = 0.1 -> 6.937)."""
-    if not 0 < rate < 0.2887:  # s^-2 must exceed 12 for a positive root
+    if not 0 < rate < 0.2887:  # s^-2 must exceed 12 for a positive root (also rejects nan)
         raise ValueError(f"EMA rate (relative std) must lie in (0, 0.2887); got {rate}")
     inv_sq = rate**-2
     roots = np.roots([1.0, 7.0, 16.0 - inv_sq, 12.0 - inv_sq])

@@ -12,7 +12,7 @@ import torch
 from tensordict import TensorDict
 
 from rcmfn.divergence import GradientHealth, count_bad_step, gradient_health, health_metrics
-from rcmfn.ema import ema_beta, ema_update
+from rcmfn.ema import ema_beta, ema_exponent, ema_update
 from rcmfn.lora import optimizer_groups
 from rcmfn.losses import tangent_warmup_ratio
 from rcmfn.precond import Denoiser
@@ -59,8 +59,7 @@ class OptimConfig:
             raise ValueError(f"betas must be two values in [0, 1); got {self.betas}")
         if not (finite(self.eps) and self.eps > 0) or self.lr_warmup_steps < 0:
             raise ValueError(f"need eps > 0 and lr_warmup_steps >= 0; got {self.eps}, {self.lr_warmup_steps}")
-        if not (finite(self.ema_rate) and self.ema_rate > 0):
-            raise ValueError(f"ema_rate must be finite and > 0; got {self.ema_rate}")
+        ema_exponent(self.ema_rate)  # names a rate outside (0, 0.2887) now, not at the first student step
 
 
 @dataclass(frozen=True)

@@ -292,6 +292,8 @@ def test_ctrl_c_saves_at_the_next_iteration_and_the_same_command_resumes(tmp_pat
         ({"p_g_mean": float("inf")}, "p_g_mean must be finite"),
         ({"cpu_threads": -1}, "cpu_threads must be finite and >= 0"),
         ({"max_bad_steps": 0}, "max_bad_steps must be >= 1"),
+        ({"ema_rate": 0.3}, "EMA rate .* must lie in"),
+        ({"ema_rate": float("nan")}, "EMA rate .* must lie in"),
         ({"toy": dataclasses.replace(TINY_TOY, eval_samples=0)}, "toy.eval_samples must be >= 1"),
     ],
 )
@@ -308,6 +310,15 @@ def test_optimiser_settings_are_checked_where_they_are_defined():
     for bad in ({"betas": (0.9, 1.0)}, {"eps": 0.0}, {"ema_rate": -0.1}, {"weight_decay": -1.0}):
         with pytest.raises(ValueError):
             OptimConfig(**bad)
+
+
+def test_ema_rate_reaches_the_optimiser_settings_from_the_preset_or_the_flag():
+    from entrypoints.config import loop_config
+    from entrypoints.presets import MODELS
+
+    for name, preset in MODELS.items():
+        assert loop_config(DistillConfig(model=name)).optim.ema_rate == preset.optim.ema_rate
+    assert loop_config(DistillConfig(ema_rate=0.15)).optim.ema_rate == 0.15
 
 
 def test_dmd_reference_elements_reach_the_loss_from_the_preset_or_the_flag():
