@@ -16,7 +16,7 @@ from tensordict import TensorDict
 from tqdm.auto import tqdm
 
 from entrypoints.config import DistillConfig, loop_config
-from entrypoints.presets import TOY_STUDIES_EMA_RATE, get_preset
+from entrypoints.presets import TOY_STUDIES_EMA_RATE, TOY_STUDIES_MID_TIMES, get_preset
 from rcmfn.loop import Networks, init_state, train_iteration
 from rcmfn.precond import Denoiser, trigflow_denoiser
 from rcmfn.samplers import consistency_sample, consistency_times, teacher_euler_sample, teacher_rf_times
@@ -194,12 +194,13 @@ def teacher_samples(world: DigitsWorld, teacher: TensorDict, seed: int) -> dict[
 
 
 def student_samples(world: DigitsWorld, params: TensorDict, name: str, seed: int) -> dict[str, torch.Tensor]:
-    """{row: samples} of the few-step consistency sampler at each of cfg.student_steps (toy preset's times)."""
+    """{row: samples} of the few-step consistency sampler at each of cfg.student_steps (the toy studies' mid
+    times, with which docs/digits.md was measured)."""
     labels, cond, _ = _labels_and_conditions(world)
     preset, rows = get_preset("toy"), {}
     for steps in world.cfg.student_steps:
         noise = torch.randn(steps, labels.shape[0], *digits.SHAPE, generator=torch.Generator().manual_seed(seed))
-        times = consistency_times(steps, preset.sigma_max, preset.mid_times)
+        times = consistency_times(steps, preset.sigma_max, TOY_STUDIES_MID_TIMES)
         rows[f"{name} {steps}-step"] = consistency_sample(world.denoiser, params, noise, times, cond)
     return rows
 

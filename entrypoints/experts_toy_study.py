@@ -22,7 +22,7 @@ import torch
 import tyro
 from tensordict import TensorDict
 
-from entrypoints.presets import TOY_STUDIES_EMA_RATE, get_preset
+from entrypoints.presets import TOY_STUDIES_EMA_RATE, TOY_STUDIES_MID_TIMES, get_preset
 from rcmfn.loop import LoopConfig, Networks, init_state, train_iteration
 from rcmfn.losses import WAN_480P_ELEMENTS
 from rcmfn.precond import trigflow_denoiser
@@ -130,7 +130,6 @@ def run_seed(cfg: ExpertsStudyConfig, seed: int) -> dict:
     rows["exact data (low expert's mixture)"] = evaluate(
         gmm.sample_mixture(mixture, labels, torch.Generator().manual_seed(seed + 2)), reference, mixture, labels, seed
     )
-    mid_times = get_preset("toy").mid_times
     switched_student = switched_denoiser(student, student, switch)
     runs = {  # design -> (student's params, sampled by)
         "single": (train(student, teacher, experts, params, lcfg, cfg.iterations, batch_fn, report, "single"), student),
@@ -172,7 +171,7 @@ def run_seed(cfg: ExpertsStudyConfig, seed: int) -> dict:
     runs["separate"] = (TensorDict(separate), switched_student)
     for name, (ema, denoise) in runs.items():
         for steps in (1, 2, 4):
-            times = consistency_times(steps, 80.0, mid_times)
+            times = consistency_times(steps, 80.0, TOY_STUDIES_MID_TIMES)
             samples = consistency_sample(denoise, ema, noise[:steps], times, cond.float())
             rows[f"{name} {steps}-step"] = evaluate(samples, reference, mixture, labels, seed)
     return {"rows": rows, **report}

@@ -12,7 +12,7 @@ from entrypoints import experts_toy_study
 from entrypoints.digits_study import DigitsStudyConfig, main
 from entrypoints.presets import get_preset
 from rcmfn.toy.digits import ClassifierConfig
-from rcmfn.toy.tiny_dit import TinyDiTConfig
+from rcmfn.toy.tiny_dit import TinyDiTConfig, init_params
 from rcmfn.toy.warm_start import WarmStartConfig
 from tests.conftest import cli_flags
 
@@ -95,3 +95,22 @@ def test_the_toy_studies_keep_the_ema_length_they_were_measured_with():
     for method in ("rcm", "dmd", "scm"):
         assert world_lib.loop_settings(TINY, method, 0).optim.ema_rate == 0.05
     assert experts_toy_study.loop_config(experts_toy_study.ExpertsStudyConfig(), 0).optim.ema_rate == 0.05
+
+
+def test_the_digits_students_are_sampled_at_the_mid_times_they_were_measured_with(monkeypatch):
+    """The mixture toy's preset moved its mid times to (1.0, 0.8, 0.5); docs/digits.md was measured with
+    (1.1, 0.9, 0.6), and its DMD rows depend on the last of them, so the digits sampler keeps them."""
+    assert get_preset("toy").mid_times == (1.0, 0.8, 0.5)
+    grids = []
+    real = world_lib.consistency_times
+
+    def recording(steps, sigma_max, mid_times):
+        grids.append(tuple(mid_times))
+        return real(steps, sigma_max, mid_times)
+
+    monkeypatch.setattr(world_lib, "consistency_times", recording)
+    world = world_lib.build_world(TINY)
+    params = init_params(world.module, torch.Generator().manual_seed(0))
+    rows = world_lib.student_samples(world, params, "rcm", seed=0)
+    assert list(rows) == ["rcm 1-step", "rcm 2-step"]
+    assert grids == [(1.1, 0.9, 0.6)] * 2
